@@ -449,10 +449,10 @@ class ChunkReader:
         self._lengths = lengths
         self._kinds = kinds
         self._offsets = offsets
-        self.chunk_shift = shift
-        self.chunk_size = cs
-        self.size = usize
-        self.chunk_count = n
+        self.chunk_shift: int = shift
+        self.chunk_size: int = cs
+        self.size: int = usize
+        self.chunk_count: int = n
 
     # -- facts -----------------------------------------------------------------------------------
 
@@ -501,9 +501,7 @@ class ChunkReader:
         got = hashlib.sha256(stored).digest()
         want = self._digests[32 * i : 32 * i + 32]
         if got != want:
-            raise CorruptBlobError(
-                self.name, where, f"chunk {i}", format_digest(want), format_digest(got)
-            )
+            raise CorruptBlobError(self.name, where, f"chunk {i}", format_digest(want), format_digest(got))
         if kind == KIND_RAW:
             data = bytes(stored)
         else:
@@ -576,7 +574,7 @@ class ChunkReader:
     def verify(self) -> BlobInfo:
         """Check header, every chunk and the index; raise the first problem found."""
         raw = self._read_exact(0, HEADER_SIZE, "header")
-        magic, major, minor, codec_id, shift = HEADER.unpack_from(raw)
+        magic, _major, _minor, codec_id, shift = HEADER.unpack_from(raw)
         if magic != HEADER_MAGIC:
             raise CorruptBlobError(self.name, 0, "header", f"magic {HEADER_MAGIC!r}", repr(magic))
         (crc,) = CRC.unpack_from(raw, HEADER.size)

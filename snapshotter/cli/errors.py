@@ -1,0 +1,59 @@
+"""Mapping errors to CLI messages and exit codes: one table for every subcommand."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from blockformat.errors import (
+    BlockFormatError,
+    CorruptBlobError,
+    InvalidArgumentError,
+    UnsupportedFormatError,
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CORRUPT = 3
+EXIT_UNSUPPORTED = 4
+
+#: Most specific class first.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (CorruptBlobError, EXIT_CORRUPT),
+    (UnsupportedFormatError, EXIT_UNSUPPORTED),
+    (InvalidArgumentError, EXIT_USAGE),
+    (BlockFormatError, EXIT_ERROR),
+    (OSError, EXIT_ERROR),
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def exit_code_for(exc: BaseException) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_ERROR
+
+
+def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn our errors into one line on stderr and the table's exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (BlockFormatError, OSError) as e:
+            if isinstance(e, OSError):
+                where = f"{e.filename}: " if e.filename else ""
+                msg = f"{where}{e.strerror or e}"
+            else:
+                msg = str(e)
+            print(f"damselfly: error: {msg}", file=sys.stderr)
+            sys.exit(exit_code_for(e))
+
+    return wrapper
