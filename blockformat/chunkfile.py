@@ -314,12 +314,15 @@ class ChunkReader:
 
     # -- opening ---------------------------------------------------------------------------------
 
+    def _short_read(self, offset: int, length: int, got: int, what: str) -> TruncatedBlobError:
+        return TruncatedBlobError(
+            self.name, offset, what, f"{length} bytes", f"{got} bytes (blob ends early)"
+        )
+
     def _read_exact(self, offset: int, length: int, what: str) -> bytes:
         data = self.source.read(offset, length)
         if len(data) != length:
-            raise TruncatedBlobError(
-                self.name, offset, what, f"{length} bytes", f"{len(data)} bytes (blob ends early)"
-            )
+            raise self._short_read(offset, length, len(data), what)
         return data
 
     def _parse_trailer(self, raw: bytes, at: int) -> _Trailer:
@@ -407,6 +410,8 @@ class ChunkReader:
         # The index is covered by a digest the caller trusts, so a mismatch below is a writer bug or a
         # hostile writer, not bit rot; still it is rejected with a precise message, never trusted.
         at = t.index_offset
+        if len(index) < INDEX_HEADER.size:
+            raise CorruptBlobError(self.name, at, "index length", f">= {INDEX_HEADER.size}", len(index))
         magic, usize, n, codec_id, shift, level, meta_len = INDEX_HEADER.unpack_from(index)
         if magic != INDEX_MAGIC:
             raise CorruptBlobError(self.name, at, "index header", f"magic {INDEX_MAGIC!r}", repr(magic))
@@ -448,6 +453,7 @@ class ChunkReader:
                 raise CorruptBlobError(self.name, at, f"index entry of chunk {i}", "length 0 iff zero kind")
         self._lengths = lengths
         self._kinds = kinds
+        self._decompress = self.codec.decompress
         self._offsets = offsets
         self.chunk_shift: int = shift
         self.chunk_size: int = cs
@@ -503,10 +509,10 @@ class ChunkReader:
         if got != want:
             raise CorruptBlobError(self.name, where, f"chunk {i}", format_digest(want), format_digest(got))
         if kind == KIND_RAW:
-            data = bytes(stored)
+            data = stored if isinstance(stored, bytes) else bytes(stored)
         else:
             try:
-                data = self.codec.decompress(bytes(stored), ulen)
+                data = self._decompress(stored, ulen)
             except CodecError as e:
                 raise CorruptBlobError(self.name, where, f"chunk {i} ({e})") from None
         if len(data) != ulen:
@@ -539,10 +545,23 @@ class ChunkReader:
         shift = self.chunk_shift
         first, last = offset >> shift, (end - 1) >> shift
         cache = self._cache
-        if first == last and first in cache:
-            cache.move_to_end(first)
+        if first == last:
+            # The common case (a 4 KiB block read): one chunk, no generator, no join.
             base = first << shift
-            return cache[first][offset - base : end - base]
+            data = cache.get(first)
+            if data is not None:
+                cache.move_to_end(first)
+                return data[offset - base : end - base]
+            start, n = self._offsets[first], self._lengths[first]
+            stored = self.source.read(start, n) if n else b""
+            if len(stored) != n:
+                raise self._short_read(start, n, len(stored), f"chunk {first}")
+            data = self.decode_chunk(first, stored)
+            if self._cache_max:
+                cache[first] = data
+                if len(cache) > self._cache_max:
+                    cache.popitem(last=False)
+            return data[offset - base : end - base]
         parts: list[bytes] = []
         # Chunks already in the cache split the request; the rest is fetched in coalesced runs.
         i = first

@@ -11,6 +11,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import cramjam
 import lz4.block
 import snappy
 import zstandard
@@ -45,14 +46,14 @@ class Codec:
     level: int
     compress: Callable[[bytes], bytes]
     # decompress(data, uncompressed_size) -> bytes; raises CodecError on malformed input.
-    decompress: Callable[[bytes, int], bytes]
+    decompress: Callable[[bytes | memoryview, int], bytes]
 
     @property
     def name(self) -> str:
         return self.id.name.lower()
 
 
-def _lz4_decompress(data: bytes, size: int) -> bytes:
+def _lz4_decompress(data: bytes | memoryview, size: int) -> bytes:
     try:
         out: bytes = lz4.block.decompress(data, uncompressed_size=size)
     except lz4.block.LZ4BlockError as e:
@@ -68,8 +69,13 @@ def _zstd_codec(level: int) -> Codec:
         out: bytes = cctx.compress(data)
         return out
 
-    def decompress(data: bytes, size: int) -> bytes:
+    def decompress(data: bytes | memoryview, size: int) -> bytes:
+        # A frame may declare its content size, and then zstandard trusts it over max_output_size:
+        # refuse a declared size above the chunk's before anything is allocated (decompression bomb).
         try:
+            declared = zstandard.frame_content_size(data)
+            if declared > size:
+                raise CodecError(f"zstd: frame declares {declared} bytes, the chunk holds {size}")
             out: bytes = dctx.decompress(data, max_output_size=size)
         except zstandard.ZstdError as e:
             raise CodecError(f"zstd: {e}") from None
@@ -78,7 +84,14 @@ def _zstd_codec(level: int) -> Codec:
     return Codec(CodecId.ZSTD, level, compress, decompress)
 
 
-def _snappy_decompress(data: bytes, size: int) -> bytes:
+def _snappy_decompress(data: bytes | memoryview, size: int) -> bytes:
+    # The block's preamble declares its uncompressed length; check it before decompressing.
+    try:
+        declared = cramjam.snappy.decompress_raw_len(data)
+    except Exception as e:  # cramjam raises its own error types
+        raise CodecError(f"snappy: {e}") from None
+    if declared > size:
+        raise CodecError(f"snappy: block declares {declared} bytes, the chunk holds {size}")
     try:
         out: bytes = snappy.uncompress(data)
     except Exception as e:  # python-snappy raises several unrelated types
@@ -90,8 +103,8 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def _identity_decompress(data: bytes, size: int) -> bytes:
-    return data
+def _identity_decompress(data: bytes | memoryview, size: int) -> bytes:
+    return bytes(data)
 
 
 def _lz4_compress(data: bytes) -> bytes:
