@@ -416,11 +416,14 @@ class ChunkReader:
         if magic != INDEX_MAGIC:
             raise CorruptBlobError(self.name, at, "index header", f"magic {INDEX_MAGIC!r}", repr(magic))
         try:
-            self.codec = get_codec(CodecId(codec_id), level if codec_id == CodecId.ZSTD else None)
+            cid = CodecId(codec_id)
         except ValueError:
             raise UnsupportedFormatError(
                 f"{self.name}: unknown codec id {codec_id} in the index at offset {at}; upgrade damselfly"
             ) from None
+        # The level only matters to compressors; a reader keeps it for `info` and never rejects it.
+        self.codec = get_codec(cid)
+        self.level: int = level
         if not MIN_CHUNK_SHIFT <= shift <= MAX_CHUNK_SHIFT:
             raise CorruptBlobError(self.name, at, "index chunk shift", "12..20", shift)
         cs = 1 << shift
@@ -470,7 +473,7 @@ class ChunkReader:
         zero = self._kinds.count(KIND_ZERO)
         return BlobInfo(
             codec=self.codec.name,
-            level=self.codec.level,
+            level=self.level,
             chunk_size=self.chunk_size,
             uncompressed_size=self.size,
             chunk_count=self.chunk_count,

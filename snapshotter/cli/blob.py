@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -74,10 +75,19 @@ def pack(src: str, dst: str, codec: str, level: int | None, chunk_size: int, as_
                 with open(src, "rb") as f:
                     info = pack_file(f, out, codec, chunk_size, level)
             out.flush()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(out.fileno(), 0o666 & ~umask)  # mkstemp's 0600 would hide the blob from others
             os.fsync(out.fileno())
         os.replace(tmp, dst)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     _print_info(info, dst, as_json)
 
