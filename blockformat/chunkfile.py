@@ -24,6 +24,7 @@ import itertools
 import struct
 import zlib
 from array import array
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -402,6 +403,7 @@ class ChunkReader:
                 self.name, t.index_offset, "index", format_digest(t.index_digest), format_digest(got)
             )
         self._parse_index(index, t)
+        self._tail = index + tail[-TRAILER_SIZE:]  # verified: index by digest, trailer by CRC
         self.index_digest = format_digest(t.index_digest)
         self.index_offset = t.index_offset
         self.format_minor = t.minor
@@ -593,9 +595,10 @@ class ChunkReader:
         if self.chunk_count:
             yield from self._fetch_chunks(0, self.chunk_count - 1)
 
-    def verify(self) -> BlobInfo:
-        """Check header, every chunk and the index; raise the first problem found."""
-        raw = self._read_exact(0, HEADER_SIZE, "header")
+    def check_header(self, raw: bytes) -> None:
+        """Check the 32 header bytes: magic, CRC32, and agreement with the index."""
+        if len(raw) != HEADER_SIZE:
+            raise self._short_read(0, HEADER_SIZE, len(raw), "header")
         magic, _major, _minor, codec_id, shift = HEADER.unpack_from(raw)
         if magic != HEADER_MAGIC:
             raise CorruptBlobError(self.name, 0, "header", f"magic {HEADER_MAGIC!r}", repr(magic))
@@ -612,6 +615,37 @@ class ChunkReader:
                 f"codec {int(self.codec.id)} shift {self.chunk_shift}",
                 f"codec {codec_id} shift {shift}",
             )
+
+    def check_stored(self, i: int, stored: bytes | memoryview) -> None:
+        """Check chunk i's stored bytes against its SHA-256 without decompressing them."""
+        if len(stored) != self._lengths[i]:
+            raise self._short_read(self._offsets[i], self._lengths[i], len(stored), f"chunk {i}")
+        if self._kinds[i] == KIND_ZERO:
+            return
+        got = hashlib.sha256(stored).digest()
+        want = self._digests[32 * i : 32 * i + 32]
+        if got != want:
+            raise CorruptBlobError(
+                self.name, self._offsets[i], f"chunk {i}", format_digest(want), format_digest(got)
+            )
+
+    def check_tail(self, offset: int, data: bytes | memoryview) -> None:
+        """Check bytes of the index/trailer region against the ones verified when the blob was opened."""
+        rel = offset - self.index_offset
+        if rel < 0 or rel + len(data) > len(self._tail):
+            raise InvalidArgumentError(f"{offset}+{len(data)} is not inside the index and trailer")
+        if self._tail[rel : rel + len(data)] != data:
+            raise CorruptBlobError(self.name, offset, "index or trailer bytes (not the verified ones)")
+
+    def chunk_at(self, blob_offset: int) -> int:
+        """The chunk whose stored bytes hold `blob_offset` (which must be in the chunk area)."""
+        if not HEADER_SIZE <= blob_offset < self.index_offset:
+            raise InvalidArgumentError(f"blob offset {blob_offset} is not in the chunk area")
+        return bisect_right(self._offsets, blob_offset) - 1
+
+    def verify(self) -> BlobInfo:
+        """Check header, every chunk and the index; raise the first problem found."""
+        self.check_header(self._read_exact(0, HEADER_SIZE, "header"))
         for _ in self.iter_chunks():
             pass
         return self.info()

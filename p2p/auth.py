@@ -1,0 +1,341 @@
+"""Registry authentication: credentials, ``WWW-Authenticate`` challenges, and the bearer-token cache.
+
+The flow (distribution's "Token Authentication Specification", and RFC 7235 for the header syntax):
+
+1. A request without credentials gets ``401`` and ``WWW-Authenticate: Bearer realm="…",service="…",
+   scope="repository:foo:pull"`` (or ``Basic realm="…"``).
+2. For Bearer, the client GETs ``realm?service=…&scope=…`` — with HTTP basic credentials if it has some,
+   anonymously otherwise — and gets ``{"token": …, "expires_in": …}``. With an identity token (what
+   ``docker login`` stores for OAuth registries) it POSTs ``grant_type=refresh_token`` instead.
+3. It repeats the request with ``Authorization: Bearer <token>``, and caches the token per
+   (realm, service, scopes) until shortly before it expires.
+
+Credentials come from a `CredentialProvider`: a callable from registry host to `Credentials`. `DockerConfig`
+reads Docker's ``config.json`` (``auths`` with a base64 ``auth`` or ``username``/``password``, and
+``identitytoken``; ``credHelpers``/``credsStore`` through ``docker-credential-*`` programs).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AuthError, CredentialsError
+
+#: A token is treated as expired this long before the server says, so it does not expire in flight.
+TOKEN_EXPIRY_MARGIN = 10.0
+#: Token lifetime when the server does not say (the token spec's default).
+DEFAULT_TOKEN_LIFETIME = 60.0
+#: How long a credential helper may take.
+HELPER_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and password, or an identity (refresh) token for the OAuth2 flow."""
+
+    username: str = ""
+    password: str = field(default="", repr=False)
+    identity_token: str | None = field(default=None, repr=False)
+
+    def basic_header(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+CredentialProvider = Callable[[str], "Credentials | None"]
+
+
+def normalize_host(key: str) -> str:
+    """The registry host a config key or host names: no scheme, no path; Docker Hub aliases unified."""
+    host = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", key.strip()).split("/", 1)[0].lower()
+    if host in ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"):
+        return "docker.io"
+    return host
+
+
+def static_credentials(mapping: Mapping[str, Credentials]) -> CredentialProvider:
+    """A provider from a ``{host: Credentials}`` mapping (hosts normalised like config.json keys)."""
+    table = {normalize_host(k): v for k, v in mapping.items()}
+
+    def lookup(host: str) -> Credentials | None:
+        return table.get(normalize_host(host))
+
+    return lookup
+
+
+def chain_providers(*providers: CredentialProvider) -> CredentialProvider:
+    """The first provider that has credentials for a host wins."""
+
+    def lookup(host: str) -> Credentials | None:
+        for p in providers:
+            c = p(host)
+            if c is not None:
+                return c
+        return None
+
+    return lookup
+
+
+def default_docker_config_path() -> Path:
+    """``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json`` (Docker's own rule)."""
+    env = os.environ.get("DOCKER_CONFIG")
+    if env:
+        return Path(env) / "config.json"
+    return Path.home() / ".docker" / "config.json"
+
+
+class DockerConfig:
+    """Credentials from a Docker ``config.json``; callable as a `CredentialProvider`."""
+
+    def __init__(
+        self,
+        path: Path,
+        auths: Mapping[str, Credentials],
+        helpers: Mapping[str, str],
+        default_helper: str | None,
+    ) -> None:
+        self.path = path
+        self._auths = {normalize_host(k): v for k, v in auths.items()}
+        self._helpers = {normalize_host(k): v for k, v in helpers.items()}
+        self._default_helper = default_helper
+        # Helper hosts keep their original spelling: helpers match the server URL they were given.
+        self._helper_keys = {normalize_host(k): k for k in helpers}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> DockerConfig:
+        """Read `path` (default: `default_docker_config_path`); a missing file means no credentials."""
+        p = Path(path) if path is not None else default_docker_config_path()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls(p, {}, {}, None)
+        except OSError as e:
+            raise CredentialsError(str(p), f"cannot read Docker config: {e.strerror or e}") from None
+        return cls.parse(text, p)
+
+    @classmethod
+    def parse(cls, text: str, path: Path) -> DockerConfig:
+        where = str(path)
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CredentialsError(where, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(doc, dict):
+            raise CredentialsError(where, "the top level is not a JSON object")
+        auths: dict[str, Credentials] = {}
+        raw_auths = doc.get("auths", {})
+        if not isinstance(raw_auths, dict):
+            raise CredentialsError(where, '"auths" is not an object')
+        for key, entry in raw_auths.items():
+            creds = _parse_auth_entry(f"{where}: auths[{key!r}]", entry)
+            if creds is not None:
+                auths[key] = creds
+        helpers = doc.get("credHelpers", {})
+        if not isinstance(helpers, dict) or not all(isinstance(v, str) for v in helpers.values()):
+            raise CredentialsError(where, '"credHelpers" is not an object of strings')
+        store = doc.get("credsStore")
+        if store is not None and not isinstance(store, str):
+            raise CredentialsError(where, '"credsStore" is not a string')
+        return cls(path, auths, helpers, store or None)
+
+    def __call__(self, host: str) -> Credentials | None:
+        key = normalize_host(host)
+        helper = self._helpers.get(key)
+        if helper is not None:
+            return run_credential_helper(helper, self._helper_keys[key])
+        creds = self._auths.get(key)
+        if creds is not None:
+            return creds
+        if self._default_helper is not None:
+            server = "https://index.docker.io/v1/" if key == "docker.io" else host
+            return run_credential_helper(self._default_helper, server)
+        return None
+
+
+def _parse_auth_entry(where: str, entry: object) -> Credentials | None:
+    if not isinstance(entry, dict):
+        raise CredentialsError(where, "entry is not an object")
+    identity = entry.get("identitytoken") or None
+    username, password = entry.get("username", ""), entry.get("password", "")
+    auth = entry.get("auth")
+    if auth:
+        if not isinstance(auth, str):
+            raise CredentialsError(where, '"auth" is not a string')
+        try:
+            decoded = base64.b64decode(auth, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise CredentialsError(
+                where, '"auth" is not base64 of "user:password"', "run docker login again"
+            ) from None
+        username, sep, password = decoded.partition(":")
+        if not sep:
+            raise CredentialsError(
+                where, '"auth" decodes to no "user:password" pair', "run docker login again"
+            )
+    if not all(isinstance(v, str) for v in (username, password)) or not (
+        identity is None or isinstance(identity, str)
+    ):
+        raise CredentialsError(where, "username, password and identitytoken must be strings")
+    if not (username or password or identity):
+        return None  # an empty entry (credsStore writes these) means "no credentials here"
+    return Credentials(username, password, identity)
+
+
+def run_credential_helper(helper: str, server: str) -> Credentials | None:
+    """Ask ``docker-credential-<helper> get`` for `server`; None when it has nothing for it."""
+    program = f"docker-credential-{helper}"
+    try:
+        proc = subprocess.run(
+            [program, "get"],
+            input=server.encode(),
+            capture_output=True,
+            timeout=HELPER_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise CredentialsError(
+            program, "credential helper not found in PATH", "install it or fix the config"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise CredentialsError(program, f"no answer within {HELPER_TIMEOUT:.0f}s for {server}") from None
+    if proc.returncode != 0:
+        message = proc.stdout.decode(errors="replace").strip() or proc.stderr.decode(errors="replace").strip()
+        if "credentials not found" in message.lower():
+            return None
+        raise CredentialsError(program, f"failed for {server}: {message or f'exit {proc.returncode}'}")
+    try:
+        doc = json.loads(proc.stdout)
+        username, secret = doc["Username"], doc["Secret"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CredentialsError(
+            program, f"answered {server} with something other than Username/Secret JSON"
+        ) from None
+    if not isinstance(username, str) or not isinstance(secret, str):
+        raise CredentialsError(program, "Username and Secret must be strings")
+    if username == "<token>":  # Docker's marker for an identity token
+        return Credentials(identity_token=secret)
+    return Credentials(username, secret)
+
+
+# -- challenges ----------------------------------------------------------------------------------
+
+# RFC 7235: challenge = auth-scheme [ 1*SP ( token68 / #auth-param ) ]; auth-param = token BWS "=" BWS
+# ( token / quoted-string ). Several challenges may share one header, separated by commas.
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_PARAM_RE = re.compile(rf'\s*({_TOKEN})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|({_TOKEN}))\s*(?:,|$)')
+_SCHEME_RE = re.compile(rf"\s*({_TOKEN})(?:\s+|$)")
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One ``WWW-Authenticate`` challenge: the scheme (lowercase) and its parameters (keys lowercase)."""
+
+    scheme: str
+    params: Mapping[str, str]
+
+    @property
+    def scopes(self) -> list[str]:
+        scope = self.params.get("scope", "")
+        return scope.split() if scope else []
+
+
+def parse_www_authenticate(values: list[str]) -> list[Challenge]:
+    """Parse every challenge in the given header values; unparsable trailing text is ignored."""
+    out: list[Challenge] = []
+    for value in values:
+        pos = 0
+        while pos < len(value):
+            m = _SCHEME_RE.match(value, pos)
+            if m is None:
+                break
+            scheme, pos = m.group(1).lower(), m.end()
+            params: dict[str, str] = {}
+            while True:
+                p = _PARAM_RE.match(value, pos)
+                if p is None:
+                    break
+                quoted, bare = p.group(2), p.group(3)
+                params[p.group(1).lower()] = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare
+                pos = p.end()
+            out.append(Challenge(scheme, params))
+            while pos < len(value) and value[pos] in ", ":
+                pos += 1
+    return out
+
+
+def repository_scope(repository: str, actions: str) -> str:
+    """``repository:<name>:<actions>`` as the token spec spells it (actions: ``pull`` or ``pull,push``)."""
+    return f"repository:{repository}:{actions}"
+
+
+# -- tokens --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str = field(repr=False)
+    expires_at: float  # on the client's monotonic clock
+
+
+def parse_token_response(body: bytes, url: str, now: float) -> Token:
+    """Read ``{"token"|"access_token": …, "expires_in": …}`` from a token endpoint."""
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AuthError(url, "token endpoint answered with something other than JSON") from None
+    if not isinstance(doc, dict):
+        raise AuthError(url, "token endpoint answered with a JSON value that is not an object")
+    value = doc.get("token") or doc.get("access_token")
+    if not isinstance(value, str) or not value:
+        raise AuthError(url, "token endpoint answer has no token")
+    lifetime = doc.get("expires_in", DEFAULT_TOKEN_LIFETIME)
+    if not isinstance(lifetime, int | float) or isinstance(lifetime, bool) or lifetime <= 0:
+        lifetime = DEFAULT_TOKEN_LIFETIME
+    # Keep at least a little of a short-lived token, so a margin larger than the lifetime still lets us
+    # use the token for the request it was fetched for.
+    margin = min(TOKEN_EXPIRY_MARGIN, float(lifetime) / 2)
+    return Token(value, now + float(lifetime) - margin)
+
+
+class TokenCache:
+    """Bearer tokens keyed by (realm, service, scopes), valid until their (margined) expiry."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens: dict[tuple[str, str, tuple[str, ...]], Token] = {}
+
+    @staticmethod
+    def key(realm: str, service: str, scopes: list[str]) -> tuple[str, str, tuple[str, ...]]:
+        return realm, service, tuple(sorted(set(scopes)))
+
+    def get(self, key: tuple[str, str, tuple[str, ...]]) -> str | None:
+        with self._lock:
+            tok = self._tokens.get(key)
+            if tok is None:
+                return None
+            if self._clock() >= tok.expires_at:
+                del self._tokens[key]
+                return None
+            return tok.value
+
+    def put(self, key: tuple[str, str, tuple[str, ...]], token: Token) -> None:
+        with self._lock:
+            self._tokens[key] = token
+
+    def drop(self, key: tuple[str, str, tuple[str, ...]], value: str) -> None:
+        """Forget the token `value` under `key` (it was refused); a newer one stays."""
+        with self._lock:
+            tok = self._tokens.get(key)
+            if tok is not None and tok.value == value:
+                del self._tokens[key]

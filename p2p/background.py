@@ -1,0 +1,201 @@
+"""Background full download: after a delay, fetch every missing unit of a cached blob at a bounded
+rate, check the whole blob's digest, and mark it complete — from then on no read of it needs the
+network (DADI's answer to containers that outlive their registry connection).
+
+One `BackgroundDownload` per blob owns its worker threads: `start` launches them, `stop` cancels and
+joins them, so no thread outlives its owner. Network failures are retried with capped exponential
+backoff for as long as the download is wanted; a whole-blob digest mismatch discards the copy and
+starts again, at most `max_digest_attempts` times.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from .cache import CachedBlob, Progress
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Status:
+    state: State
+    progress: Progress
+    failures: int
+    error: str | None
+
+
+class RateLimiter:
+    """A token bucket over bytes; `acquire` waits (interruptibly) until the bytes may be sent."""
+
+    def __init__(self, bytes_per_second: float, stop: threading.Event) -> None:
+        self.rate = bytes_per_second
+        self.stop = stop
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def acquire(self, nbytes: int) -> bool:
+        """Reserve `nbytes`; False if stopped while waiting."""
+        if self.rate <= 0:
+            return not self.stop.is_set()
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._next, now)
+            self._next = start + nbytes / self.rate
+        wait = start - now
+        return not self.stop.wait(wait) if wait > 0 else not self.stop.is_set()
+
+
+class BackgroundDownload:
+    def __init__(
+        self,
+        blob: CachedBlob,
+        delay: float = 5.0,
+        rate_bytes_per_second: float = 0.0,
+        concurrency: int = 2,
+        batch_units: int = 4,
+        max_digest_attempts: int = 3,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.blob = blob
+        self.delay = delay
+        self.concurrency = max(1, concurrency)
+        self.batch_units = max(1, batch_units)
+        self.max_digest_attempts = max_digest_attempts
+        self.max_backoff = max_backoff
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._limiter = RateLimiter(rate_bytes_per_second, self._stop)
+        self._lock = threading.Lock()
+        self._state = State.WAITING
+        self._failures = 0
+        self._error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- control ---------------------------------------------------------------------------------
+
+    def start(self) -> BackgroundDownload:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"bg-{self.blob.digest[7:19]}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            if self._state not in (State.COMPLETE, State.FAILED):
+                self._state = State.STOPPED
+        self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the download ended; True if the blob is complete."""
+        self._done.wait(timeout)
+        return self.blob.complete
+
+    def status(self) -> Status:
+        with self._lock:
+            return Status(self._state, self.blob.progress(), self._failures, self._error)
+
+    def _set(self, state: State, error: str | None = None) -> None:
+        with self._lock:
+            self._state = state
+            if error is not None:
+                self._error = error
+
+    # -- work ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            if self.blob.complete or self._stop.wait(self.delay):
+                return
+            for attempt in range(1, self.max_digest_attempts + 1):
+                self._set(State.DOWNLOADING)
+                if not self._fetch_all():
+                    return  # stopped
+                self._set(State.VERIFYING)
+                if self.blob.verify_complete():
+                    self._set(State.COMPLETE)
+                    log.info("%s: background download complete", self.blob.name)
+                    return
+                log.warning("%s: digest mismatch after full download (attempt %d)", self.blob.name, attempt)
+            self._set(State.FAILED, f"the whole-blob digest did not match {self.max_digest_attempts} times")
+        except Exception as e:  # a local failure (disk full, ...): report it, never die silently
+            log.exception("%s: background download failed", self.blob.name)
+            self._set(State.FAILED, str(e))
+        finally:
+            if self.blob.complete:
+                self._set(State.COMPLETE)
+            self._done.set()
+
+    def _fetch_all(self) -> bool:
+        """Fetch every missing unit with `concurrency` workers; False if stopped."""
+        runs: list[tuple[int, int]] = []
+        missing = self.blob.missing_units()
+        i = 0
+        while i < len(missing):
+            j = i
+            while j + 1 < len(missing) and missing[j + 1] == missing[j] + 1 and j + 1 - i < self.batch_units:
+                j += 1
+            runs.append((missing[i], missing[j]))
+            i = j + 1
+        queue_lock = threading.Lock()
+        pending = list(reversed(runs))
+
+        def worker() -> None:
+            while not self._stop.is_set():
+                with queue_lock:
+                    if not pending:
+                        return
+                    first, last = pending.pop()
+                self._fetch_run(first, last)
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(self.concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return not self._stop.is_set()
+
+    def _fetch_run(self, first: int, last: int) -> None:
+        u = self.blob.unit_size
+        offset = first * u
+        length = min((last + 1) * u, self.blob.size()) - offset
+        backoff = 0.2
+        while not self._stop.is_set():
+            if not self._limiter.acquire(length):
+                return
+            try:
+                self.blob.ensure(offset, length)
+                return
+            except Exception as e:  # network or verification: wait and retry while wanted
+                with self._lock:
+                    self._failures += 1
+                    self._error = str(e)
+                log.warning(
+                    "%s: background fetch of units %d..%d failed (%s); retrying in %.1fs",
+                    self.blob.name,
+                    first,
+                    last,
+                    e,
+                    backoff,
+                )
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(backoff * 2, self.max_backoff)

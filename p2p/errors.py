@@ -1,0 +1,180 @@
+"""The exceptions of `p2p`.
+
+Every failure this package reports is a `P2PError`. Foreign exceptions (``httpx``'s, ``json``'s,
+``OSError`` from a credentials file) are mapped at the boundary to the most specific class here::
+
+    P2PError
+     ├── InvalidReferenceError        an image reference or digest string that does not parse (ValueError)
+     ├── CredentialsError             a Docker config.json or credential helper that cannot be used
+     ├── DigestMismatchError          downloaded bytes whose digest is not the one asked for
+ ├── CacheError                   the node blob cache cannot do what was asked (settings, local write)
+     └── RegistryError                talking to a registry failed; `url` says where
+          ├── RegistryUnavailableError    connect errors, timeouts, 5xx or 429 outlasted the retry budget
+          ├── AuthError                   401/403: no, wrong or insufficient credentials, or no token
+          ├── NotFoundError               404: the repository, manifest, tag or blob is not there
+          ├── RegistryProtocolError       a response this client cannot accept: bad status, header or body
+          │    ├── UnsupportedMediaTypeError  a manifest of a kind we do not read (e.g. schema 1)
+          │    ├── InvalidManifestError       a manifest or index whose JSON breaks the OCI/Docker schema
+          │    └── RangeResponseError         a ranged GET answered with other bytes than asked for
+          └── NoMatchingPlatformError     an image index without a manifest for the wanted platform
+
+A message says what went wrong, where (URL, repository, digest), and what to do about it.
+`RegistryError.status` carries the HTTP status when there was one.
+"""
+
+from __future__ import annotations
+
+
+class P2PError(Exception):
+    """Base of every error raised by `p2p`."""
+
+
+class InvalidReferenceError(P2PError, ValueError):
+    """A string that is not a valid image reference (or digest)."""
+
+    def __init__(self, text: str, why: str) -> None:
+        self.text = text
+        self.why = why
+        super().__init__(
+            f"invalid image reference {text!r}: {why}; "
+            "expected [host[:port]/]repository[:tag][@sha256:<64 hex digits>]"
+        )
+
+
+class CredentialsError(P2PError):
+    """Credentials that are present but unusable (malformed config.json, failing helper)."""
+
+    def __init__(self, where: str, why: str, remedy: str = "fix or remove the entry") -> None:
+        self.where = where
+        self.why = why
+        super().__init__(f"{where}: {why}; {remedy}")
+
+
+class DigestMismatchError(P2PError):
+    """Bytes whose digest (or size) is not what the descriptor or reference promised.
+
+    Never a transient failure: the source served wrong bytes, and they were not handed to anyone.
+    """
+
+    def __init__(self, where: str, expected: str, got: str, what: str = "digest") -> None:
+        self.where = where
+        self.expected = expected
+        self.got = got
+        self.what = what
+        super().__init__(
+            f"{where}: {what} mismatch: expected {expected}, got {got}; the bytes were discarded. "
+            "The registry, a mirror or a proxy on the way served wrong content: "
+            "retry, or bypass the mirror/proxy"
+        )
+
+
+class RegistryError(P2PError):
+    """A request to a registry failed."""
+
+    def __init__(self, message: str, url: str = "", status: int | None = None) -> None:
+        self.url = url
+        self.status = status
+        super().__init__(message)
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry did not answer usefully within the retry budget (connection, timeout, 5xx, 429)."""
+
+    def __init__(
+        self, url: str, cause: str, attempts: int, elapsed: float, status: int | None = None
+    ) -> None:
+        self.cause = cause
+        self.attempts = attempts
+        self.elapsed = elapsed
+        super().__init__(
+            f"{url}: registry unavailable after {attempts} attempt(s) in {elapsed:.1f}s: {cause}; "
+            "check that the registry (and the proxy, if one is set) is reachable, "
+            "or raise the retry budget",
+            url,
+            status,
+        )
+
+
+class AuthError(RegistryError):
+    """Authentication or authorisation failed (401 or 403, or the token server refused)."""
+
+    def __init__(self, url: str, why: str, status: int | None = None, remedy: str = "") -> None:
+        self.why = why
+        remedy = remedy or (
+            "check the credentials (docker login, DOCKER_CONFIG, or the client's credentials argument) "
+            "and that they grant access to this repository"
+        )
+        super().__init__(f"{url}: {why}; {remedy}", url, status)
+
+
+class NotFoundError(RegistryError):
+    """The registry says the thing asked for does not exist (404)."""
+
+    def __init__(self, url: str, what: str, detail: str = "") -> None:
+        self.what = what
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"{url}: {what} not found{extra}; check the repository name, tag or digest", url, 404
+        )
+
+
+class RegistryProtocolError(RegistryError):
+    """The registry answered, but not in a way this client can accept."""
+
+    def __init__(self, url: str, why: str, status: int | None = None, remedy: str = "") -> None:
+        self.why = why
+        remedy = (
+            remedy or "the registry (or a proxy in front of it) does not follow the OCI distribution spec"
+        )
+        super().__init__(f"{url}: {why}; {remedy}", url, status)
+
+
+class UnsupportedMediaTypeError(RegistryProtocolError):
+    """A manifest of a media type this client does not read."""
+
+    def __init__(self, url: str, media_type: str) -> None:
+        self.media_type = media_type
+        super().__init__(
+            url,
+            f"unsupported manifest media type {media_type!r}",
+            remedy="only OCI and Docker schema 2 manifests and indexes are supported; "
+            "re-push the image with a current tool (e.g. skopeo copy --format oci)",
+        )
+
+
+class InvalidManifestError(RegistryProtocolError):
+    """A manifest or index whose JSON does not follow the schema."""
+
+    def __init__(self, url: str, why: str) -> None:
+        super().__init__(url, f"invalid manifest: {why}", remedy="the image is malformed; re-push it")
+
+
+class RangeResponseError(RegistryProtocolError):
+    """A ranged GET whose answer does not carry exactly the bytes asked for."""
+
+    def __init__(self, url: str, offset: int, length: int, why: str) -> None:
+        self.offset = offset
+        self.length = length
+        super().__init__(
+            url,
+            f"range {offset}+{length}: {why}",
+            remedy="the registry or a proxy mishandles HTTP ranges; bypass the proxy or mirror, or retry",
+        )
+
+
+class NoMatchingPlatformError(RegistryError):
+    """An image index has no manifest for the requested platform."""
+
+    def __init__(self, url: str, wanted: str, available: list[str]) -> None:
+        self.wanted = wanted
+        self.available = available
+        have = ", ".join(available) if available else "none"
+        super().__init__(
+            f"{url}: image index has no manifest for platform {wanted} (available: {have}); "
+            "choose one of the available platforms",
+            url,
+        )
+
+
+class CacheError(P2PError):
+    """The node cache cannot do what was asked (bad settings, a failed local write)."""

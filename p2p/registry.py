@@ -1,0 +1,594 @@
+"""OCI distribution client: resolve, pull (whole and ranged) and push, for one registry.
+
+Follows the OCI distribution spec v1.1 (``/v2/<name>/manifests/<reference>``, ``/v2/<name>/blobs/<digest>``,
+``/v2/<name>/blobs/uploads/``). The policy — auth, retries, timeouts, exception mapping — lives in
+`p2p.session.Session`; this module is the API.
+
+Pulls try each mirror in order, then the origin; a mirror's failure of any kind (including wrong bytes)
+moves on to the next, and only the origin's failure is raised, with the mirrors' as notes. A mirror gets
+one attempt per request (falling through to the next source is its retry), and one that was unreachable
+is skipped for `MIRROR_COOLDOWN` seconds, so a dead mirror costs one timeout, not one per request.
+Pushes go to the origin only.
+
+Integrity: every complete download (manifest by digest, config, blob) is hashed as it streams and checked
+against its digest and, when known, its size before any byte is returned. A manifest fetched by tag is
+checked against the registry's ``Docker-Content-Digest`` header. Ranged reads cannot be checked here —
+their consumer (the chunk container reader) checks each chunk's SHA-256 — but they are checked to be
+exactly the range asked for.
+
+Thread safety: one client may be used from many threads (httpx's pool and our caches are locked).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, Literal, TypeVar
+
+import httpx
+
+from .auth import CredentialProvider, DockerConfig, repository_scope
+from .digest import Digest, Verifier, digest_of, parse_digest
+from .errors import (
+    DigestMismatchError,
+    InvalidReferenceError,
+    P2PError,
+    RangeResponseError,
+    RegistryProtocolError,
+    RegistryUnavailableError,
+)
+from .manifest import ACCEPT, DEFAULT_PLATFORM, MAX_MANIFEST_SIZE, Index, Manifest, Platform, parse_manifest
+from .reference import DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback, parse_reference
+from .retry import Deadline, RetryPolicy, Timeouts
+from .session import Endpoint, Session, iter_body, read_body
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Blobs fetched whole into memory (configs) are refused past this size.
+MAX_IN_MEMORY_BLOB = 64 * 1024 * 1024
+#: If a server ignores ``Range`` and sends the whole blob (200), we accept and slice it up to this size;
+#: beyond, downloading the whole blob for one range would be a silent performance disaster, so we refuse.
+MAX_FULL_BODY_FOR_RANGE = 64 * 1024 * 1024
+#: Default PATCH size for chunked uploads from a file.
+DEFAULT_UPLOAD_CHUNK = 16 * 1024 * 1024
+
+#: How long a mirror that was unreachable is skipped.
+MIRROR_COOLDOWN = 30.0
+#: Mirrors are tried once per request: the next source is their retry.
+MIRROR_RETRY = RetryPolicy(attempts=1, budget=0.0)
+
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a reference resolved to: the platform manifest, and the index it was chosen from, if any."""
+
+    reference: Reference  # the input, with the digest of what it resolved to (index digest if an index)
+    manifest: Manifest
+    index: Index | None = None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    digest: Digest
+    size: int
+    how: Literal["exists", "mounted", "uploaded"]
+
+
+def api_host(registry: str) -> str:
+    return DOCKER_HUB_API if registry == DOCKER_HUB else registry
+
+
+class RegistryClient:
+    """A client for one registry (``host[:port]``, or ``docker.io``).
+
+    - `plain_http`: talk HTTP instead of HTTPS; ``None`` (default) means HTTP for loopback hosts only
+      (what Docker does for 127.0.0.0/8), HTTPS for everything else.
+    - `insecure`: HTTPS without certificate verification.
+    - `mirrors`: base URLs (``http://127.0.0.1:5001``) tried in order before the origin for pulls.
+    - `proxy`: an HTTP(S) proxy URL for every request; proxy environment variables are NOT consulted, so
+      what is configured is what happens.
+    - `credentials`: host → `Credentials`; default: Docker's config.json (`DockerConfig.load`).
+    - `retry`, `timeouts`: the bounds (`p2p.retry`); `transport`, `clock`, `sleep`: replace the network
+      and time in tests.
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        *,
+        plain_http: bool | None = None,
+        insecure: bool = False,
+        mirrors: Sequence[str] = (),
+        proxy: str | None = None,
+        credentials: CredentialProvider | None = None,
+        retry: RetryPolicy | None = None,
+        timeouts: Timeouts | None = None,
+        transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.registry = DOCKER_HUB if registry in ("index.docker.io", DOCKER_HUB_API) else registry
+        host = api_host(self.registry)
+        if plain_http is None:
+            plain_http = is_loopback(host)
+        scheme = "http" if plain_http else "https"
+        self.origin = Endpoint(f"{scheme}://{host}", self.registry)
+        self.mirrors = tuple(self._mirror(m) for m in mirrors)
+        self._mirror_down_until: dict[str, float] = {}
+        timeouts = timeouts or Timeouts()
+        self._http = httpx.Client(
+            timeout=timeouts.httpx(),
+            verify=not insecure,
+            proxy=proxy if transport is None else None,
+            transport=transport,
+            trust_env=False,
+            follow_redirects=False,
+        )
+        self.session = Session(
+            self._http,
+            credentials if credentials is not None else DockerConfig.load(),
+            retry or RetryPolicy(),
+            timeouts,
+            clock,
+            sleep,
+            proxy,
+        )
+
+    def _mirror(self, url: str) -> Endpoint:
+        u = httpx.URL(url)
+        if u.scheme not in ("http", "https") or not u.host:
+            raise InvalidReferenceError(url, "a mirror is an http:// or https:// base URL")
+        netloc = u.netloc.decode("ascii")
+        # containerd sends ``ns=<registry>`` to mirrors so one mirror can serve several upstreams.
+        return Endpoint(f"{u.scheme}://{netloc}{u.path.rstrip('/')}", netloc, True, {"ns": self.registry})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _endpoints(self) -> tuple[Endpoint, ...]:
+        return (*self.mirrors, self.origin)
+
+    def _pull(
+        self,
+        path: str,
+        consume: Callable[[httpx.Response, Deadline], T],
+        *,
+        what: str,
+        scopes: list[str],
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        ok: tuple[int, ...] = (200,),
+    ) -> T:
+        """GET/HEAD `path` from the mirrors, then the origin, until one succeeds; redirects are followed."""
+        failures: list[str] = []
+        for endpoint in self._endpoints():
+            if endpoint.is_mirror:
+                down_until = self._mirror_down_until.get(endpoint.base_url, 0.0)
+                if self.session.clock() < down_until:
+                    failures.append(f"mirror {endpoint.base_url} skipped: unreachable moments ago")
+                    continue
+            try:
+                return self.session.call(
+                    method,
+                    endpoint,
+                    endpoint.url(path),
+                    consume,
+                    scopes=scopes,
+                    headers=headers,
+                    ok=ok,
+                    follow_redirects=True,
+                    what=what,
+                    retry=MIRROR_RETRY if endpoint.is_mirror else None,
+                )
+            except P2PError as e:
+                if not endpoint.is_mirror:
+                    for f in failures:
+                        e.add_note(f)
+                    raise
+                if isinstance(e, RegistryUnavailableError):
+                    self._mirror_down_until[endpoint.base_url] = self.session.clock() + MIRROR_COOLDOWN
+                log.info("mirror %s failed, trying the next source: %s", endpoint.base_url, e)
+                failures.append(f"mirror {endpoint.base_url} failed first: {e}")
+        raise AssertionError("unreachable: the origin is always last")
+
+    @staticmethod
+    def _scope(repository: str, actions: str = "pull") -> list[str]:
+        return [repository_scope(repository, actions)]
+
+    # -- pull ------------------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Check that the origin speaks the v2 API (200, or 401 which still proves it)."""
+        url = self.origin.url("/v2/")
+        self.session.call(
+            "GET",
+            self.origin,
+            url,
+            lambda r, d: None,
+            ok=(200, 401),
+            authenticate=False,
+            what="API root /v2/",
+        )
+
+    def get_manifest(self, repository: str, reference: str) -> Manifest | Index:
+        """The manifest or index `reference` (a tag or digest) names, verified."""
+        want: Digest | None = parse_digest(reference) if ":" in reference else None
+
+        def consume(resp: httpx.Response, deadline: Deadline) -> Manifest | Index:
+            where = str(resp.url)
+            raw = read_body(resp, deadline, MAX_MANIFEST_SIZE, where)
+            if want is not None:
+                got = digest_of(raw, want.partition(":")[0])
+                if got != want:
+                    raise DigestMismatchError(where, want, got)
+                return parse_manifest(raw, resp.headers.get("content-type"), where, want)
+            digest = digest_of(raw)
+            header = resp.headers.get("docker-content-digest")
+            if header and header.startswith("sha256:") and header != digest:
+                raise DigestMismatchError(f"{where} (Docker-Content-Digest header)", header, digest)
+            return parse_manifest(raw, resp.headers.get("content-type"), where, digest)
+
+        return self._pull(
+            f"/v2/{repository}/manifests/{reference}",
+            consume,
+            scopes=self._scope(repository),
+            headers={"accept": ACCEPT},
+            what=f"manifest {repository}:{reference}",
+        )
+
+    def resolve(self, ref: Reference | str, platform: Platform = DEFAULT_PLATFORM) -> Resolved:
+        """Resolve a reference to the image manifest for `platform`, through an index if there is one."""
+        if isinstance(ref, str):
+            ref = parse_reference(ref)
+        if ref.registry != self.registry:
+            raise InvalidReferenceError(str(ref), f"this client talks to {self.registry}, not {ref.registry}")
+        top = self.get_manifest(ref.repository, ref.reference)
+        resolved_ref = ref.with_digest(top.digest)
+        if isinstance(top, Manifest):
+            return Resolved(resolved_ref, top)
+        desc = top.select(platform, f"{ref}")
+        child = self.get_manifest(ref.repository, desc.digest)
+        if not isinstance(child, Manifest):
+            raise RegistryProtocolError(
+                str(ref),
+                f"index entry {desc.digest} for {platform} is itself an index",
+                remedy="re-push the image",
+            )
+        if child.size != desc.size:
+            raise DigestMismatchError(
+                f"{ref} manifest {desc.digest}", f"{desc.size} bytes", f"{child.size} bytes", "size"
+            )
+        return Resolved(resolved_ref, child, top)
+
+    def blob_size(self, repository: str, digest: Digest) -> int:
+        """The size of a blob, from a HEAD request."""
+        return self._pull(
+            f"/v2/{repository}/blobs/{digest}",
+            _content_length,
+            method="HEAD",
+            scopes=self._scope(repository),
+            what=f"blob {digest} in {repository}",
+        )
+
+    def blob_exists(self, repository: str, digest: Digest) -> bool:
+        """Whether the origin has the blob (mirrors are not asked: this serves pushes)."""
+        url = self.origin.url(f"/v2/{repository}/blobs/{digest}")
+        return self.session.call(
+            "HEAD",
+            self.origin,
+            url,
+            lambda resp, deadline: resp.status_code == 200,
+            scopes=self._scope(repository, "pull,push"),
+            ok=(200, 404),
+            follow_redirects=True,
+            what=f"blob {digest}",
+        )
+
+    def get_blob(
+        self, repository: str, digest: Digest, size: int | None = None, max_size: int = MAX_IN_MEMORY_BLOB
+    ) -> bytes:
+        """A whole blob in memory (configs, small blobs), verified against `digest` and `size`."""
+        if size is not None and size > max_size:
+            raise RegistryProtocolError(
+                f"{self.origin.base_url}/v2/{repository}/blobs/{digest}",
+                f"blob of {size} bytes is too large to hold in memory (limit {max_size})",
+                remedy="use download_blob to stream it to a file",
+            )
+
+        def consume(resp: httpx.Response, deadline: Deadline) -> bytes:
+            where = str(resp.url)
+            data = read_body(resp, deadline, max_size, where)
+            v = Verifier(digest, size)
+            v.update(data)
+            v.check(where)
+            return data
+
+        return self._pull(
+            f"/v2/{repository}/blobs/{digest}",
+            consume,
+            scopes=self._scope(repository),
+            what=f"blob {digest} in {repository}",
+        )
+
+    def get_config(self, repository: str, manifest: Manifest) -> bytes:
+        """The image config blob a manifest points to, verified."""
+        return self.get_blob(repository, manifest.config.digest, manifest.config.size)
+
+    def download_blob(self, repository: str, digest: Digest, out: BinaryIO, size: int | None = None) -> int:
+        """Stream a blob into `out` (seekable; written from its current position), verified; return its size.
+
+        A failed attempt is rewound (seek + truncate) before the next, so `out` never holds a mix. On a
+        digest mismatch `out` is truncated back too: no unverified byte is left behind.
+        """
+        start = out.tell()
+
+        def consume(resp: httpx.Response, deadline: Deadline) -> int:
+            where = str(resp.url)
+            out.seek(start)
+            out.truncate()
+            v = Verifier(digest, size)
+            try:
+                for chunk in iter_body(resp, deadline, where):
+                    v.update(chunk)
+                    if size is not None and v.count > size:
+                        break
+                    out.write(chunk)
+                v.check(where)
+            except BaseException:
+                out.seek(start)
+                out.truncate()
+                raise
+            return v.count
+
+        return self._pull(
+            f"/v2/{repository}/blobs/{digest}",
+            consume,
+            scopes=self._scope(repository),
+            what=f"blob {digest} in {repository}",
+        )
+
+    def read_blob_range(
+        self,
+        repository: str,
+        digest: Digest,
+        offset: int,
+        length: int,
+        max_full_body: int = MAX_FULL_BODY_FOR_RANGE,
+    ) -> bytes:
+        """Exactly the bytes ``[offset, offset+length)`` of a blob, or an error.
+
+        Sends ``Range: bytes=a-b`` and expects ``206`` with a matching ``Content-Range``. A server that
+        ignores the range and answers ``200`` with the whole blob is tolerated up to `max_full_body`
+        bytes: the blob is then verified against its digest and sliced.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative range {offset}+{length}")
+        if length == 0:
+            return b""
+        last = offset + length - 1
+
+        def consume(resp: httpx.Response, deadline: Deadline) -> bytes:
+            where = str(resp.url)
+            if resp.status_code == 416:
+                total = resp.headers.get("content-range", "").rpartition("/")[2]
+                why = f"the blob has only {total} bytes" if total.isdigit() else "range not satisfiable"
+                raise RangeResponseError(where, offset, length, why)
+            if resp.status_code == 200:
+                data = read_body(resp, deadline, max_full_body, where)
+                v = Verifier(digest)
+                v.update(data)
+                v.check(where)
+                if len(data) < offset + length:
+                    raise RangeResponseError(where, offset, length, f"the blob has only {len(data)} bytes")
+                return data[offset : offset + length]
+            cr = resp.headers.get("content-range", "")
+            m = _CONTENT_RANGE_RE.match(cr.strip())
+            if m is None:
+                raise RangeResponseError(where, offset, length, f"206 with unusable Content-Range {cr!r}")
+            first, got_last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+            if first != offset or got_last != last:
+                if first == offset and total != "*" and got_last == int(total) - 1 < last:
+                    raise RangeResponseError(where, offset, length, f"the blob has only {total} bytes")
+                raise RangeResponseError(
+                    where, offset, length, f"server sent bytes {first}-{got_last} instead"
+                )
+            data = read_body(resp, deadline, length, where)
+            if len(data) != length:
+                raise RangeResponseError(where, offset, length, f"body has {len(data)} bytes")
+            return data
+
+        return self._pull(
+            f"/v2/{repository}/blobs/{digest}",
+            consume,
+            scopes=self._scope(repository),
+            headers={"range": f"bytes={offset}-{last}"},
+            ok=(200, 206, 416),
+            what=f"blob {digest} in {repository}",
+        )
+
+    # -- push ------------------------------------------------------------------------------------
+
+    def push_blob(
+        self,
+        repository: str,
+        data: bytes | BinaryIO,
+        digest: Digest | None = None,
+        *,
+        chunk_size: int | None = None,
+        mount_from: str | None = None,
+    ) -> PushResult:
+        """Upload a blob unless the registry has it; mount it from `mount_from` if the registry can.
+
+        `data` is bytes or a seekable binary file (read from its current position to the end). With
+        `chunk_size` the upload is a series of ``PATCH`` requests of that size, else one ``PUT`` (files
+        default to `DEFAULT_UPLOAD_CHUNK`-sized chunks so memory stays bounded).
+        """
+        algorithm = digest.partition(":")[0] if digest else "sha256"
+        blob: bytes | BinaryIO
+        if isinstance(data, bytes | bytearray | memoryview):
+            blob = bytes(data)
+            size = len(blob)
+            actual = digest_of(blob, algorithm)
+            base = 0
+        else:
+            blob = data
+            base = data.tell()
+            actual, size = _hash_file(data, algorithm)
+            chunk_size = chunk_size or DEFAULT_UPLOAD_CHUNK
+        if digest is not None and digest != actual:
+            raise DigestMismatchError(f"blob to push to {repository}", digest, actual)
+        digest = actual
+        if self.blob_exists(repository, digest):
+            return PushResult(digest, size, "exists")
+
+        scopes = self._scope(repository, "pull,push")
+        params: dict[str, str] = {}
+        if mount_from is not None and mount_from != repository:
+            params = {"mount": digest, "from": mount_from}
+            scopes = scopes + self._scope(mount_from, "pull")
+        start_url = self.origin.url(f"/v2/{repository}/blobs/uploads/").copy_merge_params(params)
+
+        def started(resp: httpx.Response, deadline: Deadline) -> tuple[int, httpx.URL]:
+            return resp.status_code, _location(resp)
+
+        status, location = self.session.call(
+            "POST", self.origin, start_url, started, scopes=scopes, ok=(201, 202), what=f"upload of {digest}"
+        )
+        if status == 201:
+            return PushResult(digest, size, "mounted")
+
+        if chunk_size is None:
+            assert isinstance(blob, bytes)
+            location = self._finish_upload(location, digest, scopes, blob)
+        else:
+            for offset, chunk in _chunks(blob, base, size, chunk_size):
+                location = self._patch(location, digest, scopes, offset, chunk)
+            location = self._finish_upload(location, digest, scopes, b"")
+        return PushResult(digest, size, "uploaded")
+
+    def _patch(
+        self, location: httpx.URL, digest: Digest, scopes: list[str], offset: int, chunk: bytes
+    ) -> httpx.URL:
+        headers = {
+            "content-type": "application/octet-stream",
+            "content-range": f"{offset}-{offset + len(chunk) - 1}",
+        }
+        return self.session.call(
+            "PATCH",
+            self.origin,
+            location,
+            lambda resp, deadline: _location(resp),
+            scopes=scopes,
+            headers=headers,
+            content=chunk,
+            ok=(202,),
+            idempotent=False,
+            what=f"upload of {digest} at offset {offset}",
+        )
+
+    def _finish_upload(
+        self, location: httpx.URL, digest: Digest, scopes: list[str], body: bytes
+    ) -> httpx.URL:
+        url = location.copy_merge_params({"digest": digest})
+
+        def done(resp: httpx.Response, deadline: Deadline) -> httpx.URL:
+            got = resp.headers.get("docker-content-digest")
+            if got and got != digest:
+                raise DigestMismatchError(f"{resp.url} (registry's digest of the upload)", digest, got)
+            return url
+
+        return self.session.call(
+            "PUT",
+            self.origin,
+            url,
+            done,
+            scopes=scopes,
+            headers={"content-type": "application/octet-stream"},
+            content=body,
+            ok=(201,),
+            idempotent=False,
+            what=f"upload of {digest}",
+        )
+
+    def push_manifest(
+        self, repository: str, raw: bytes, media_type: str, reference: str | None = None
+    ) -> Digest:
+        """PUT a manifest or index under `reference` (a tag), or by digest when None; return the digest."""
+        digest = digest_of(raw)
+        ref = reference or digest
+        if ":" in ref and ref != digest:
+            raise DigestMismatchError(f"manifest to push to {repository}", ref, digest)
+
+        def done(resp: httpx.Response, deadline: Deadline) -> Digest:
+            got = resp.headers.get("docker-content-digest")
+            if got and got != digest:
+                raise DigestMismatchError(f"{resp.url} (registry's digest of the manifest)", digest, got)
+            return digest
+
+        return self.session.call(
+            "PUT",
+            self.origin,
+            self.origin.url(f"/v2/{repository}/manifests/{ref}"),
+            done,
+            scopes=self._scope(repository, "pull,push"),
+            headers={"content-type": media_type},
+            content=raw,
+            ok=(201,),
+            what=f"manifest {repository}:{ref}",
+        )
+
+
+def _content_length(resp: httpx.Response, deadline: Deadline) -> int:
+    value = resp.headers.get("content-length", "")
+    if not value.isdigit():
+        raise RegistryProtocolError(str(resp.url), f"HEAD of a blob without a Content-Length (got {value!r})")
+    return int(value)
+
+
+def _location(resp: httpx.Response) -> httpx.URL:
+    loc = resp.headers.get("location")
+    if not loc:
+        raise RegistryProtocolError(str(resp.url), f"HTTP {resp.status_code} without a Location header")
+    return resp.url.join(loc)
+
+
+def _hash_file(f: BinaryIO, algorithm: str) -> tuple[Digest, int]:
+    start = f.tell()
+    v = Verifier(Digest(f"{algorithm}:"), None)
+    while chunk := f.read(4 * 1024 * 1024):
+        v.update(chunk)
+    f.seek(start)
+    return v.digest(), v.count
+
+
+def _chunks(blob: bytes | BinaryIO, base: int, size: int, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) pieces of the blob; files are read one piece at a time."""
+    for offset in range(0, size, chunk_size):
+        n = min(chunk_size, size - offset)
+        if isinstance(blob, bytes):
+            yield offset, blob[offset : offset + n]
+        else:
+            blob.seek(base + offset)
+            piece = blob.read(n)
+            if len(piece) != n:
+                raise P2PError(
+                    f"blob file changed while uploading: expected {n} bytes at offset {offset}, "
+                    f"got {len(piece)}; "
+                    "do not modify a file while it is being pushed"
+                )
+            yield offset, piece
