@@ -262,9 +262,22 @@ class CachedBlob:
         with self._geometry_lock:
             if self._geometry is None:
                 view = _RawView(self)
-                self._geometry = ChunkReader(view, self.index_digest, cache_chunks=0)
-                for start, data in view.fetched:
-                    self._verify_and_store(start, data)
+                g = self._geometry = ChunkReader(view, self.index_digest, cache_chunks=0)
+                for fetched_at, fetched in view.fetched:
+                    start, data = fetched_at, fetched
+                    if HEADER_SIZE < start < g.index_offset:
+                        # The unit-aligned tail read began inside a chunk: fetch that chunk's head
+                        # (less than a chunk) so the first unit can be verified and kept, not refetched.
+                        cstart = g.chunk_range(g.chunk_at(start))[0]
+                        if cstart < start:
+                            data = self.upstream_read(cstart, start - cstart) + data
+                            start = cstart
+                    try:
+                        self._verify_and_store(start, data)
+                    except CorruptBlobError as e:  # as in _fetch_units: the upstream lied, not the cache
+                        raise SourceError(
+                            self.name, start, len(data), f"upstream sent wrong bytes: {e}"
+                        ) from e
             return self._geometry
 
     def _verified_span(self, g: ChunkReader, a: int, data: bytes | memoryview) -> tuple[int, int]:
