@@ -24,6 +24,7 @@ lint: install
 
 bench: install
 	$(BIN)/python scripts/bench_blockformat.py
+	$(BIN)/python scripts/bench_fetch.py
 
 demo:
 	@echo "make demo arrives with issue 7 (containerd + registry + lazy start); nothing to run yet." >&2

@@ -66,14 +66,16 @@ class BackgroundDownload:
         delay: float = 5.0,
         rate_bytes_per_second: float = 0.0,
         concurrency: int = 2,
-        batch_units: int = 4,
+        batch_units: int | None = None,
         max_digest_attempts: int = 3,
         max_backoff: float = 30.0,
     ) -> None:
         self.blob = blob
         self.delay = delay
         self.concurrency = max(1, concurrency)
-        self.batch_units = max(1, batch_units)
+        # Requests of about 4 MiB: big enough to stream at full speed (scripts/bench_fetch.py), whatever
+        # the fetch unit that lazy reads use.
+        self.batch_units = max(1, batch_units if batch_units is not None else (4 << 20) // blob.unit_size)
         self.max_digest_attempts = max_digest_attempts
         self.max_backoff = max_backoff
         self._stop = threading.Event()

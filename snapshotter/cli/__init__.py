@@ -9,6 +9,8 @@ from __future__ import annotations
 import click
 
 from .blob import blob
+from .device import attach, commit, detach, device_daemon, devices, mount_cmd, stop_daemon, umount_cmd
+from .fetch import fetch
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +20,9 @@ def cli() -> None:
 
 
 cli.add_command(blob)
+cli.add_command(fetch)
+for _cmd in (mount_cmd, umount_cmd, attach, detach, commit, devices, device_daemon, stop_daemon):
+    cli.add_command(_cmd)
 
 
 def main() -> None:

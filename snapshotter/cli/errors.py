@@ -13,6 +13,12 @@ from blockformat.errors import (
     InvalidArgumentError,
     UnsupportedFormatError,
 )
+from p2p.errors import (
+    DigestMismatchError,
+    InvalidReferenceError,
+    P2PError,
+    UnsupportedMediaTypeError,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -23,9 +29,13 @@ EXIT_UNSUPPORTED = 4
 #: Most specific class first.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (CorruptBlobError, EXIT_CORRUPT),
+    (DigestMismatchError, EXIT_CORRUPT),  # a registry, mirror or proxy served wrong bytes
     (UnsupportedFormatError, EXIT_UNSUPPORTED),
+    (UnsupportedMediaTypeError, EXIT_UNSUPPORTED),  # e.g. a Docker schema 1 manifest
     (InvalidArgumentError, EXIT_USAGE),
+    (InvalidReferenceError, EXIT_USAGE),
     (BlockFormatError, EXIT_ERROR),
+    (P2PError, EXIT_ERROR),  # registry unreachable, not found, auth refused, ...
     (OSError, EXIT_ERROR),
 )
 
@@ -47,12 +57,14 @@ def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except (BlockFormatError, OSError) as e:
+        except (BlockFormatError, P2PError, OSError) as e:
             if isinstance(e, OSError):
                 where = f"{e.filename}: " if e.filename else ""
                 msg = f"{where}{e.strerror or e}"
             else:
                 msg = str(e)
+            # Notes carry what else failed on the way (mirrors tried first, parallel downloads).
+            msg += "".join(f"\n  {note}" for note in getattr(e, "__notes__", ()))
             print(f"damselfly: error: {msg}", file=sys.stderr)
             sys.exit(exit_code_for(e))
 

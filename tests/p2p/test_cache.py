@@ -216,7 +216,7 @@ def test_background_download_completes_at_a_bounded_rate_then_serves_offline(tmp
     cb = cache.open(digest, len(blob), up, idx)
     rate = 4 << 20  # bytes per second
     t0 = time.monotonic()
-    bg = BackgroundDownload(cb, delay=0.1, rate_bytes_per_second=rate, concurrency=2).start()
+    bg = BackgroundDownload(cb, delay=0.1, rate_bytes_per_second=rate, concurrency=2, batch_units=1).start()
     assert bg.wait(30)
     elapsed = time.monotonic() - t0
     assert bg.status().state is State.COMPLETE

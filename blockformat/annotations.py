@@ -1,0 +1,75 @@
+"""Image-level annotations of a converted (block) layer, and its media type.
+
+containerd's unpacker passes a layer descriptor's annotations whose keys start with
+``containerd.io/snapshot/`` to the snapshotter's ``Prepare`` as labels, so everything a node needs to
+mount a layer lazily travels under that prefix (DESIGN §3, docs/format.md)::
+
+    containerd.io/snapshot/damselfly/version        "1"            layer format major version
+    containerd.io/snapshot/damselfly/index-digest   "sha256:..."   the chunk container's index digest
+    containerd.io/snapshot/damselfly/size           "123456"       uncompressed layer data bytes
+    containerd.io/snapshot/damselfly/vsize          "68719476736"  virtual device size in bytes
+    containerd.io/snapshot/damselfly/fstype         "ext4"         filesystem on the stacked device
+    containerd.io/snapshot/damselfly/repository     "host/repo"    where the converter pushed it (optional)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import InvalidArgumentError
+from .layer import LAYER_MAJOR
+
+PREFIX = "containerd.io/snapshot/damselfly/"
+KEY_VERSION = PREFIX + "version"
+KEY_INDEX_DIGEST = PREFIX + "index-digest"
+KEY_SIZE = PREFIX + "size"
+KEY_VSIZE = PREFIX + "vsize"
+KEY_FSTYPE = PREFIX + "fstype"
+KEY_REPOSITORY = PREFIX + "repository"
+
+#: Media type of a layer blob. An OCI registry stores any layer media type; containerd leaves it to
+#: the snapshotter (which answers Prepare with AlreadyExists) and never tries to unpack it.
+MEDIA_TYPE_LAYER = "application/vnd.damselfly.layer.v1"
+
+
+@dataclass(frozen=True)
+class LayerAnnotations:
+    index_digest: str
+    size: int
+    vsize: int
+    fstype: str = "ext4"
+    version: int = LAYER_MAJOR
+    repository: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        d = {
+            KEY_VERSION: str(self.version),
+            KEY_INDEX_DIGEST: self.index_digest,
+            KEY_SIZE: str(self.size),
+            KEY_VSIZE: str(self.vsize),
+            KEY_FSTYPE: self.fstype,
+        }
+        if self.repository:
+            d[KEY_REPOSITORY] = self.repository
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, str]) -> LayerAnnotations | None:
+        """Parse our annotations (or containerd labels); None if the layer is not a damselfly layer."""
+        if KEY_INDEX_DIGEST not in d:
+            return None
+        try:
+            version = int(d.get(KEY_VERSION, "1"))
+            size = int(d[KEY_SIZE])
+            vsize = int(d[KEY_VSIZE])
+        except (KeyError, ValueError) as e:
+            raise InvalidArgumentError(
+                f"damselfly layer annotations are incomplete or malformed: {e}"
+            ) from None
+        if version != LAYER_MAJOR:
+            raise InvalidArgumentError(f"damselfly layer format version {version} is not supported")
+        idx = d[KEY_INDEX_DIGEST]
+        if not idx.startswith("sha256:") or len(idx) != 71:
+            raise InvalidArgumentError(f"damselfly index digest {idx!r} is not a sha256 digest")
+        return cls(idx, size, vsize, d.get(KEY_FSTYPE, "ext4"), version, d.get(KEY_REPOSITORY))

@@ -1,0 +1,110 @@
+"""`damselfly device-daemon`: the long-lived process that serves every device file.
+
+It mounts the FUSE device filesystem, serves the control socket, and runs until SIGTERM/SIGINT or a
+``shutdown`` request. It is meant to outlive the gRPC service (DESIGN §6) so containers keep working
+while the snapshotter restarts. Layout of its state directory::
+
+    <state>/cache/        node blob cache (p2p.cache)
+    <state>/dev/          FUSE mount: one file per attached device
+    <state>/devd.sock     control socket
+    <state>/devd.pid      pid of the running daemon
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import types
+from dataclasses import dataclass
+from typing import Any
+
+from .control import ControlServer
+from .fuse import MNT_DETACH, unmount_path
+from .manager import DeviceManager, DeviceSpec, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Paths:
+    state: str
+
+    @property
+    def mountpoint(self) -> str:
+        return os.path.join(self.state, "dev")
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.state, "devd.sock")
+
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.state, "devd.pid")
+
+
+def run(state_dir: str, settings: Settings) -> None:
+    paths = Paths(state_dir)
+    os.makedirs(state_dir, exist_ok=True)
+    manager = DeviceManager(state_dir, settings)
+    stop = threading.Event()
+
+    def handle(request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "ping":
+            return {"pid": os.getpid(), "mountpoint": paths.mountpoint}
+        if op == "attach":
+            return {"path": manager.attach(DeviceSpec.from_json(request["spec"]))}
+        if op == "detach":
+            manager.detach(str(request["name"]))
+            return {}
+        if op == "commit":
+            info = manager.commit(
+                str(request["name"]),
+                str(request["out"]),
+                str(request.get("codec", "lz4")),
+                int(request.get("chunk_size", 65536)),
+            )
+            return {"info": info}
+        if op == "status":
+            return {"status": manager.status()}
+        if op == "shutdown":
+            stop.set()
+            return {}
+        raise ValueError(f"unknown operation {op!r}")
+
+    def on_signal(signum: int, frame: types.FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _unmount_stale(paths.mountpoint)
+    manager.start(paths.mountpoint)
+    server = ControlServer(paths.socket, handle)
+    try:
+        server.start()
+        with open(paths.pidfile + ".tmp", "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(paths.pidfile + ".tmp", paths.pidfile)
+        log.info("device daemon %d serving %s on %s", os.getpid(), paths.mountpoint, paths.socket)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.close()
+        manager.stop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(paths.pidfile)
+        log.info("device daemon %d stopped", os.getpid())
+
+
+def _unmount_stale(mountpoint: str) -> None:
+    """A daemon that was killed leaves its FUSE mount behind ("transport endpoint is not connected")."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == 107:  # ENOTCONN
+            unmount_path(mountpoint, MNT_DETACH)
+    except FileNotFoundError:
+        pass

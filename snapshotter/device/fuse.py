@@ -1,0 +1,496 @@
+"""A FUSE filesystem that exposes block devices as files, speaking the kernel protocol on /dev/fuse.
+
+The filesystem is flat: the root directory holds one regular file per attached device, whose bytes are
+the device's (a stack of layers, perhaps with a writable upper). A loop device is then attached to such
+a file. Requests are served by a few threads, each reading one request from /dev/fuse and writing its
+reply; device reads run in a separate pool so a read that cannot complete (a dead network) is answered
+with EIO after `read_timeout` seconds instead of hanging the caller in D state.
+
+Why not pyfuse3: it does not expose FUSE_FALLOCATE, which is how a loop device passes discards (trims)
+to its backing file, and the writable upper needs them; it also ties every request to one trio thread.
+The protocol subset a flat file server needs is small (structures from <linux/fuse.h>, protocol 7.x).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+# -- protocol (linux/fuse.h) ---------------------------------------------------------------------
+
+KERNEL_MAJOR = 7
+KERNEL_MINOR = 31  # what we speak; the kernel accepts an older minor and adapts
+
+LOOKUP, FORGET, GETATTR, SETATTR = 1, 2, 3, 4
+OPEN, READ, WRITE, STATFS, RELEASE = 14, 15, 16, 17, 18
+FSYNC, GETXATTR, LISTXATTR, FLUSH, INIT = 20, 22, 23, 25, 26
+OPENDIR, READDIR, RELEASEDIR, FSYNCDIR = 27, 28, 29, 30
+ACCESS, INTERRUPT, DESTROY, BATCH_FORGET, FALLOCATE, LSEEK = 34, 36, 38, 42, 43, 46
+
+IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, extlen, pad
+OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
+INIT_IN = struct.Struct("<IIII")  # major, minor, max_readahead, flags
+INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # 64 bytes
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr, 88 bytes
+ENTRY_OUT_HEAD = struct.Struct("<QQQQII")
+ATTR_OUT_HEAD = struct.Struct("<QII")
+OPEN_OUT = struct.Struct("<QII")
+READ_IN = struct.Struct("<QQIIQII")
+WRITE_IN = struct.Struct("<QQIIQII")
+WRITE_OUT = struct.Struct("<II")
+FALLOCATE_IN = struct.Struct("<QQQII")
+DIRENT_HEAD = struct.Struct("<QQII")
+KSTATFS = struct.Struct("<QQQQQIIII24x")
+SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+LSEEK_IN = struct.Struct("<QQII")
+LSEEK_OUT = struct.Struct("<Q")
+
+ASYNC_READ = 1 << 0
+BIG_WRITES = 1 << 5
+AUTO_INVAL_DATA = 1 << 12
+ASYNC_DIO = 1 << 15
+PARALLEL_DIROPS = 1 << 18
+MAX_PAGES = 1 << 22
+FOPEN_KEEP_CACHE = 1 << 1
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+ROOT_INODE = 1
+MAX_WRITE = 1 << 20  # 1 MiB requests (FUSE_MAX_PAGES = 256)
+BUFFER_SIZE = MAX_WRITE + 4096
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+#: How long a read overlapping a range that just failed may take before it fails too (seconds). Data
+#: that is already local comes back well within it; a read that needs the network again does not.
+FAIL_FAST_WAIT = 0.25
+#: At most this many failed ranges are remembered per device (the oldest are forgotten first).
+MAX_FAILED_RANGES = 256
+
+
+class BlockDevice(Protocol):
+    """What the filesystem needs of a device."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def writable(self) -> bool: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def trim(self, offset: int, length: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass
+class _Entry:
+    inode: int
+    name: str
+    device: BlockDevice
+    mtime: float = field(default_factory=time.time)
+
+
+class FuseError(Exception):
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    global _libc  # noqa: PLW0603 - one handle per process
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return _libc
+
+
+def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    if _lib().mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}", target)
+
+
+def unmount_path(target: str, flags: int = 0) -> None:
+    if _lib().umount2(target.encode(), flags) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+            raise OSError(err, f"umount {target}: {os.strerror(err)}", target)
+
+
+class BlockFS:
+    """The device filesystem: `attach`/`detach` devices, `mount` it, `serve` requests, `unmount`."""
+
+    def __init__(self, read_timeout: float = 30.0, threads: int = 4, io_threads: int = 32) -> None:
+        self.read_timeout = read_timeout
+        self.threads = threads
+        self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="fuse-io")
+        self._lock = threading.Lock()
+        self._by_name: dict[str, _Entry] = {}
+        self._by_inode: dict[int, _Entry] = {}
+        self._next_inode = 2
+        self._fd = -1
+        self.mountpoint: str | None = None
+        self._workers: list[threading.Thread] = []
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._started = time.time()
+        self.timeouts = 0  # reads answered with EIO because they outlasted read_timeout
+        self.errors = 0  # reads answered with EIO because the device failed
+        self.fast_failures = 0  # reads answered with EIO after FAIL_FAST_WAIT (a range that just failed)
+        # nodeid -> [(until, start, end)]: ranges whose last read failed, remembered for read_timeout s.
+        self._failed: dict[int, list[tuple[float, int, int]]] = {}
+        self._failed_lock = threading.Lock()
+        self.on_error: Callable[[str, BaseException], None] | None = None
+
+    # -- devices ---------------------------------------------------------------------------------
+
+    def attach(self, name: str, device: BlockDevice) -> str:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"invalid device name {name!r}")
+        with self._lock:
+            if name in self._by_name:
+                raise FileExistsError(f"device {name!r} is already attached")
+            entry = _Entry(self._next_inode, name, device)
+            self._next_inode += 1
+            self._by_name[name] = entry
+            self._by_inode[entry.inode] = entry
+        return self.path(name)
+
+    def detach(self, name: str) -> BlockDevice:
+        with self._lock:
+            entry = self._by_name.pop(name)
+            del self._by_inode[entry.inode]
+        with self._failed_lock:
+            self._failed.pop(entry.inode, None)
+        return entry.device
+
+    def devices(self) -> dict[str, BlockDevice]:
+        with self._lock:
+            return {n: e.device for n, e in self._by_name.items()}
+
+    def path(self, name: str) -> str:
+        if self.mountpoint is None:
+            raise RuntimeError("the device filesystem is not mounted")
+        return os.path.join(self.mountpoint, name)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def mount(self, mountpoint: str) -> None:
+        os.makedirs(mountpoint, exist_ok=True)
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        opts = f"fd={fd},rootmode=40000,user_id={self._uid},group_id={self._gid},allow_other"
+        opts += f",max_read={MAX_WRITE}"
+        try:
+            _mount("damselfly", mountpoint, "fuse.damselfly", MS_NOSUID | MS_NODEV, opts)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self.mountpoint = mountpoint
+
+    def serve(self) -> None:
+        """Start the request threads (returns at once; `unmount` stops them)."""
+        for i in range(self.threads):
+            t = threading.Thread(target=self._loop, name=f"fuse-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def unmount(self) -> None:
+        """Unmount (lazily, so open loop devices keep working until detached) and stop the threads."""
+        if self.mountpoint is not None:
+            unmount_path(self.mountpoint, MNT_DETACH)
+        for t in self._workers:
+            t.join(10)
+        self._workers.clear()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+    # -- request loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        buf = bytearray(BUFFER_SIZE)
+        mv = memoryview(buf)
+        while True:
+            try:
+                n = os.readv(self._fd, [buf])
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                    continue  # interrupted, or a request the kernel withdrew
+                if e.errno in (errno.ENODEV, errno.EBADF):
+                    return  # unmounted
+                log.error("reading /dev/fuse failed: %s", e)
+                return
+            if n < IN_HEADER.size:
+                continue
+            _len, opcode, unique, nodeid, _uid, _gid, _pid, _ext, _pad = IN_HEADER.unpack_from(buf)
+            body = mv[IN_HEADER.size : n]
+            try:
+                reply = self._dispatch(opcode, nodeid, body)
+            except FuseError as e:
+                self._reply(unique, -e.errno)
+                continue
+            except Exception:
+                log.exception("FUSE opcode %d failed", opcode)
+                self._reply(unique, -errno.EIO)
+                continue
+            if reply is None:
+                continue  # FORGET, INTERRUPT: no reply
+            self._reply(unique, 0, reply)
+            if opcode == DESTROY:
+                return
+
+    def _reply(self, unique: int, error: int, payload: bytes | list[bytes] = b"") -> None:
+        parts = payload if isinstance(payload, list) else [payload]
+        size = OUT_HEADER.size + sum(len(p) for p in parts)
+        try:
+            os.writev(self._fd, [OUT_HEADER.pack(size, error, unique), *parts])
+        except OSError as e:
+            # ENOENT: the request was interrupted and withdrawn; anything else is logged.
+            if e.errno != errno.ENOENT:
+                log.warning("FUSE reply to %d failed: %s", unique, e)
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    def _entry(self, nodeid: int) -> _Entry:
+        with self._lock:
+            entry = self._by_inode.get(nodeid)
+        if entry is None:
+            raise FuseError(errno.ENOENT)
+        return entry
+
+    def _attr(self, nodeid: int) -> bytes:
+        if nodeid == ROOT_INODE:
+            t = int(self._started)
+            return ATTR.pack(
+                ROOT_INODE, 0, 0, t, t, t, 0, 0, 0, stat.S_IFDIR | 0o755, 2, self._uid, self._gid, 0, 4096, 0
+            )
+        e = self._entry(nodeid)
+        size = e.device.size
+        mode = stat.S_IFREG | (0o644 if e.device.writable else 0o444)
+        t = int(e.mtime)
+        return ATTR.pack(
+            e.inode, size, (size + 511) // 512, t, t, t, 0, 0, 0, mode, 1, self._uid, self._gid, 0, 4096, 0
+        )
+
+    def _dispatch(self, opcode: int, nodeid: int, body: memoryview) -> bytes | list[bytes] | None:
+        if opcode == READ:
+            _fh, offset, size, *_ = READ_IN.unpack_from(body)
+            return self._read(nodeid, offset, size)
+        if opcode == WRITE:
+            _fh, offset, size, *_ = WRITE_IN.unpack_from(body)
+            data = bytes(body[WRITE_IN.size : WRITE_IN.size + size])
+            self._write(nodeid, offset, data)
+            return WRITE_OUT.pack(size, 0)
+        if opcode == LOOKUP:
+            name = bytes(body).rstrip(b"\0").decode("utf-8", "surrogateescape")
+            with self._lock:
+                entry = self._by_name.get(name) if nodeid == ROOT_INODE else None
+            if entry is None:
+                raise FuseError(errno.ENOENT)
+            return ENTRY_OUT_HEAD.pack(entry.inode, 0, 0, 0, 0, 0) + self._attr(entry.inode)
+        if opcode == GETATTR:
+            return ATTR_OUT_HEAD.pack(0, 0, 0) + self._attr(nodeid)
+        if opcode == SETATTR:
+            valid, _p, _fh, size, *_ = SETATTR_IN.unpack_from(body)
+            if valid & (1 << 3) and nodeid != ROOT_INODE and size != self._entry(nodeid).device.size:
+                raise FuseError(errno.EPERM)  # devices have a fixed size
+            return ATTR_OUT_HEAD.pack(0, 0, 0) + self._attr(nodeid)
+        if opcode == OPEN:
+            entry = self._entry(nodeid)
+            flags = struct.unpack_from("<I", body)[0]
+            if flags & os.O_ACCMODE != os.O_RDONLY and not entry.device.writable:
+                raise FuseError(errno.EROFS)
+            return OPEN_OUT.pack(nodeid, FOPEN_KEEP_CACHE, 0)
+        if opcode in (FLUSH, FSYNC):
+            if nodeid != ROOT_INODE:
+                entry = self._entry(nodeid)
+                if entry.device.writable:
+                    entry.device.flush()
+            return b""
+        if opcode == FALLOCATE:
+            _fh, offset, length, mode, _p = FALLOCATE_IN.unpack_from(body)
+            self._fallocate(nodeid, offset, length, mode)
+            return b""
+        if opcode == INIT:
+            return self._init(body)
+        if opcode in (RELEASE, RELEASEDIR, FSYNCDIR, ACCESS):
+            return b""
+        if opcode == OPENDIR:
+            if nodeid != ROOT_INODE:
+                raise FuseError(errno.ENOTDIR)
+            return OPEN_OUT.pack(0, 0, 0)
+        if opcode == READDIR:
+            _fh, offset, size, *_ = READ_IN.unpack_from(body)
+            return self._readdir(offset, size)
+        if opcode == STATFS:
+            return KSTATFS.pack(0, 0, 0, len(self._by_name), 0, 4096, 255, 4096, 0)
+        if opcode == LSEEK:
+            _fh, offset, whence, _p = LSEEK_IN.unpack_from(body)
+            if whence in (3, 4):  # SEEK_DATA / SEEK_HOLE: the whole device counts as data
+                size = self._entry(nodeid).device.size
+                if offset >= size:
+                    raise FuseError(errno.ENXIO)
+                return LSEEK_OUT.pack(offset if whence == 3 else size)
+            raise FuseError(errno.EINVAL)
+        if opcode in (FORGET, BATCH_FORGET, INTERRUPT):
+            return None
+        if opcode == DESTROY:
+            return b""
+        raise FuseError(errno.ENOSYS)
+
+    def _init(self, body: memoryview) -> bytes:
+        major, minor, max_readahead, flags = INIT_IN.unpack_from(body)
+        if major != KERNEL_MAJOR:
+            raise FuseError(errno.EPROTO)
+        want = ASYNC_READ | BIG_WRITES | MAX_PAGES | PARALLEL_DIROPS | ASYNC_DIO
+        return INIT_OUT.pack(
+            KERNEL_MAJOR,
+            min(minor, KERNEL_MINOR),
+            max_readahead,
+            flags & want,
+            64,  # max_background
+            48,  # congestion_threshold
+            MAX_WRITE,
+            1,  # time_gran
+            MAX_WRITE // 4096,  # max_pages
+            0,
+            0,
+        )
+
+    def _readdir(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            names = [(ROOT_INODE, ".", stat.S_IFDIR), (ROOT_INODE, "..", stat.S_IFDIR)] + [
+                (e.inode, e.name, stat.S_IFREG) for e in sorted(self._by_name.values(), key=lambda e: e.inode)
+            ]
+        out = bytearray()
+        for i in range(offset, len(names)):
+            ino, name, mode = names[i]
+            raw = name.encode("utf-8", "surrogateescape")
+            rec = DIRENT_HEAD.pack(ino, i + 1, len(raw), mode >> 12) + raw
+            rec += bytes(-len(rec) % 8)
+            if len(out) + len(rec) > size:
+                break
+            out += rec
+        return bytes(out)
+
+    def _read(self, nodeid: int, offset: int, size: int) -> bytes:
+        # The kernel retries a failed read at once: the FUSE page cache re-reads the first page of a
+        # failed readahead, and the filesystem on the loop device does the same one level up. So one
+        # read(2) of a missing chunk became three device reads in a row, each waiting out the whole
+        # bound (measured: EIO after 3 x the bound with the registry stopped). A read overlapping a
+        # range that failed less than `read_timeout` ago therefore gets only FAIL_FAST_WAIT: local data
+        # still reads, a fetch that needs the network fails fast, and read(2) returns EIO after about
+        # one bound. After that the range is tried with the full bound again (the registry may be back).
+        device = self._entry(nodeid).device
+        end = offset + size
+        fast = self._recently_failed(nodeid, offset, end)
+        future = self._io.submit(device.read, offset, size)
+        try:
+            data = future.result(timeout=FAIL_FAST_WAIT if fast else self.read_timeout)
+        except concurrent.futures.TimeoutError:
+            self._note_failure(nodeid, offset, end)
+            if fast:
+                self.fast_failures += 1
+                raise FuseError(errno.EIO) from None
+            self.timeouts += 1
+            log.error("read of %d bytes at %d timed out after %.1fs: EIO", size, offset, self.read_timeout)
+            if self.on_error is not None:
+                self.on_error("timeout", TimeoutError(f"read at {offset} outlasted {self.read_timeout}s"))
+            raise FuseError(errno.EIO) from None
+        except (ValueError, OverflowError):
+            raise FuseError(errno.EINVAL) from None
+        except Exception as e:
+            self._note_failure(nodeid, offset, end)
+            self.errors += 1
+            log.error("read of %d bytes at %d failed: %s", size, offset, e)
+            if self.on_error is not None:
+                self.on_error("error", e)
+            raise FuseError(errno.EIO) from None
+        if fast:
+            self._forget_failures(nodeid, offset, end)
+        return data
+
+    def _recently_failed(self, nodeid: int, start: int, end: int) -> bool:
+        now = time.monotonic()
+        with self._failed_lock:
+            spans = self._failed.get(nodeid)
+            if not spans:
+                return False
+            spans[:] = [s for s in spans if s[0] > now]
+            if not spans:
+                del self._failed[nodeid]
+                return False
+            return any(a < end and start < b for _, a, b in spans)
+
+    def _note_failure(self, nodeid: int, start: int, end: int) -> None:
+        with self._failed_lock:
+            spans = self._failed.setdefault(nodeid, [])
+            spans.append((time.monotonic() + self.read_timeout, start, end))
+            del spans[:-MAX_FAILED_RANGES]
+
+    def _forget_failures(self, nodeid: int, start: int, end: int) -> None:
+        with self._failed_lock:
+            spans = self._failed.get(nodeid)
+            if spans:
+                spans[:] = [s for s in spans if not (s[1] < end and start < s[2])]
+
+    def _write(self, nodeid: int, offset: int, data: bytes) -> None:
+        device = self._entry(nodeid).device
+        if not device.writable:
+            raise FuseError(errno.EROFS)
+        if offset + len(data) > device.size:
+            raise FuseError(errno.ENOSPC)
+        head = offset % 512
+        tail = -(offset + len(data)) % 512
+        if head or tail:
+            # Unaligned (page-cache writeback sends whole pages, so this is rare): read-modify-write.
+            start = offset - head
+            old = device.read(start, head + len(data) + tail)
+            data = old[:head] + data + old[head + len(data) :]
+            offset = start
+        try:
+            device.write(offset, data)
+        except OSError as e:
+            raise FuseError(e.errno or errno.EIO) from None
+
+    def _fallocate(self, nodeid: int, offset: int, length: int, mode: int) -> None:
+        device = self._entry(nodeid).device
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise FuseError(errno.EOPNOTSUPP)
+        if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            return  # preallocation: every byte of a device already exists
+        if not device.writable:
+            raise FuseError(errno.EROFS)
+        end = min(offset + length, device.size)
+        # Trim the sector-aligned middle; zero the unaligned edges by writing.
+        a, b = -(-offset // 512) * 512, end // 512 * 512
+        if a < b:
+            device.trim(a, b - a)
+        for lo, hi in ((offset, min(a, end)), (max(b, offset), end)):
+            if lo < hi:
+                self._write(nodeid, lo, bytes(hi - lo))

@@ -1,0 +1,67 @@
+"""The exceptions of `snapshotter`.
+
+Every failure this package reports is a `SnapshotterError`. Foreign exceptions (``OSError`` from a
+command that is missing, ``subprocess.TimeoutExpired``, ``json`` errors in an image layout, and the
+`blockformat`/`p2p` errors met while building or reading an image) are mapped at the boundary to the most
+specific class here::
+
+    SnapshotterError
+     ├── MountError        a loop/mkfs/mount/umount command failed or hung; `command`, `returncode`,
+     │                     `stderr` say which and how
+     └── ImageError        an image (OCI layout, manifest, config, layer blob or its annotations) that
+                           cannot be built or used; `where` names the file or reference
+
+A message says what failed, where, and the remedy. More classes (metadata store, gRPC mapping) hang
+off `SnapshotterError` as the parts that raise them arrive; add each to this tree.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+
+class SnapshotterError(Exception):
+    """Base of every error raised by `snapshotter`."""
+
+
+class MountError(SnapshotterError):
+    """An external mount-related command (losetup, mkfs.ext4, mount, umount) failed.
+
+    `what` is the action ("attach a loop device to /x/img"), `command` the exact argv that ran (empty
+    when the request was refused before running anything), `returncode` its exit status (``None`` when
+    it could not start or did not finish in time), `stderr` what it printed (or why it was refused),
+    and `remedy` what the operator can do about it.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        command: Sequence[str],
+        returncode: int | None,
+        stderr: str,
+        remedy: str = "check the device, the path and the kernel log (dmesg)",
+    ) -> None:
+        self.what = what
+        self.command = tuple(command)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        self.remedy = remedy
+        detail = self.stderr or "failed"
+        if self.command:  # empty when we refused before running anything
+            how = f"exited with status {returncode}" if returncode is not None else "did not complete"
+            detail = f"`{shlex.join(self.command)}` {how}" + (f": {self.stderr}" if self.stderr else "")
+        super().__init__(f"cannot {what}: {detail}; {remedy}")
+
+
+class ImageError(SnapshotterError):
+    """An image that cannot be built or used: a layout, manifest, config or layer that is wrong.
+
+    `where` names the file, directory or reference; `why` says what is wrong with it.
+    """
+
+    def __init__(self, where: str, why: str, remedy: str = "rebuild or re-convert the image") -> None:
+        self.where = where
+        self.why = why
+        self.remedy = remedy
+        super().__init__(f"{where}: {why}; {remedy}")

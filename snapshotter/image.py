@@ -1,0 +1,86 @@
+"""Finding a converted image's layers: from an OCI layout directory or a registry reference.
+
+The result is a `DeviceSpec` for the device daemon: the layers bottom to top, each with the blob digest
+and size from the manifest, the index digest from our annotations (what every fetched chunk is checked
+against), and where to read the blob from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from blockformat.annotations import LayerAnnotations
+from blockformat.errors import InvalidArgumentError
+from p2p.manifest import Platform
+from p2p.reference import parse_reference
+from p2p.registry import RegistryClient
+
+from .blockimage import read_oci_layout
+from .device.manager import DeviceSpec, LayerSpec, SourceSpec
+from .errors import ImageError
+
+
+def _split_layout(src: str) -> tuple[str, str | None] | None:
+    """`DIR` or `DIR:REF` naming an existing OCI layout directory, else None."""
+    if os.path.isdir(src):
+        return src, None
+    head, sep, ref = src.rpartition(":")
+    if sep and os.path.isdir(head) and os.path.exists(os.path.join(head, "oci-layout")):
+        return head, ref
+    return None
+
+
+def device_name(digests: list[str], upper: str | None = None) -> str:
+    """A stable device name for a chain of layers (and an upper directory, for a writable device)."""
+    key = "\n".join(digests) + ("\nupper:" + os.path.abspath(upper) if upper else "")
+    return ("rw-" if upper else "img-") + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def device_spec_for(
+    src: str,
+    *,
+    plain_http: bool = False,
+    platform: str = "linux/amd64",
+    name: str | None = None,
+    upper: str | None = None,
+) -> DeviceSpec:
+    plat = Platform.parse(platform)
+    layout = _split_layout(src)
+    if layout is not None:
+        image = read_oci_layout(layout[0], layout[1])
+        manifest = image.manifest
+        paths: dict[str, str] = {x.descriptor.digest: os.path.abspath(x.path) for x in image.layers}
+
+        def source(digest: str) -> SourceSpec:
+            return SourceSpec(path=paths[digest])
+
+    else:
+        ref = parse_reference(src)
+        with RegistryClient(ref.registry, plain_http=True if plain_http else None) as client:
+            manifest = client.resolve(ref, plat).manifest
+
+        def source(digest: str) -> SourceSpec:
+            return SourceSpec(registry=ref.registry, repository=ref.repository, plain_http=plain_http or None)
+
+    layers: list[LayerSpec] = []
+    vsizes = set()
+    for i, desc in enumerate(manifest.layers):
+        try:
+            ann = LayerAnnotations.from_dict(desc.annotations)
+        except InvalidArgumentError as e:
+            raise ImageError(src, f"layer {i} ({desc.digest}): {e}") from None
+        if ann is None:
+            raise ImageError(
+                src,
+                f"layer {i} ({desc.digest}, {desc.media_type}) is not a damselfly block layer",
+                "convert the image with `damselfly convert` first",
+            )
+        vsizes.add(ann.vsize)
+        layers.append(LayerSpec(desc.digest, desc.size, ann.index_digest, source(desc.digest)))
+    if not layers:
+        raise ImageError(src, "the image has no layers")
+    if len(vsizes) != 1:
+        raise ImageError(src, f"its layers disagree on the device size: {sorted(vsizes)}")
+    digests = [x.digest for x in layers]
+    return DeviceSpec(name or device_name(digests, upper), layers, None, upper)

@@ -1,0 +1,109 @@
+"""Fixtures for tests that make real loop devices and mounts: everything is undone by exact name.
+
+`KernelResources` remembers the mount points a test registers; its teardown unmounts exactly those and
+detaches every loop device bound to a file under the test's own directory, whoever attached it. It
+uses util-linux directly, not the code under test, so a bug there cannot hide a leak.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _mount_points() -> list[str]:
+    """Mount points from /proc/self/mountinfo (octal escapes decoded), in mount order."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f.read().splitlines():
+            raw = line.split(b" ")[4]
+            i = 0
+            buf = bytearray()
+            while i < len(raw):
+                if raw[i : i + 1] == b"\\" and raw[i + 1 : i + 4].isdigit():
+                    buf.append(int(raw[i + 1 : i + 4], 8))
+                    i += 4
+                else:
+                    buf.append(raw[i])
+                    i += 1
+            out.append(os.fsdecode(bytes(buf)))
+    return out
+
+
+def _attached_loops() -> dict[str, str]:
+    """/dev/loopN -> backing file, for every attached loop device."""
+    out = {}
+    for name in os.listdir("/sys/block"):
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                out[f"/dev/{name}"] = f.read().strip().removesuffix(" (deleted)")
+        except OSError:  # not attached, or being detached right now
+            continue
+    return out
+
+
+class KernelResources:
+    """Mount points and loop devices a test made, removed in reverse order at teardown."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root  # where the test keeps its files; loop devices over files below it are ours
+        self.root = str(root.resolve())
+        self._mounts: list[str] = []
+
+    def mount_point(self, path: Path) -> Path:
+        """Make directory `path` and register it as a mount point to clean up."""
+        path.mkdir(parents=True, exist_ok=True)
+        self._mounts.append(os.path.abspath(path))
+        return path
+
+    def loop(self, dev: str) -> str:
+        """Note a device the test attached itself (teardown finds it by its backing file anyway)."""
+        backing = _attached_loops().get(dev, "")
+        assert backing.startswith(self.root + os.sep), f"{dev} is bound to {backing!r}, not a file of ours"
+        return dev
+
+    def cleanup(self) -> list[str]:
+        """Undo everything; return what had to be undone (tests that clean up themselves leave [])."""
+        undone = []
+        for target in reversed(self._mounts):
+            for _ in range(8):  # stacked mounts: unmount until the point is free
+                if target not in _mount_points():
+                    break
+                undone.append(f"umount {target}")
+                r = subprocess.run(["umount", "--", target], capture_output=True, check=False)
+                if r.returncode != 0:
+                    subprocess.run(["umount", "--lazy", "--", target], capture_output=True, check=False)
+        # Only devices bound to files under our directory: device numbers are shared with every other
+        # process on the host, and a number we used may already belong to someone else.
+        for dev, backing in sorted(_attached_loops().items()):
+            if backing.startswith(self.root + os.sep):
+                undone.append(f"losetup -d {dev}")
+                subprocess.run(["losetup", "--detach", dev], capture_output=True, check=False)
+        return undone
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CAP_SYS_ADMIN) for loop devices and mounts")
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Iterator[KernelResources]:
+    _require_root()
+    res = KernelResources(tmp_path)
+    yield res
+    res.cleanup()
+
+
+@pytest.fixture(scope="module")
+def kernel_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelResources]:
+    _require_root()
+    res = KernelResources(tmp_path_factory.mktemp("kernel"))
+    yield res
+    res.cleanup()
