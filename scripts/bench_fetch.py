@@ -8,7 +8,8 @@ DESIGN.md §5 (fetch unit "chosen by measurement") and §8. The script
    (``bench/work/ext4-usr-560MB.img``) if it is there, else files from /usr concatenated;
 2. starts its own ``docker-registry`` on loopback (own temp directory, stopped by pid at the end) and
    pushes the blob with `RegistryClient.push_blob`;
-3. measures, medians of ``--reps`` runs, every run on a fresh cache and a fresh client:
+3. measures, medians of ``--reps`` runs, every run on a fresh cache and a fresh client, the cases of a
+   measurement round-robin (so load from other processes spreads over all of them):
    a. cold lazy random reads: ``--reads`` random 4 KiB reads (200: sparse, like a container start that
       reads a small part of its image; 2,000: dense, where big units end up fetching the whole blob) through
       ``ChunkReader(CachedBlob(RegistryBlobSource))`` per fetch unit — reads/s, MB/s of data read, HTTP
@@ -16,10 +17,10 @@ DESIGN.md §5 (fetch unit "chosen by measurement") and §8. The script
       reads; opening the blob — its tail and index — is included). Also the same reads with no cache
       (``ChunkReader(RegistryBlobSource)``: one ranged GET per chunk run, nothing stored), as reference;
       and every byte read is compared with the source file;
-   b. full background download: ``BackgroundDownload`` (no delay, unlimited rate, default batch of
-      units per request) per fetch unit x concurrency, until the blob is complete (all units verified and
-      the whole-blob SHA-256 checked) — MB/s and registry bytes / blob size; plus every unit of (a) and
-      (b) with a batch that makes each request 4 MiB, which separates the unit from the request size;
+   b. full background download: ``BackgroundDownload`` (no delay, unlimited rate, its default batch of
+      about 4 MiB per request) per fetch unit x concurrency, until the blob is complete (all units verified
+      and the whole-blob SHA-256 checked) — MB/s and registry bytes / blob size; plus (a)'s other units,
+      and small units with a fixed batch of 4 units, which shows that the request size is what counts;
    c. baseline: ``RegistryClient.download_blob`` of the whole blob into a file (streamed SHA-256, one
       fsync at the end);
 4. writes a Markdown table to ``bench/results/fetch.md``, prints it, and recommends the default fetch
@@ -37,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import inspect
 import io
 import json
 import os
@@ -84,10 +84,9 @@ LINKS = (("1 Gbit/s, 2 ms RTT", 1e9, 0.002), ("100 Mbit/s, 20 ms RTT", 100e6, 0.
 #: Recommendation: among units measured in both (a) and (b) whose best background MB/s is at least this
 #: share of the best, the one with the lowest modelled cold-read time on the slower link.
 BACKGROUND_SHARE = 0.75
-#: BackgroundDownload's default number of neighbouring units per request.
-DEFAULT_BATCH: int = inspect.signature(BackgroundDownload).parameters["batch_units"].default
-#: Request size of the extra background rows that separate the unit from the request size.
-MATCHED_REQUEST = 4 * MIB
+#: Contrast rows (marked †): a fixed batch of this many units per request, whatever the unit (the batch
+#: `BackgroundDownload` used before it sized requests in bytes).
+CONTRAST_BATCH = 4
 
 
 def log(msg: str) -> None:
@@ -364,7 +363,7 @@ class Background:
     concurrency: int
     batch: int
     runs: Runs
-    matched: bool = False  # an extra row: batch chosen so that requests are MATCHED_REQUEST bytes
+    mark: str = ""  # "*": a unit of (a) only; "†": a fixed batch of CONTRAST_BATCH units
 
 
 def random_table(rows: Sequence[Random]) -> list[str]:
@@ -394,7 +393,7 @@ def background_table(rows: Sequence[Background], size: int, base_s: Sequence[flo
         s = med(r.runs.seconds)
         cells = [
             fmt_size(r.unit),
-            f"{fmt_size(r.unit * r.batch)} ({r.batch})" + (" *" if r.matched else ""),
+            f"{fmt_size(r.unit * r.batch)} ({r.batch})" + (f" {r.mark}" if r.mark else ""),
             str(r.concurrency),
             f"{size / s / MB:.0f}",
             f"{s:.2f}",
@@ -408,11 +407,8 @@ def background_table(rows: Sequence[Background], size: int, base_s: Sequence[flo
 
 def recommend(rand: Sequence[Random], bg: Sequence[Background], size: int) -> list[str]:
     best_bg: dict[int, float] = {}
-    best_row: dict[int, Background] = {}
     for b in bg:
-        mbs = size / med(b.runs.seconds) / MB
-        if mbs > best_bg.get(b.unit, 0.0):
-            best_bg[b.unit], best_row[b.unit] = mbs, b
+        best_bg[b.unit] = max(best_bg.get(b.unit, 0.0), size / med(b.runs.seconds) / MB)
     cold: dict[int, list[Random]] = {}
     for r in rand:
         if r.unit is not None:
@@ -455,16 +451,6 @@ def recommend(rand: Sequence[Random], bg: Sequence[Background], size: int) -> li
             f"{best_bg[u]:.0f} MB/s ({best_bg[u] / top:.0%} of the best of these units)"
             + ("" if u in eligible else " — not eligible")
         )
-    row = best_row[pick]
-    if row.batch != DEFAULT_BATCH:
-        out += [
-            "",
-            f"Note: {fmt_size(pick)}'s background figure needs a batch of {row.batch} units per request "
-            f"({fmt_size(pick * row.batch)} requests); with `BackgroundDownload`'s default batch of "
-            f"{DEFAULT_BATCH} units its requests would be only {fmt_size(pick * DEFAULT_BATCH)}. The * rows "
-            "show that background speed follows the request size, not the unit: the batch should be set in "
-            "bytes (a few MiB), independently of the unit.",
-        ]
     out += [
         "",
         "Caveats: uniform random 4 KiB reads are the worst case for large units; a real start reads whole "
@@ -555,9 +541,12 @@ def render(
         "## (b) Full background download, `BackgroundDownload` (no delay, unlimited rate)",
         "",
         "Until the blob is complete: every unit verified chunk by chunk and made durable, then the whole "
-        "blob's SHA-256 checked. `request` = fetch unit x the download's batch of neighbouring units "
-        f"(default batch {DEFAULT_BATCH}); rows marked * use a batch that makes every request "
-        f"{fmt_size(MATCHED_REQUEST)}, to separate the cost of the unit from the cost of the request size.",
+        "blob's SHA-256 checked. `request` = fetch unit x the download's batch of neighbouring units; by "
+        "default `BackgroundDownload` batches about 4 MiB per request whatever the unit. Rows marked * are "
+        "units of (a) that are not in (b)'s list, so every unit has a background figure; rows marked † use a "
+        f"fixed batch of {CONTRAST_BATCH} units, to show that throughput follows the request size, not the "
+        "unit. Cases run round-robin (one run of every case, then the next), so load that comes and goes "
+        "hits every case alike.",
         "",
         *background_table(bg, blob.size, base_s),
         "",
@@ -624,34 +613,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"baseline download_blob: {blob.size / med(base_s) / MB:.0f} MB/s")
 
         rand: list[Random] = []
+        offsets: dict[int, list[int]] = {}
         for reads in read_counts:
             rng = random.Random(args.seed + reads)
-            offsets = [rng.randrange(blob.source_bytes // READ_SIZE) * READ_SIZE for _ in range(reads)]
-            for unit in [None, *rand_units]:
-                r = Random(reads, unit, Runs())
-                for _ in range(args.reps):
-                    one = random_reads(host, blob, unit, offsets, args.workdir)
-                    r.runs.add(one.seconds[0], one.registry_bytes[0], one.requests[0])
-                rand.append(r)
-                log(
-                    f"{reads} random reads, unit {r.label}: {reads / med(r.runs.seconds):,.0f} reads/s, "
-                    f"{r.amplification:.1f}x amplification, {med(r.runs.requests):,.0f} requests"
-                )
-
-        cases: list[tuple[int, int, int | None]] = [(u, c, None) for u in bg_units for c in concurrencies]
-        mid = sorted(concurrencies)[len(concurrencies) // 2]
-        # Every unit of (a) and (b) also with 4 MiB requests, so (a)'s units can be judged on (b) too.
-        matched = sorted(set(bg_units) | set(rand_units))
-        cases += [(u, mid, MATCHED_REQUEST // u) for u in matched if u * DEFAULT_BATCH != MATCHED_REQUEST]
-        bg: list[Background] = []
-        for unit, c, batch in cases:
-            row = Background(unit, c, batch or DEFAULT_BATCH, Runs(), matched=batch is not None)
-            for _ in range(args.reps):
-                one, row.batch = background(host, blob, unit, c, batch, args.workdir)
-                row.runs.add(one.seconds[0], one.registry_bytes[0], one.requests[0])
-            bg.append(row)
+            offsets[reads] = [rng.randrange(blob.source_bytes // READ_SIZE) * READ_SIZE for _ in range(reads)]
+            rand += [Random(reads, unit, Runs()) for unit in [None, *rand_units]]
+        for rep in range(args.reps):
+            for r in rand:
+                one = random_reads(host, blob, r.unit, offsets[r.reads], args.workdir)
+                r.runs.add(one.seconds[0], one.registry_bytes[0], one.requests[0])
+            log(f"random reads: run {rep + 1} of {args.reps} done")
+        for r in rand:
             log(
-                f"background, unit {fmt_size(unit)} x{row.batch} x{c}: "
+                f"{r.reads} random reads, unit {r.label}: {r.reads / med(r.runs.seconds):,.0f} reads/s, "
+                f"{r.amplification:.1f}x amplification, {med(r.runs.requests):,.0f} requests"
+            )
+
+        mid = sorted(concurrencies)[len(concurrencies) // 2]
+        cases: list[tuple[Background, int | None]] = [
+            (Background(u, c, 0, Runs()), None) for u in bg_units for c in concurrencies
+        ]
+        cases += [(Background(u, mid, 0, Runs(), "*"), None) for u in rand_units if u not in bg_units]
+        cases += [
+            (Background(u, mid, CONTRAST_BATCH, Runs(), "†"), CONTRAST_BATCH)
+            for u in sorted(set(rand_units) | set(bg_units))
+            if u * CONTRAST_BATCH < MIB
+        ]
+        for rep in range(args.reps):
+            for row, batch in cases:
+                one, row.batch = background(host, blob, row.unit, row.concurrency, batch, args.workdir)
+                row.runs.add(one.seconds[0], one.registry_bytes[0], one.requests[0])
+            log(f"background: run {rep + 1} of {args.reps} done")
+        bg = [row for row, _ in cases]
+        for row in bg:
+            log(
+                f"background, unit {fmt_size(row.unit)} x{row.batch} x{row.concurrency}: "
                 f"{blob.size / med(row.runs.seconds) / MB:.0f} MB/s"
             )
 
