@@ -8,8 +8,11 @@ specific class here::
     SnapshotterError
      ├── MountError        a loop/mkfs/mount/umount command failed or hung; `command`, `returncode`,
      │                     `stderr` say which and how
-     └── ImageError        an image (OCI layout, manifest, config, layer blob or its annotations) that
-                           cannot be built or used; `where` names the file or reference
+     ├── ImageError        an image (OCI layout, manifest, config, layer blob or its annotations) that
+     │                     cannot be built or used; `where` names the file or reference
+     ├── DeviceError       a device cannot be attached, detached or committed as asked
+     └── ControlError      the device daemon refused a request or could not be reached; `kind` names
+                           the daemon-side exception class
 
 A message says what failed, where, and the remedy. More classes (metadata store, gRPC mapping) hang
 off `SnapshotterError` as the parts that raise them arrive; add each to this tree.
@@ -65,3 +68,15 @@ class ImageError(SnapshotterError):
         self.why = why
         self.remedy = remedy
         super().__init__(f"{where}: {why}; {remedy}")
+
+
+class DeviceError(SnapshotterError):
+    """A device cannot be attached, detached or committed as asked."""
+
+
+class ControlError(SnapshotterError):
+    """The device daemon refused a request or could not be reached."""
+
+    def __init__(self, message: str, kind: str = "ControlError") -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -16,7 +16,7 @@ from p2p.cache import DEFAULT_UNIT_SIZE
 from ..device import control
 from ..device.daemon import Paths, run
 from ..device.manager import DeviceSpec, Settings
-from ..errors import SnapshotterError
+from ..errors import ControlError, SnapshotterError
 from ..image import device_spec_for
 from ..mounts import find_mount, loop_info, loops_for, mount_loop, umount_loop
 from .blob import SizeType
@@ -95,7 +95,7 @@ def ensure_daemon(state_dir: str, timeout: float = 20.0) -> Paths:
     try:
         control.call(paths.socket, {"op": "ping"}, timeout=5)
         return paths
-    except control.ControlError:
+    except ControlError:
         pass
     os.makedirs(state_dir, exist_ok=True)
     with open(os.path.join(state_dir, "devd.log"), "ab") as logf:
@@ -112,7 +112,7 @@ def ensure_daemon(state_dir: str, timeout: float = 20.0) -> Paths:
         try:
             control.call(paths.socket, {"op": "ping"}, timeout=2)
             return paths
-        except control.ControlError:
+        except ControlError:
             if time.monotonic() > deadline:
                 raise SnapshotterError(
                     f"the device daemon did not start within {timeout:.0f}s; "
@@ -201,7 +201,7 @@ def stop_daemon(state_dir: str, timeout: float) -> None:
     paths = Paths(state_dir)
     try:
         pid = int(control.call(paths.socket, {"op": "ping"}, timeout=5)["pid"])
-    except control.ControlError:
+    except ControlError:
         click.echo("the device daemon is not running")
         return
     control.call(paths.socket, {"op": "shutdown"})

@@ -19,6 +19,7 @@ from p2p.errors import (
     P2PError,
     UnsupportedMediaTypeError,
 )
+from snapshotter.errors import SnapshotterError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -36,6 +37,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidReferenceError, EXIT_USAGE),
     (BlockFormatError, EXIT_ERROR),
     (P2PError, EXIT_ERROR),  # registry unreachable, not found, auth refused, ...
+    (SnapshotterError, EXIT_ERROR),  # mounts, devices, images, the device daemon
     (OSError, EXIT_ERROR),
 )
 
@@ -57,7 +59,7 @@ def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except (BlockFormatError, P2PError, OSError) as e:
+        except (BlockFormatError, P2PError, SnapshotterError, OSError) as e:
             if isinstance(e, OSError):
                 where = f"{e.filename}: " if e.filename else ""
                 msg = f"{where}{e.strerror or e}"

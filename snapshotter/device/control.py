@@ -26,19 +26,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import SnapshotterError
+from ..errors import ControlError, SnapshotterError
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 16 << 20
-
-
-class ControlError(SnapshotterError):
-    """The device daemon refused a request or could not be reached."""
-
-    def __init__(self, message: str, kind: str = "ControlError") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]

@@ -25,14 +25,10 @@ from p2p.cache import DEFAULT_UNIT_SIZE, BlobCache, CachedBlob
 from p2p.digest import Digest, parse_digest
 from p2p.registry import RegistryClient
 
-from ..errors import SnapshotterError
+from ..errors import DeviceError
 from .fuse import BlockFS
 
 log = logging.getLogger(__name__)
-
-
-class DeviceError(SnapshotterError):
-    """A device cannot be attached, detached or committed as asked."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from p2p.manifest import OCI_MANIFEST
 from p2p.registry import RegistryClient
 from snapshotter.blockimage import build_layer_from_dir, write_oci_layout
 from snapshotter.device import control
+from snapshotter.errors import ControlError
 from tests.p2p.registry_server import REGISTRY_BIN, RegistryServer
 
 from .conftest import KernelResources, _attached_loops, _mount_points
@@ -151,7 +152,7 @@ class DeviceDaemon:
                 reply = control.call(self.socket, {"op": "ping"}, timeout=2)
                 assert reply["pid"] == self.proc.pid, f"another daemon answers on {self.socket}: {reply}"
                 return self
-            except control.ControlError:
+            except ControlError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"device daemon did not answer within {timeout}s:\n{self.log()}"
@@ -203,7 +204,7 @@ class DeviceDaemon:
         problems: list[str] = []
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(control.ControlError):
+            with contextlib.suppress(ControlError):
                 control.call(self.socket, {"op": "shutdown"}, timeout=5)
             for sig, wait in ((None, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
                 if sig is not None:
