@@ -11,8 +11,10 @@ specific class here::
      ├── ImageError        an image (OCI layout, manifest, config, layer blob or its annotations) that
      │                     cannot be built or used; `where` names the file or reference
      ├── DeviceError       a device cannot be attached, detached or committed as asked
-     └── ControlError      the device daemon refused a request or could not be reached; `kind` names
-                           the daemon-side exception class
+     ├── ControlError      the device daemon refused a request or could not be reached; `kind` names
+     │                     the daemon-side exception class
+     └── LayerError        a layer tar that cannot be applied (hostile path, link out of the root,
+                           truncated or corrupt stream, unknown entry); `layer`, `entry`, `why`
 
 A message says what failed, where, and the remedy. More classes (metadata store, gRPC mapping) hang
 off `SnapshotterError` as the parts that raise them arrive; add each to this tree.
@@ -80,3 +82,26 @@ class ControlError(SnapshotterError):
     def __init__(self, message: str, kind: str = "ControlError") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class LayerError(SnapshotterError):
+    """A layer tar (or its compressed stream) that cannot be applied onto a root filesystem.
+
+    `layer` names the layer (a digest or a file), `entry` the tar entry being applied when it failed
+    (``None`` when the failure is in the stream itself, before or between entries), `why` what is wrong
+    with it and `remedy` what to do.
+    """
+
+    def __init__(
+        self,
+        layer: str,
+        entry: str | None,
+        why: str,
+        remedy: str = "the layer is corrupt or hostile; rebuild it or check its source",
+    ) -> None:
+        self.layer = layer
+        self.entry = entry
+        self.why = why
+        self.remedy = remedy
+        where = f"layer {layer}" + (f", entry {entry!r}" if entry is not None else "")
+        super().__init__(f"{where}: {why}; {remedy}")
