@@ -90,7 +90,8 @@ class KernelResources:
 
 def _require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root (CAP_SYS_ADMIN) for loop devices and mounts")
+        # CI runs as root; without it these tests cannot run, and that is a failure, never a skip.
+        pytest.fail("needs root (CAP_SYS_ADMIN) for loop devices and mounts")
 
 
 @pytest.fixture

@@ -35,8 +35,12 @@ T1 = 1_700_000_000 * S + 987_654_321  # upper layer times
 #: VFS_CAP_REVISION_2 | effective, CAP_NET_BIND_SERVICE permitted (capability.h).
 CAP_NET_BIND = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="applying layers needs root (chown, mknod)")
-pytestmark = needs_root
+
+@pytest.fixture(autouse=True)
+def _needs_root() -> None:
+    # CI runs as root; applying layers needs chown and mknod. Without root: a failure, never a skip.
+    if os.geteuid() != 0:
+        pytest.fail("applying layers needs root (chown, mknod)")
 
 
 # -- building tars -------------------------------------------------------------------------------

@@ -38,7 +38,22 @@ from tests.p2p.registry_server import RegistryServer, free_port, htpasswd_line
 
 DAMSELFLY = Path(sys.executable).with_name("damselfly")
 SKOPEO = shutil.which("skopeo")
-needs_skopeo = pytest.mark.skipif(SKOPEO is None, reason="skopeo is not installed (apt-get install skopeo)")
+
+
+def _require_skopeo() -> str:
+    # CI installs skopeo (.ci/run); a missing tool is a failure, never a skip.
+    if SKOPEO is None:
+        pytest.fail("skopeo is not installed: apt-get install skopeo")
+    return SKOPEO
+
+
+needs_skopeo = pytest.mark.usefixtures("skopeo_bin")
+
+
+@pytest.fixture
+def skopeo_bin() -> str:
+    return _require_skopeo()
+
 
 BIG_LAYER = random.Random(7).randbytes(3 * 1024 * 1024 + 5)  # several network reads, a visible progress bar
 
