@@ -25,6 +25,7 @@ lint: install
 bench: install
 	$(BIN)/python scripts/bench_blockformat.py
 	$(BIN)/python scripts/bench_fetch.py
+	$(BIN)/python scripts/bench_device.py --profile
 
 demo:
 	@echo "make demo arrives with issue 7 (containerd + registry + lazy start); nothing to run yet." >&2

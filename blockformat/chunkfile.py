@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import struct
+import threading
 import zlib
 from array import array
 from bisect import bisect_right
@@ -310,6 +311,7 @@ class ChunkReader:
         self.name = source.name
         self._blob_size = source.size()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_lock = threading.Lock()
         self._cache_max = cache_chunks
         self._load_tail(expected_index_digest)
 
@@ -549,46 +551,62 @@ class ChunkReader:
             return b""
         shift = self.chunk_shift
         first, last = offset >> shift, (end - 1) >> shift
-        cache = self._cache
         if first == last:
             # The common case (a 4 KiB block read): one chunk, no generator, no join.
             base = first << shift
-            data = cache.get(first)
-            if data is not None:
-                cache.move_to_end(first)
-                return data[offset - base : end - base]
-            start, n = self._offsets[first], self._lengths[first]
-            stored = self.source.read(start, n) if n else b""
-            if len(stored) != n:
-                raise self._short_read(start, n, len(stored), f"chunk {first}")
-            data = self.decode_chunk(first, stored)
-            if self._cache_max:
-                cache[first] = data
-                if len(cache) > self._cache_max:
-                    cache.popitem(last=False)
+            data = self._cache_get(first)
+            if data is None:
+                start, n = self._offsets[first], self._lengths[first]
+                stored = self.source.read(start, n) if n else b""
+                if len(stored) != n:
+                    raise self._short_read(start, n, len(stored), f"chunk {first}")
+                data = self.decode_chunk(first, stored)
+                self._cache_put(first, data)
             return data[offset - base : end - base]
         parts: list[bytes] = []
         # Chunks already in the cache split the request; the rest is fetched in coalesced runs.
         i = first
         while i <= last:
-            if i in cache:
-                parts.append(cache[i])
+            cached = self._cache_get(i)
+            if cached is not None:
+                parts.append(cached)
                 i += 1
                 continue
             j = i
-            while j < last and (j + 1) not in cache:
+            while j < last and not self._cache_has(j + 1):
                 j += 1
             for k, data in self._fetch_chunks(i, j):
                 parts.append(data)
-                if self._cache_max:
-                    cache[k] = data
-                    if len(cache) > self._cache_max:
-                        cache.popitem(last=False)
+                self._cache_put(k, data)
             i = j + 1
         base = first << shift
         if len(parts) == 1:
             return parts[0][offset - base : end - base]
         return b"".join(parts)[offset - base : end - base]
+
+    # The decoded-chunk cache is shared by every thread reading through this reader (the device
+    # daemon's read pool), so each access holds the lock; decoding happens outside it.
+
+    def _cache_get(self, i: int) -> bytes | None:
+        if not self._cache_max:
+            return None
+        with self._cache_lock:
+            data = self._cache.get(i)
+            if data is not None:
+                self._cache.move_to_end(i)
+            return data
+
+    def _cache_has(self, i: int) -> bool:
+        with self._cache_lock:
+            return i in self._cache
+
+    def _cache_put(self, i: int, data: bytes) -> None:
+        if not self._cache_max:
+            return
+        with self._cache_lock:
+            self._cache[i] = data
+            while len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
 
     def iter_chunks(self) -> Iterator[tuple[int, bytes]]:
         """Every chunk in order, verified (used by verify and cat of whole blobs)."""

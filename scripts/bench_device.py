@@ -96,6 +96,7 @@ from snapshotter.device import fuse as fuse_mod  # noqa: E402
 from snapshotter.device import manager as manager_mod  # noqa: E402
 from snapshotter.device.daemon import Paths  # noqa: E402
 from snapshotter.device.fuse import MNT_DETACH, unmount_path  # noqa: E402
+from snapshotter.errors import ControlError, MountError  # noqa: E402
 from snapshotter.image import device_spec_for  # noqa: E402
 from snapshotter.mounts import find_mount, loop_info, mount_loop, umount_loop  # noqa: E402
 
@@ -376,7 +377,7 @@ class Daemon:
 
     def start(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(control.ControlError):
+        with contextlib.suppress(ControlError):
             # A daemon left on this exact state directory by an interrupted run: ours, stop it.
             stale = control.call(self.paths.socket, {"op": "ping"}, timeout=2)
             log(f"stopping a stale daemon (pid {stale.get('pid')}) on {self.state}")
@@ -397,7 +398,7 @@ class Daemon:
         while True:
             if self.proc.poll() is not None:
                 raise SystemExit(f"the device daemon exited with {self.proc.returncode}; see {self.log_path}")
-            with contextlib.suppress(control.ControlError):
+            with contextlib.suppress(ControlError):
                 if control.call(self.paths.socket, {"op": "ping"}, timeout=2).get("pid") == self.proc.pid:
                     return
             if time.monotonic() > deadline:
@@ -427,7 +428,7 @@ class Daemon:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            with contextlib.suppress(control.ControlError):
+            with contextlib.suppress(ControlError):
                 control.call(self.paths.socket, {"op": "shutdown"}, timeout=10)
             try:
                 self.proc.wait(30)
@@ -455,6 +456,15 @@ def _sysfs_read(path: str) -> str:
         return Path(path).read_text().strip()
     except OSError:
         return "?"
+
+
+def _umount(mountpoint: Path) -> None:
+    """Unmount our ext4 and detach its loop device; lazily if something still holds it (a hung reader)."""
+    try:
+        umount_loop(mountpoint)
+    except MountError as e:
+        log(f"{e}; unmounting lazily")
+        umount_loop(mountpoint, lazy=True)
 
 
 def _rmdir_quietly(path: Path) -> None:
@@ -493,7 +503,7 @@ def setup_config(
         mp.mkdir(exist_ok=True)
         stack.callback(_rmdir_quietly, mp)
         dev = mount_loop(image.plain, mp, "ext4", ("ro", "noload"))
-        stack.callback(umount_loop, mp)
+        stack.callback(_umount, mp)
         cfg = Config(PLAIN, mp, dev, [image.plain])
     else:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", variant.name).strip("-") or "v"
@@ -507,7 +517,7 @@ def setup_config(
         stack.callback(_rmdir_quietly, mp)
         dio = bool(variant.tunes.get("loop_dio"))
         dev = mount_loop(path, mp, "ext4", ("ro", "noload"), direct_io=dio)
-        stack.callback(umount_loop, mp)
+        stack.callback(_umount, mp)
         blob_paths = [Path(x.source.path) for x in device_spec_for(str(image.layout)).layers if x.source.path]
         cfg = Config(variant.name, mp, dev, blob_paths, daemon, path)
         bdi = fuse_bdi(daemon.paths.mountpoint)
@@ -1154,6 +1164,9 @@ def render(
         f"  both), until all are read or {args.runtime:g} s. Every run measures every column, alternating",
         f"  the order; values are medians of {args.reps} runs, ratio = damselfly / plain loop. CPU busy =",
         "  share of all CPUs busy during the run (system-wide); daemon CPU = CPU seconds the daemon used.",
+        "- the machine may be shared (other jobs' load shows in the load averages below); both columns of a "
+        "row are measured back to back in every run, so they see about the same load, but a busy machine "
+        "hurts damselfly more: it needs more CPU per byte.",
         "",
         "## Results",
         "",
@@ -1306,7 +1319,7 @@ def render_profiles(profiles: Sequence[Profile]) -> list[str]:
     for p in profiles:
         s = p.sample
         lines += [
-            f"### {p.workload.label}, 1 reader: {fmt_value(p.result.value, p.workload.unit)} "
+            f"#### {p.workload.label}, 1 reader: {fmt_value(p.result.value, p.workload.unit)} "
             "with the sampler",
             "",
         ]
@@ -1399,6 +1412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Ctrl-C and SIGTERM both unwind through the finally blocks below.
     def on_term(signum: int, frame: types.FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the cleanup finish
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)

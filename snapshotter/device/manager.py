@@ -88,9 +88,12 @@ class Settings:
 class ImageDevice:
     """A stack of layers with an optional writable upper, as the FUSE filesystem sees it."""
 
-    def __init__(self, stack: Stack, upper: WritableUpper | None) -> None:
+    def __init__(
+        self, stack: Stack, upper: WritableUpper | None, cached: list[CachedBlob] | None = None
+    ) -> None:
         self.stack = stack
         self.upper = upper
+        self._cached = cached or []  # the layers that come through the node cache (not local files)
 
     @property
     def size(self) -> int:
@@ -99,6 +102,10 @@ class ImageDevice:
     @property
     def writable(self) -> bool:
         return self.upper is not None
+
+    @property
+    def local(self) -> bool:
+        return all(c.complete for c in self._cached)
 
     def read(self, offset: int, length: int) -> bytes:
         if self.upper is not None:
@@ -231,7 +238,8 @@ class DeviceManager:
                         upper = WritableUpper.open(spec.upper, stack)
                     else:
                         upper = WritableUpper.create(spec.upper, stack.vsize, stack)
-                device = ImageDevice(stack, upper)
+                cached = [c for c in (self._blobs[d].cached for d in opened) if c is not None]
+                device = ImageDevice(stack, upper, cached)
                 path = self.fs.attach(spec.name, device)
             except BaseException:
                 for d in opened:
