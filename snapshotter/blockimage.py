@@ -462,6 +462,21 @@ def _read_blob(layout: str, desc: Descriptor, what: str) -> bytes:
     return data
 
 
+def layer_annotations(where: str, i: int, desc: Descriptor) -> LayerAnnotations:
+    """The damselfly annotations of layer `i`, or an ImageError naming the layer when it has none."""
+    try:
+        annotations = LayerAnnotations.from_dict(desc.annotations)
+    except BlockFormatError as e:
+        raise ImageError(where, f"layer {i} ({desc.digest}): {e}") from e
+    if annotations is None:
+        raise ImageError(
+            where,
+            f"layer {i} ({desc.digest}, {desc.media_type}) is not a damselfly layer",
+            "convert the image with `damselfly convert` first",
+        )
+    return annotations
+
+
 def read_oci_layout(layout_dir: str | os.PathLike[str], ref: str | None = None) -> LayoutImage:
     """Read the damselfly image named `ref` from an OCI layout (the only image when `ref` is None).
 
@@ -506,14 +521,7 @@ def read_oci_layout(layout_dir: str | os.PathLike[str], ref: str | None = None) 
         raise ImageError(where, "config is not a JSON object")
     layers = []
     for i, desc in enumerate(doc.layers):
-        try:
-            annotations = LayerAnnotations.from_dict(desc.annotations)
-        except BlockFormatError as e:
-            raise ImageError(where, f"layer {i}: {e}") from e
-        if annotations is None:
-            raise ImageError(
-                where, f"layer {i} ({desc.media_type}) is not a damselfly layer", "convert the image first"
-            )
+        annotations = layer_annotations(where, i, desc)
         path = _blob_path(layout, desc.digest)
         try:
             size = os.path.getsize(path)

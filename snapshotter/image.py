@@ -10,13 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 
-from blockformat.annotations import LayerAnnotations
-from blockformat.errors import InvalidArgumentError
 from p2p.manifest import Platform
 from p2p.reference import parse_reference
 from p2p.registry import RegistryClient
 
-from .blockimage import read_oci_layout
+from .blockimage import layer_annotations, read_oci_layout
 from .device.manager import DeviceSpec, LayerSpec, SourceSpec
 from .errors import ImageError
 
@@ -66,16 +64,7 @@ def device_spec_for(
     layers: list[LayerSpec] = []
     vsizes = set()
     for i, desc in enumerate(manifest.layers):
-        try:
-            ann = LayerAnnotations.from_dict(desc.annotations)
-        except InvalidArgumentError as e:
-            raise ImageError(src, f"layer {i} ({desc.digest}): {e}") from None
-        if ann is None:
-            raise ImageError(
-                src,
-                f"layer {i} ({desc.digest}, {desc.media_type}) is not a damselfly block layer",
-                "convert the image with `damselfly convert` first",
-            )
+        ann = layer_annotations(src, i, desc)
         vsizes.add(ann.vsize)
         layers.append(LayerSpec(desc.digest, desc.size, ann.index_digest, source(desc.digest)))
     if not layers:

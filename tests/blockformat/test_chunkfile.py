@@ -517,7 +517,7 @@ def _move_length(index: bytearray) -> bytearray:
 
 
 CRAFTED_INDEXES: dict[str, tuple[Callable[[bytearray], bytes | bytearray], type[BlockFormatError]]] = {
-    "bad magic": (lambda i: b"DFLYXXXX" + i[8:], CorruptBlobError),
+    "bad magic": (lambda i: b"DFLYZZZZ" + i[8:], CorruptBlobError),
     "unknown codec id": (_set("<B", _I_CODEC, 9), UnsupportedFormatError),
     "chunk shift too large": (_set("<B", _I_SHIFT, 30), CorruptBlobError),
     "chunk shift too small": (_set("<B", _I_SHIFT, 11), CorruptBlobError),
