@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint bench demo clean proto
 
 install: $(STAMP)
 
@@ -33,3 +33,13 @@ demo:
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Python modules for proto/ (containerd's API, wire-compatible), checked in under snapshotter/api/.
+PROTOS := $(shell find proto -name '*.proto' | sort)
+proto: install
+	rm -rf snapshotter/api/containerd
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=snapshotter/api --pyi_out=snapshotter/api \
+		--grpc_python_out=snapshotter/api $(PROTOS)
+	find snapshotter/api/containerd -type d -exec touch {}/__init__.py \;
+	find snapshotter/api/containerd -name '*.py' -o -name '*.pyi' | \
+		xargs sed -i -E 's/^from containerd\./from snapshotter.api.containerd./'

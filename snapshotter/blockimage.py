@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
-import secrets
 import shutil
 import stat
 import tempfile
@@ -36,7 +34,7 @@ from blockformat.errors import BlockFormatError
 from blockformat.extents import HOLE, ZERO
 from blockformat.stack import Stack
 from blockformat.upper import WritableUpper
-from p2p.digest import Digest, digest_of
+from p2p.digest import Digest
 from p2p.errors import P2PError
 from p2p.manifest import (
     DEFAULT_PLATFORM,
@@ -49,11 +47,25 @@ from p2p.manifest import (
     Manifest,
     build_index,
     build_manifest,
-    parse_manifest,
 )
 
 from .errors import ImageError
 from .mounts import mkfs_ext4
+from .ocilayout import (
+    INDEX_FILE,
+    OCI_LAYOUT_FILE,
+    OCI_LAYOUT_VERSION,
+    REF_NAME,
+    blob_path,
+    file_digest,
+    fsync_dir,
+    parse_doc,
+    put_blob_bytes,
+    put_blob_file,
+    read_blob,
+    read_index,
+    write_atomic,
+)
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -65,11 +77,6 @@ VSIZE_SLACK = 16 * MiB
 INODE_SIZE = 256
 #: Copy granularity from the ext4 file into the upper (bounded memory).
 COPY_PIECE = 4 * MiB
-
-OCI_LAYOUT_FILE = "oci-layout"
-OCI_LAYOUT_VERSION = "1.0.0"
-INDEX_FILE = "index.json"
-REF_NAME = "org.opencontainers.image.ref.name"
 
 
 # -- sizing --------------------------------------------------------------------------------------
@@ -251,14 +258,6 @@ def _pread_exact(fd: int, n: int, off: int, name: str) -> bytes:
     return b"".join(parts)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(upper: WritableUpper, blob_path: str, codec: str, chunk_size: int, level: int | None) -> BlobInfo:
     directory = os.path.dirname(os.path.abspath(blob_path))
     fd, tmp = tempfile.mkstemp(prefix=".blob-", suffix=".tmp", dir=directory)
@@ -272,7 +271,7 @@ def _commit(upper: WritableUpper, blob_path: str, codec: str, chunk_size: int, l
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return info
 
 
@@ -299,69 +298,6 @@ def write_device_file(stack: Stack, path: str | os.PathLike[str]) -> int:
 # -- the OCI image layout (image-spec v1.1, "image-layout.md") -----------------------------------
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def _blob_path(layout_dir: str, digest: str) -> str:
-    algo, _, hexpart = digest.partition(":")
-    return os.path.join(layout_dir, "blobs", algo, hexpart)
-
-
-def _put_blob_bytes(layout_dir: str, data: bytes) -> Digest:
-    digest = digest_of(data)
-    path = _blob_path(layout_dir, digest)
-    if not (os.path.exists(path) and os.path.getsize(path) == len(data)):
-        _write_atomic(path, data)
-    return digest
-
-
-def _put_blob_file(layout_dir: str, src: str, digest: str, size: int) -> None:
-    """Hard-link (or copy) a finished blob into the layout under its digest; content addressed, so an
-    existing file of the right size is kept."""
-    dst = _blob_path(layout_dir, digest)
-    if os.path.exists(dst) and os.path.getsize(dst) == size:
-        return
-    directory = os.path.dirname(dst)
-    tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, COPY_PIECE)
-                fout.flush()
-                os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def _file_digest(path: str) -> Digest:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(COPY_PIECE):
-            h.update(piece)
-    return Digest("sha256:" + h.hexdigest())
-
-
 def write_oci_layout(
     layout_dir: str | os.PathLike[str],
     layers: Sequence[tuple[str | os.PathLike[str], BlobInfo, LayerAnnotations]],
@@ -386,8 +322,8 @@ def write_oci_layout(
             size = os.path.getsize(path)
             if size != info.blob_size:
                 raise ImageError(path, f"is {size} bytes, its BlobInfo says {info.blob_size}", "rebuild it")
-            digest = Digest(info.blob_digest) if info.blob_digest else _file_digest(path)
-            _put_blob_file(layout, path, digest, size)
+            digest = Digest(info.blob_digest) if info.blob_digest else file_digest(path)
+            put_blob_file(layout, path, digest, size)
             descriptors.append(Descriptor(MEDIA_TYPE_LAYER, digest, size, annotations.to_dict()))
         config_doc: dict[str, Any] = {
             "architecture": DEFAULT_PLATFORM.architecture,
@@ -400,39 +336,19 @@ def write_oci_layout(
             "rootfs": {"type": "layers", "diff_ids": [d.digest for d in descriptors]},
         }
         config = json.dumps(config_doc, sort_keys=True, separators=(",", ":")).encode()
-        config_desc = Descriptor(OCI_CONFIG, _put_blob_bytes(layout, config), len(config))
+        config_desc = Descriptor(OCI_CONFIG, put_blob_bytes(layout, config), len(config))
         manifest = build_manifest(config_desc, descriptors, OCI_MANIFEST)
-        manifest_digest = _put_blob_bytes(layout, manifest)
+        manifest_digest = put_blob_bytes(layout, manifest)
         entry = Descriptor(OCI_MANIFEST, manifest_digest, len(manifest), {REF_NAME: ref_name})
-        entries = [e for e in _read_index(layout) if e.annotations.get(REF_NAME) != ref_name]
-        _write_atomic(os.path.join(layout, INDEX_FILE), build_index([*entries, entry], OCI_INDEX))
+        entries = [e for e in read_index(layout) if e.annotations.get(REF_NAME) != ref_name]
+        write_atomic(os.path.join(layout, INDEX_FILE), build_index([*entries, entry], OCI_INDEX))
         layout_doc = json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode()
-        _write_atomic(os.path.join(layout, OCI_LAYOUT_FILE), layout_doc)
+        write_atomic(os.path.join(layout, OCI_LAYOUT_FILE), layout_doc)
     except OSError as e:
         raise ImageError(
             e.filename or layout, e.strerror or str(e), "check free space and permissions"
         ) from e
     return manifest_digest
-
-
-def _read_index(layout: str) -> tuple[Descriptor, ...]:
-    path = os.path.join(layout, INDEX_FILE)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return ()
-    doc = _parse(raw, path, OCI_INDEX)
-    if not isinstance(doc, Index):
-        raise ImageError(path, "is not an image index", "rewrite the layout")
-    return doc.manifests
-
-
-def _parse(raw: bytes, where: str, media_type: str) -> Manifest | Index:
-    try:
-        return parse_manifest(raw, media_type, where)
-    except P2PError as e:
-        raise ImageError(where, str(e)) from e
 
 
 @dataclass(frozen=True)
@@ -448,18 +364,6 @@ class LayoutImage:
     manifest: Manifest
     config: Mapping[str, Any]
     layers: tuple[LayoutLayer, ...]
-
-
-def _read_blob(layout: str, desc: Descriptor, what: str) -> bytes:
-    path = _blob_path(layout, desc.digest)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(desc.size + 1)
-    except OSError as e:
-        raise ImageError(path, f"{what} blob: {e.strerror or e}", "the layout is incomplete") from e
-    if len(data) != desc.size or digest_of(data, desc.digest.partition(":")[0]) != desc.digest:
-        raise ImageError(path, f"{what} blob does not match its descriptor", "the layout is damaged")
-    return data
 
 
 def layer_annotations(where: str, i: int, desc: Descriptor) -> LayerAnnotations:
@@ -492,7 +396,7 @@ def read_oci_layout(layout_dir: str | os.PathLike[str], ref: str | None = None) 
         raise ImageError(layout, f"is not an OCI image layout ({e})", "pass a layout directory") from e
     if version != OCI_LAYOUT_VERSION:
         raise ImageError(layout, f"image layout version {version!r} is not {OCI_LAYOUT_VERSION}")
-    entries = _read_index(layout)
+    entries = read_index(layout)
     names = [e.annotations.get(REF_NAME, e.digest) for e in entries]
     if ref is None:
         if len(entries) != 1:
@@ -504,17 +408,17 @@ def read_oci_layout(layout_dir: str | os.PathLike[str], ref: str | None = None) 
             raise ImageError(layout, f"has no image {ref!r}; it has {names}", "pass one of those")
         entry = matches[-1]
     where = f"{layout}@{entry.digest}"
-    doc = _parse(_read_blob(layout, entry, "manifest"), where, entry.media_type)
+    doc = parse_doc(read_blob(layout, entry, "manifest"), where, entry.media_type)
     if isinstance(doc, Index):
         try:
             chosen = doc.select(DEFAULT_PLATFORM, where)
         except P2PError as e:
             raise ImageError(where, str(e)) from e
-        doc = _parse(_read_blob(layout, chosen, "manifest"), where, chosen.media_type)
+        doc = parse_doc(read_blob(layout, chosen, "manifest"), where, chosen.media_type)
     if not isinstance(doc, Manifest) or doc.media_type not in MANIFEST_TYPES:
         raise ImageError(where, "is not an image manifest")
     try:
-        config = json.loads(_read_blob(layout, doc.config, "config"))
+        config = json.loads(read_blob(layout, doc.config, "config"))
     except ValueError as e:
         raise ImageError(where, f"config is not JSON ({e})") from e
     if not isinstance(config, dict):
@@ -522,7 +426,7 @@ def read_oci_layout(layout_dir: str | os.PathLike[str], ref: str | None = None) 
     layers = []
     for i, desc in enumerate(doc.layers):
         annotations = layer_annotations(where, i, desc)
-        path = _blob_path(layout, desc.digest)
+        path = blob_path(layout, desc.digest)
         try:
             size = os.path.getsize(path)
         except OSError as e:

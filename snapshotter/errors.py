@@ -13,8 +13,20 @@ specific class here::
      ├── DeviceError       a device cannot be attached, detached or committed as asked
      ├── ControlError      the device daemon refused a request or could not be reached; `kind` names
      │                     the daemon-side exception class
-     └── LayerError        a layer tar that cannot be applied (hostile path, link out of the root,
-                           truncated or corrupt stream, unknown entry); `layer`, `entry`, `why`
+     ├── LayerError        a layer tar that cannot be applied (hostile path, link out of the root,
+     │                     truncated or corrupt stream, unknown entry); `layer`, `entry`, `why`
+     ├── ConvertError      a conversion that cannot run as asked (not root, no /dev/fuse, a source or
+     │                     destination that is neither a registry reference nor a layout)
+     ├── ConfigError       the config file cannot be read, or holds an unknown key or a wrong type
+     └── SnapshotRequestError   a Snapshots request refused; one gRPC code per subclass (the table
+          │                     `snapshotter.service.GRPC_CODES`); `namespace`, `key`
+          ├── NotFoundError             the key, name or parent does not exist in the namespace
+          ├── AlreadyExistsError        the key or name is taken in the namespace
+          ├── FailedPreconditionError   the snapshot is in the wrong state (has children, not active),
+          │                             or the call needs a namespace it was not given
+          ├── InvalidRequestError       a bad argument: filter syntax, field mask, parent kind,
+          │                             invalid namespace, empty key, oversized label
+          └── UnavailableError          the metadata store cannot serve now (locked, closing)
 
 A message says what failed, where, and the remedy. More classes (metadata store, gRPC mapping) hang
 off `SnapshotterError` as the parts that raise them arrive; add each to this tree.
@@ -105,3 +117,56 @@ class LayerError(SnapshotterError):
         self.remedy = remedy
         where = f"layer {layer}" + (f", entry {entry!r}" if entry is not None else "")
         super().__init__(f"{where}: {why}; {remedy}")
+
+
+class ConvertError(SnapshotterError):
+    """A conversion that cannot run as asked: `why` it cannot, and the `remedy`."""
+
+    def __init__(self, why: str, remedy: str) -> None:
+        self.why = why
+        self.remedy = remedy
+        super().__init__(f"{why}; {remedy}")
+
+
+class ConfigError(SnapshotterError):
+    """The config file cannot be read, is not TOML, or holds an unknown key or a value of a wrong type."""
+
+    def __init__(
+        self, path: str, why: str, remedy: str = "fix the file; `damselfly config` shows every key"
+    ) -> None:
+        self.path = path
+        self.why = why
+        self.remedy = remedy
+        super().__init__(f"config {path}: {why}; {remedy}")
+
+
+class SnapshotRequestError(SnapshotterError):
+    """A Snapshots request that was refused; the subclass decides the gRPC status code.
+
+    `namespace` and `key` name the snapshot concerned when there is one.
+    """
+
+    def __init__(self, message: str, *, namespace: str | None = None, key: str | None = None) -> None:
+        self.namespace = namespace
+        self.key = key
+        super().__init__(message)
+
+
+class NotFoundError(SnapshotRequestError):
+    """The key, name or parent does not exist in the namespace."""
+
+
+class AlreadyExistsError(SnapshotRequestError):
+    """The key or name is already taken in the namespace."""
+
+
+class FailedPreconditionError(SnapshotRequestError):
+    """The snapshot is not in a state that allows the request (it has children, it is not active)."""
+
+
+class InvalidRequestError(SnapshotRequestError):
+    """A malformed request: filter syntax, field mask, parent kind, namespace, key or label size."""
+
+
+class UnavailableError(SnapshotRequestError):
+    """The metadata store cannot serve the request now (busy beyond its timeout, or closing)."""

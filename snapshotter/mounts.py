@@ -333,6 +333,7 @@ def mkfs_ext4(
     fake_time: int | None = None,
     inodes: int | None = None,
     prezeroed: bool | None = None,
+    metadata_csum: bool = True,
     timeout: float = MKFS_TIMEOUT,
 ) -> None:
     """Make a journal-less ext4 on `target` (a file or block device); see the module docstring.
@@ -341,7 +342,9 @@ def mkfs_ext4(
     if mkfs fails. `root_dir` fills the filesystem from a directory (``mkfs.ext4 -d``: contents, modes,
     owners, times, hard links, symlinks, special files and xattrs; the root directory itself gets mode
     0755 and owner 0:0). `inodes` sets the inode count (``-N``). `prezeroed` says every byte of `target`
-    reads as zero (default: true exactly when we created the file here).
+    reads as zero (default: true exactly when we created the file here). ``metadata_csum=False`` uses
+    the older group-descriptor checksums (``uninit_bg``) instead: what the converter needs to rewrite
+    inode generations, which seed every metadata checksum of an inode.
     """
     path = os.fspath(target)
     what = f"create an ext4 filesystem on {path}"
@@ -350,7 +353,8 @@ def mkfs_ext4(
         return MountError(what, [], None, why, remedy)
 
     ext_opts = ["nodiscard", "lazy_itable_init=1", "root_owner=0:0"]
-    argv = [MKFS_EXT4, "-F", "-q", "-b", str(BLOCK_SIZE), "-m", "0", "-O", "^has_journal"]
+    features = "^has_journal" if metadata_csum else "^has_journal,^metadata_csum,uninit_bg"
+    argv = [MKFS_EXT4, "-F", "-q", "-b", str(BLOCK_SIZE), "-m", "0", "-O", features]
     if uuid is not None:
         argv += ["-U", _check_uuid(uuid, what)]
     if hash_seed is not None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import click
 
 from .blob import blob
+from .convert import convert_cmd
 from .device import attach, commit, detach, device_daemon, devices, mount_cmd, stop_daemon, umount_cmd
 from .fetch import fetch
+from .serve import config_cmd, serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,6 +23,9 @@ def cli() -> None:
 
 cli.add_command(blob)
 cli.add_command(fetch)
+cli.add_command(convert_cmd, name="convert")
+cli.add_command(serve)
+cli.add_command(config_cmd, name="config")
 for _cmd in (mount_cmd, umount_cmd, attach, detach, commit, devices, device_daemon, stop_daemon):
     cli.add_command(_cmd)
 

@@ -26,12 +26,13 @@ Metadata, in the order the kernel needs it: owner (``chown(2)`` clears setuid/se
 ``security.capability``, so it comes first), xattrs from PAX ``SCHILY.xattr.*`` (and libarchive's
 ``LIBARCHIVE.xattr.*``), mode with setuid/setgid/sticky, then times with nanoseconds from the PAX
 ``mtime``/``atime`` records (``TarInfo.mtime`` is a float and loses them). Directory times are set after
-the whole layer, when nothing will add children to them any more. Xattrs are added and overwritten,
-never removed: an existing directory keeps the ones a lower layer gave it, as containerd's applier (on
-an overlay copy-up) does. uname/gname are ignored; the numeric ids win (layer.md: "secondary to uid").
+the whole layer, when nothing will add children to them any more. A directory entry over an existing
+directory brings its whole xattr set (others are removed): containerd's and docker's overlay appliers
+make the directory afresh in the new layer's upper directory, so that is what images mean.
+uname/gname are ignored; the numeric ids win (layer.md: "secondary to uid").
 
-Path safety: every name is normalised (``./x``, ``a/../b``) and must stay under root without ever
-naming root's parent; absolute names are refused (layer.md: paths are relative). Each parent directory
+Path safety: every name is normalised (``./x``, ``a/../b``, ``/x`` is ``x`` as in containerd) and must
+stay under root without ever naming root's parent. Each parent directory
 is checked with ``lstat`` before anything is created, removed or linked through it, and a symlink met
 on the way is an error, never followed: ``link -> /`` followed by ``link/etc/passwd`` (or a whiteout or
 hardlink through ``link``) fails and touches nothing outside root. Final components are never followed
@@ -469,10 +470,9 @@ class _Applier:
 
     def _clean(self, name: str, what: str) -> str:
         """`name` as a normalised path relative to root ("" for root itself), or a LayerError."""
-        if name.startswith("/"):
-            raise self._err(
-                f"{what} {name!r} is absolute; layer paths are relative to the root (OCI layer.md)"
-            )
+        # A leading "/" names the same path relative to the root, as containerd applies it (OCI
+        # layer.md says paths are relative; docker-archive tools write absolute ones). "/.." still
+        # leaves the root and fails below.
         parts: list[str] = []
         for comp in name.split("/"):
             if comp in ("", "."):
@@ -685,6 +685,7 @@ class _Applier:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.fchown(fd, m.uid, m.gid)
+                self._drop_other_xattrs(m, fd)
                 self._set_xattrs(m, fd, "dir")
                 os.fchmod(fd, m.mode & 0o7777)
             finally:
@@ -805,6 +806,18 @@ class _Applier:
                     raise self._err(f"xattr {name!r}: value is not base64") from None
                 out.setdefault(name, raw)
         return out
+
+    def _drop_other_xattrs(self, m: tarfile.TarInfo, fd: int) -> None:
+        """A directory entry over an existing directory brings its whole xattr set: what containerd's
+        and docker's overlay appliers produce, since they make the directory afresh in the new layer."""
+        keep = self._xattrs(m)
+        for name in os.listxattr(fd):
+            if name not in keep:
+                try:
+                    os.removexattr(fd, name)
+                except OSError as e:
+                    if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA):
+                        raise self._os_error(e, f"cannot remove xattr {name!r}") from None
 
     def _set_xattrs(self, m: tarfile.TarInfo, target: int | str, kind: str) -> None:
         for name, value in sorted(self._xattrs(m).items()):

@@ -66,6 +66,7 @@ def run(state_dir: str, settings: Settings) -> None:
                 str(request["out"]),
                 str(request.get("codec", "lz4")),
                 int(request.get("chunk_size", 65536)),
+                None if request.get("level") is None else int(request["level"]),
             )
             return {"info": info}
         if op == "status":

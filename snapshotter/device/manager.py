@@ -262,7 +262,9 @@ class DeviceManager:
                 self._release_blob(layer.digest)
             log.info("detached %s", name)
 
-    def commit(self, name: str, out_path: str, codec: str = "lz4", chunk_size: int = 65536) -> dict[str, Any]:
+    def commit(
+        self, name: str, out_path: str, codec: str = "lz4", chunk_size: int = 65536, level: int | None = None
+    ) -> dict[str, Any]:
         """Seal a writable device's upper into a layer blob at `out_path` (atomically)."""
         with self._lock:
             entry = self._devices.get(name)
@@ -274,7 +276,7 @@ class DeviceManager:
         tmp = out_path + ".tmp"
         try:
             with open(tmp, "wb") as f:
-                info = upper.commit(f, codec, chunk_size)
+                info = upper.commit(f, codec, chunk_size, level)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, out_path)

@@ -31,6 +31,7 @@ from snapshotter.blockimage import (
 )
 from snapshotter.errors import ImageError, MountError
 from snapshotter.mounts import loops_for, mount_loop, umount_loop
+from tests import trees
 
 from .conftest import KernelResources
 
@@ -113,59 +114,12 @@ def make_tree(root: Path, files: int = 300, seed: int = 7) -> None:
             os.utime(os.path.join(dirpath, name), ns=(FIXED_MTIME * 10**9,) * 2, follow_symlinks=False)
 
 
-@dataclass(frozen=True)
-class Entry:
-    kind: str
-    mode: int
-    uid: int
-    gid: int
-    mtime: int
-    detail: str  # content digest, link target, device number, or "" for dirs and fifos
-    xattrs: tuple[tuple[str, bytes], ...]
-
-
-def snapshot_tree(root: Path) -> dict[str, Entry]:
-    """Everything the image must reproduce, per relative path (the root and lost+found left out)."""
-    out: dict[str, Entry] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        if rel_dir == ".":
-            dirnames[:] = [d for d in dirnames if d != "lost+found"]
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    kind, detail = "file", hashlib.sha256(f.read()).hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                kind, detail = "symlink", os.readlink(path)
-            elif stat.S_ISDIR(st.st_mode):
-                kind, detail = "dir", ""
-            elif stat.S_ISCHR(st.st_mode):
-                kind, detail = "chr", f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-            else:
-                kind, detail = stat.S_IFMT(st.st_mode).__repr__(), ""
-            try:
-                names = sorted(os.listxattr(path, follow_symlinks=False))
-                xattrs = tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
-            except OSError:
-                xattrs = ()
-            mtime = int(st.st_mtime) if kind != "dir" else 0  # creating lost+found etc. touches dirs
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            out[rel] = Entry(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, mtime, detail, xattrs)
-    return out
-
-
 def assert_same_tree(source: Path, mounted: Path) -> None:
-    want, got = snapshot_tree(source), snapshot_tree(mounted)
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    differ = sorted(p for p in set(want) & set(got) if want[p] != got[p])
-    assert not missing and not extra and not differ, {
-        "missing": missing[:10],
-        "extra": extra[:10],
-        "differ": [(p, want[p], got[p]) for p in differ[:5]],
-    }
+    """The mounted image holds the source tree: type, mode, owner, mtime, content, link target,
+    device numbers, hardlink groups and xattrs of every entry (`tests.trees`); mtimes in whole seconds
+    (what the image keeps) and without directories, as creating lost+found etc. touches them."""
+    want = trees.snapshot(source, dir_mtimes=False, mtime_unit_ns=10**9)
+    trees.assert_same(want, trees.snapshot(mounted, dir_mtimes=False, mtime_unit_ns=10**9))
 
 
 # -- a built, reconstructed and mounted image ----------------------------------------------------

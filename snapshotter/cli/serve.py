@@ -1,0 +1,119 @@
+"""`damselfly serve` (the containerd snapshotter service) and `damselfly config` (the effective config)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from ..config import LOG_LEVELS, Config, load, to_toml
+from ..errors import SnapshotterError
+from ..metadata import MetaStore
+from ..overlay import OverlayDriver
+from ..service import build_server
+from ..snapshots import Snapshots
+from .errors import reports_errors
+
+log = logging.getLogger("damselfly.serve")
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Config file (default: /etc/damselfly/config.toml if it exists, else built-in defaults).",
+)
+
+#: Seconds `serve` lets running calls finish after SIGTERM/SIGINT.
+STOP_GRACE = 10.0
+
+
+def _claim_socket(path: Path) -> None:
+    """Make `path` free for our socket: remove a stale socket, refuse a live one or a non-socket."""
+    path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SnapshotterError(f"{path} exists and is not a socket; remove it or choose another --address")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # left behind by a process that died
+            return
+    raise SnapshotterError(
+        f"{path}: another process is serving on this socket; stop it or choose another --address"
+    )
+
+
+def _effective(config_path: Path | None, root: Path | None, address: str | None, level: str | None) -> Config:
+    cfg = load(config_path)
+    sn = cfg.snapshotter
+    if root is not None:
+        sn = dataclasses.replace(sn, root=str(root.absolute()))
+    if address is not None:
+        sn = dataclasses.replace(sn, address=str(Path(address).absolute()))
+    cfg = dataclasses.replace(cfg, snapshotter=sn)
+    if level is not None:
+        cfg = dataclasses.replace(cfg, log_level=level)
+    return cfg
+
+
+@click.command("serve")
+@CONFIG_OPTION
+@click.option("--root", type=click.Path(path_type=Path, file_okay=False), help="Snapshot root directory.")
+@click.option("--address", help="Unix socket to serve on (containerd's proxy_plugins address).")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Overrides the config's log_level.")
+@reports_errors
+def serve(config_path: Path | None, root: Path | None, address: str | None, log_level: str | None) -> None:
+    """Serve containerd's Snapshots API on a unix socket until SIGTERM or SIGINT (foreground)."""
+    cfg = _effective(config_path, root, address, log_level)
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    root_dir = Path(cfg.snapshotter.root)
+    sock = Path(cfg.snapshotter.address)
+    driver = OverlayDriver(root_dir)
+    store = MetaStore(root_dir / "metadata.db")
+    try:
+        _claim_socket(sock)
+        server = build_server(Snapshots(store, driver), str(sock))
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("%s received, stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        server.start()
+        try:
+            os.chmod(sock, 0o600)  # containerd runs as root; nobody else may drive our mounts
+            log.info("serving containerd.services.snapshots.v1 on %s (root %s)", sock, root_dir)
+            while not stop.wait(1.0):
+                pass
+        finally:
+            server.stop(STOP_GRACE).wait()
+            sock.unlink(missing_ok=True)
+    finally:
+        store.close()
+    log.info("stopped")
+
+
+@click.command("config")
+@CONFIG_OPTION
+@reports_errors
+def config_cmd(config_path: Path | None) -> None:
+    """Print the effective config as TOML (every key, defaults filled in)."""
+    click.echo(to_toml(load(config_path)), nl=False)

@@ -1,0 +1,135 @@
+"""The damselfly config file: one TOML file, every key with a default.
+
+Default path `DEFAULT_PATH` (``/etc/damselfly/config.toml``); a missing default file means "all
+defaults", a missing file named explicitly is an error. Unknown keys and wrong types are refused
+(`ConfigError`), so a typo never silently falls back to a default. `damselfly config` prints the
+effective config (`to_toml`), which is itself a valid config file::
+
+    log_level = "info"            # debug, info, warning, error
+
+    [snapshotter]
+    root = "/var/lib/damselfly"                       # metadata.db and snapshots/<id>/
+    address = "/run/damselfly/snapshotter.sock"       # the gRPC socket containerd's proxy_plugins names
+
+    [device]
+    state_dir = "/run/damselfly"                      # the device daemon's state (cache, FUSE, control)
+
+Add a key by adding a field with its default to the section's dataclass; parsing, printing and the
+checks follow from the dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/damselfly/config.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class SnapshotterSection:
+    root: str = "/var/lib/damselfly"
+    address: str = "/run/damselfly/snapshotter.sock"
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    state_dir: str = "/run/damselfly"
+
+
+@dataclass(frozen=True)
+class Config:
+    log_level: str = "info"
+    snapshotter: SnapshotterSection = field(default_factory=SnapshotterSection)
+    device: DeviceSection = field(default_factory=DeviceSection)
+
+
+def _build(cls: type[Any], data: dict[str, Any], where: str, path: str) -> Any:
+    """Instantiate dataclass `cls` from `data`, refusing unknown keys and values of the wrong type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(path, f"unknown key {where + unknown[0]!r} (known: {', '.join(sorted(fields))})")
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(path, f"[{name}] must be a table, not {type(value).__name__}")
+            values[name] = _build(type(default), value, f"{name}.", path)
+        elif type(default) is float and type(value) is int:
+            values[name] = float(value)  # TOML writes 30 for 30.0
+        elif type(value) is not type(default):
+            raise ConfigError(
+                path, f"{where}{name} must be a {type(default).__name__}, not {type(value).__name__}"
+            )
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def _check(config: Config, path: str) -> Config:
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(path, f"log_level {config.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    for name, value in (
+        ("snapshotter.root", config.snapshotter.root),
+        ("snapshotter.address", config.snapshotter.address),
+        ("device.state_dir", config.device.state_dir),
+    ):
+        if not value.startswith("/"):
+            raise ConfigError(path, f"{name} must be an absolute path, not {value!r}")
+    return config
+
+
+def parse(text: str, path: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, f"not valid TOML: {e}") from e
+    config: Config = _build(Config, data, "", path)
+    return _check(config, path)
+
+
+def load(path: Path | None = None) -> Config:
+    """The config at `path`; with None, `DEFAULT_PATH` if it exists, else the defaults."""
+    if path is None:
+        if not DEFAULT_PATH.exists():
+            return Config()
+        path = DEFAULT_PATH
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read it: {e.strerror or e}") from e
+    return parse(text, str(path))
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        escaped = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped)
+        return f'"{escaped}"'
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def to_toml(config: Config) -> str:
+    """The config as a TOML document that `parse` reads back to an equal `Config`."""
+    top: list[str] = []
+    tables: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            tables.append(f"\n[{f.name}]")
+            tables += [f"{g.name} = {_toml_value(getattr(value, g.name))}" for g in dataclasses.fields(value)]
+        else:
+            top.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(top + tables) + "\n"

@@ -1,0 +1,397 @@
+"""One converted layer: a source layer's tar applied to ext4 on the block device, sealed into a blob.
+
+DESIGN §4. For source layer i, on the stack of layers 0..i-1 already converted::
+
+    device daemon (private, in the work dir) ── attach: stack(0..i-1) + fresh writable upper
+        i == 0: mkfs.ext4 on the device file (fixed UUID, hash seed and time)
+    loop device (rw) ── mount ext4 (noatime, nodelalloc, noinit_itable, nombcache)
+        apply the layer tar (`applytar.apply_layer`), from one pinned CPU
+        record which inodes the layer changed, created or freed
+    umount, detach loop
+    debugfs: canonical times, generations and superblock fields   (see "Reproducible bytes")
+    commit the upper ── layer blob (lz4/zstd/snappy chunk container), detach
+
+Only what this layer wrote reaches its blob: the upper holds exactly the blocks the kernel wrote.
+
+Reproducible bytes. The same input must give byte-identical blobs, but ext4 stamps the wall clock and
+randomness into what it writes. What we pin, and how:
+
+- mkfs: UUID and directory-hash seed derived from the bottom layer's identity, ``E2FSPROGS_FAKE_TIME``;
+  no journal (transaction IDs and commit times would differ run to run); no ``metadata_csum``, whose
+  per-inode checksums are seeded by the random generation we rewrite (chunks carry SHA-256 anyway).
+- Block and inode allocation: ``nodelalloc`` allocates at ``write(2)`` time, in the order the tar is
+  applied, instead of whenever writeback runs; the applying thread is pinned to one CPU because ext4's
+  small-file preallocation ("locality groups") is per CPU; ``nombcache`` stops xattr blocks from being
+  shared through a cache whose content depends on memory pressure; ``noinit_itable`` keeps the
+  lazy-init thread from zeroing inode tables at random times.
+- Inode fields no tar controls: ``ctime`` and ``crtime`` (set to the inode's mtime), ``i_generation``
+  (random per new inode; set to 0) and the change counter ``i_version`` (0) of every inode the layer
+  touched — found as the inodes whose ctime differs from their mtime, which after this step holds only
+  for inodes changed since. A freed inode keeps its deletion and change times: it is zeroed.
+- Superblock: mount/write times, mount count, bytes written, last mount path (zeroed in place: the
+  converted filesystem has no superblock checksum).
+
+What a tar does control — owners, modes, xattrs, mtimes and atimes with nanoseconds — `apply_layer`
+sets itself; the mount is ``noatime`` so reading never changes an atime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from blockformat.chunkfile import BlobInfo
+
+from ..device import control
+from ..device.daemon import Paths
+from ..device.fuse import MNT_DETACH, unmount_path
+from ..device.manager import DeviceSpec, LayerSpec, SourceSpec
+from ..errors import ControlError, ConvertError, MountError
+from ..mounts import find_mount, mkfs_ext4, mount_loop, umount_loop
+from .applytar import ApplyStats, Readable, apply_layer
+
+log = logging.getLogger(__name__)
+
+DEBUGFS = "debugfs"
+#: mkfs and debugfs time: ext4's superblock and the first inodes carry it. 1, not 0: libext2fs reads a
+#: zero E2FSPROGS_FAKE_TIME as "not set".
+FAKE_TIME = 1
+MOUNT_OPTIONS = ("rw", "noatime", "nodelalloc", "noinit_itable", "nombcache")
+#: ext4's reserved inodes below this are not files (bad blocks, quota, resize, journal...).
+_FIRST_INO = 11
+#: The primary superblock, and its ``s_last_mounted`` field (ext4 disk layout: 0x88, char[64]).
+_SUPERBLOCK = 1024
+_LAST_MOUNTED = 0x88
+_LAST_MOUNTED_LEN = 64
+_DAEMON_START = 30.0
+_DAEMON_STOP = 30.0
+DEBUGFS_TIMEOUT = 1800.0
+
+
+@dataclass(frozen=True)
+class LowerBlob:
+    """A layer already converted: its blob on local disk."""
+
+    path: str
+    digest: str
+    size: int
+    index_digest: str
+
+
+@dataclass(frozen=True)
+class FsIdentity:
+    """What makes the filesystem's bytes reproducible: fixed at mkfs, derived from the bottom layer."""
+
+    uuid: str
+    hash_seed: str
+
+    @classmethod
+    def derive(cls, seed: str) -> FsIdentity:
+        ns = uuid.UUID("5f0c6a1e-3c8e-4f43-9a70-6d616d73656c")  # damselfly's namespace for uuid5
+        return cls(str(uuid.uuid5(ns, "fs-uuid:" + seed)), str(uuid.uuid5(ns, "hash-seed:" + seed)))
+
+
+class PrivateDaemon:
+    """A device daemon of our own, in `state_dir`, stopped (by pid) when the conversion ends."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.paths = Paths(state_dir)
+        self.log_path = os.path.join(state_dir, "devd.log")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        os.makedirs(self.paths.state, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            self._proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "snapshotter.cli",
+                    "device-daemon",
+                    "--state-dir",
+                    self.paths.state,
+                    "--read-timeout",
+                    "600",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                # Its own session: a Ctrl-C reaches us, and we unmount before the daemon goes away.
+                start_new_session=True,
+                close_fds=True,
+            )
+        deadline = time.monotonic() + _DAEMON_START
+        while True:
+            if self._proc.poll() is not None:
+                self.stop()  # it may have mounted its FUSE filesystem before it failed
+                raise ConvertError(
+                    f"the conversion's device daemon exited at start (status {self._proc.returncode}): "
+                    + self._log_tail(),
+                    "check /dev/fuse and that the FUSE module is loaded",
+                )
+            try:
+                control.call(self.paths.socket, {"op": "ping"}, timeout=2)
+                return
+            except ControlError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ConvertError(
+                        f"the conversion's device daemon did not answer within {_DAEMON_START:.0f}s",
+                        f"see {self.log_path}",
+                    ) from None
+                time.sleep(0.05)
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-3:]) or "(empty log)"
+
+    def call(self, request: dict[str, Any], timeout: float = 3600.0) -> dict[str, Any]:
+        return control.call(self.paths.socket, request, timeout=timeout)
+
+    def stop(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ControlError):
+                control.call(self.paths.socket, {"op": "shutdown"}, timeout=5)
+            try:
+                proc.wait(_DAEMON_STOP)
+            except subprocess.TimeoutExpired:
+                log.warning("device daemon %d did not stop; killing it", proc.pid)
+                proc.kill()
+                proc.wait(_DAEMON_STOP)
+        self._proc = None
+        # A killed daemon leaves its FUSE mount behind: remove it by its exact path.
+        if find_mount(self.paths.mountpoint) is not None:
+            unmount_path(self.paths.mountpoint, MNT_DETACH)
+
+
+@contextlib.contextmanager
+def private_daemon(state_dir: str) -> Iterator[PrivateDaemon]:
+    daemon = PrivateDaemon(state_dir)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@dataclass
+class LayerBuild:
+    info: BlobInfo
+    stats: ApplyStats
+    changed_inodes: int
+    freed_inodes: int
+
+
+@contextlib.contextmanager
+def _pinned_to_one_cpu() -> Iterator[None]:
+    """Run the calling thread on one CPU (ext4's per-CPU preallocation must not vary run to run)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _inodes(root: str) -> dict[int, tuple[int, int]]:
+    """inode → (mtime ns, ctime ns) of everything reachable under `root` (symlinks not followed)."""
+    out: dict[int, tuple[int, int]] = {}
+    st = os.lstat(root)
+    out[st.st_ino] = (st.st_mtime_ns, st.st_ctime_ns)
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                est = entry.stat(follow_symlinks=False)
+                out[est.st_ino] = (est.st_mtime_ns, est.st_ctime_ns)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return out
+
+
+def _remove_lost_found(root: str) -> None:
+    """mkfs's ``lost+found`` is no part of the image: containers would see a directory the image lacks.
+
+    e2fsck recreates it if it ever needs one. The root keeps its times (mkfs's fixed ones).
+    """
+    st = os.lstat(root)
+    path = os.path.join(root, "lost+found")
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
+    os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _ext4_time(ns: int) -> tuple[int, int]:
+    """(seconds for debugfs, the ``*_extra`` field): ext4 keeps 2 epoch bits and 30 bits of nanoseconds."""
+    sec, nsec = divmod(ns, 1_000_000_000)
+    low = ((sec + (1 << 31)) % (1 << 32)) - (1 << 31)  # what the 32-bit seconds field holds
+    epoch = ((sec - low) >> 32) & 3
+    return sec, (nsec << 2) | epoch
+
+
+def canonical_commands(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> list[str]:
+    """The debugfs commands that erase the wall clock and randomness from what a layer changed."""
+    cmds: list[str] = []
+    for ino in sorted(after):
+        mtime, ctime = after[ino]
+        if (ino < _FIRST_INO and ino != 2) or ctime == mtime:
+            continue
+        sec, extra = _ext4_time(mtime)
+        cmds += [
+            f"sif <{ino}> ctime @{sec}",
+            f"sif <{ino}> ctime_extra {extra}",
+            f"sif <{ino}> crtime @{sec}",
+            f"sif <{ino}> crtime_extra {extra}",
+            f"sif <{ino}> generation 0",
+            f"sif <{ino}> version 0",
+        ]
+    for ino in sorted(set(before) - set(after)):
+        # clri zeroes only the 128-byte base inode; the times' extra fields follow it.
+        cmds.append(f"clri <{ino}>")
+        cmds += [f"sif <{ino}> {f} 0" for f in ("ctime_extra", "mtime_extra", "atime_extra", "crtime_extra")]
+        cmds.append(f"sif <{ino}> crtime @0")
+    cmds += [
+        f"ssv mtime @{FAKE_TIME}",
+        f"ssv wtime @{FAKE_TIME}",
+        "ssv mnt_count 0",
+        "ssv kbytes_written 0",
+    ]
+    return cmds
+
+
+def clear_last_mounted(device: str) -> None:
+    """Zero ``s_last_mounted`` (the kernel writes the mount path there; debugfs can only shorten it)."""
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes(_LAST_MOUNTED_LEN), _SUPERBLOCK + _LAST_MOUNTED)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_debugfs(device: str, commands: list[str], script_path: str) -> None:
+    """Run `commands` with ``debugfs -w``; any command it refuses is an error (it still exits 0)."""
+    with open(script_path, "w") as f:
+        f.write("\n".join(commands) + "\n")
+    argv = [DEBUGFS, "-w", "-f", script_path, device]
+    what = f"fix the timestamps of {device}"
+    env = {**os.environ, "LC_ALL": "C", "E2FSPROGS_FAKE_TIME": str(FAKE_TIME)}
+    try:
+        proc = subprocess.run(
+            argv,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=DEBUGFS_TIMEOUT,
+        )
+    except FileNotFoundError:
+        raise MountError(what, argv, None, "debugfs: command not found", "install e2fsprogs") from None
+    except subprocess.TimeoutExpired:
+        raise MountError(what, argv, None, f"timed out after {DEBUGFS_TIMEOUT:g} s") from None
+    bad = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("debugfs ")]
+    if proc.returncode != 0 or bad:
+        raise MountError(what, argv, proc.returncode, "\n".join(bad[:5]) or proc.stderr)
+
+
+class Ext4LayerBuilder:
+    """Builds converted layers one after another in `work_dir`, through a private device daemon."""
+
+    def __init__(
+        self,
+        daemon: PrivateDaemon,
+        work_dir: str,
+        vsize: int,
+        codec: str,
+        chunk_size: int,
+        level: int | None = None,
+    ) -> None:
+        self.daemon = daemon
+        self.work_dir = work_dir
+        self.vsize = vsize
+        self.codec = codec
+        self.chunk_size = chunk_size
+        self.level = level
+
+    def build(
+        self,
+        index: int,
+        lowers: list[LowerBlob],
+        stream: Readable,
+        layer: str,
+        out_path: str,
+        identity: FsIdentity,
+    ) -> LayerBuild:
+        """Apply the tar `stream` (layer `layer`) on `lowers`; write the new layer blob to `out_path`."""
+        name = f"convert-{os.getpid()}-{index}"
+        upper = os.path.join(self.work_dir, f"upper-{index}")
+        mnt = os.path.join(self.work_dir, f"mnt-{index}")
+        shutil.rmtree(upper, ignore_errors=True)
+        os.makedirs(upper)
+        os.makedirs(mnt, exist_ok=True)
+        spec = DeviceSpec(
+            name,
+            [LayerSpec(b.digest, b.size, b.index_digest, SourceSpec(path=b.path)) for b in lowers],
+            self.vsize if not lowers else None,
+            upper,
+        )
+        device = str(self.daemon.call({"op": "attach", "spec": spec.to_json()})["path"])
+        try:
+            if not lowers:
+                mkfs_ext4(
+                    device,
+                    uuid=identity.uuid,
+                    hash_seed=identity.hash_seed,
+                    fake_time=FAKE_TIME,
+                    prezeroed=True,
+                    metadata_csum=False,
+                )
+            mount_loop(device, mnt, "ext4", MOUNT_OPTIONS)
+            try:
+                before = _inodes(mnt)
+                if not lowers:
+                    _remove_lost_found(mnt)
+                with _pinned_to_one_cpu():
+                    stats = apply_layer(stream, mnt, layer=layer)
+                after = _inodes(mnt)
+            finally:
+                umount_loop(mnt)
+            commands = canonical_commands(before, after)
+            run_debugfs(device, commands, os.path.join(self.work_dir, f"debugfs-{index}.cmd"))
+            clear_last_mounted(device)
+            request: dict[str, Any] = {
+                "op": "commit",
+                "name": name,
+                "out": out_path,
+                "codec": self.codec,
+                "chunk_size": self.chunk_size,
+            }
+            if self.level is not None:
+                request["level"] = self.level
+            info = BlobInfo(**self.daemon.call(request)["info"])
+        finally:
+            with contextlib.suppress(ControlError):
+                self.daemon.call({"op": "detach", "name": name}, timeout=60)
+            shutil.rmtree(upper, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(mnt)
+        changed = sum(1 for c in commands if c.endswith(" generation 0"))
+        freed = sum(1 for c in commands if c.startswith("clri "))
+        return LayerBuild(info, stats, changed, freed)

@@ -1,0 +1,135 @@
+"""Where a converted image goes: an OCI layout directory or a registry repository.
+
+A sink is only touched after every layer of every platform converted, and in dependency order — layer
+blobs, configs, platform manifests, then the one name (tag, or ``index.json`` entry) that makes the
+image visible. A failure before that leaves the destination without the image; a failure in the
+middle leaves only unreferenced, content-addressed blobs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from p2p.digest import Digest, digest_of, parse_digest
+from p2p.errors import P2PError
+from p2p.manifest import OCI_INDEX, Descriptor, build_index
+from p2p.reference import Reference, parse_reference
+from p2p.registry import RegistryClient
+
+from ..errors import ImageError
+from ..ocilayout import (
+    INDEX_FILE,
+    OCI_LAYOUT_FILE,
+    OCI_LAYOUT_VERSION,
+    REF_NAME,
+    put_blob_bytes,
+    put_blob_file,
+    read_index,
+    write_atomic,
+)
+from .sources import is_local, split_layout_arg
+
+
+class Sink:
+    """The interface; see the module docstring."""
+
+    name: str
+    #: What the converter records in the layer annotations as where the blobs live (or None).
+    repository: str | None = None
+
+    def put_file(self, path: str, digest: str, size: int) -> None:
+        raise NotImplementedError
+
+    def put_bytes(self, data: bytes) -> Digest:
+        raise NotImplementedError
+
+    def put_manifest(self, raw: bytes, media_type: str) -> Digest:
+        """A platform manifest, referenced by digest only."""
+        raise NotImplementedError
+
+    def publish(self, raw: bytes, media_type: str) -> Digest:
+        """The top document, under the destination's name."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LayoutSink(Sink):
+    def __init__(self, path: str, ref: str | None) -> None:
+        self.path = path
+        self.ref = ref or "latest"
+        self.name = f"{path}:{self.ref}"
+
+    def _prepare(self) -> None:
+        os.makedirs(os.path.join(self.path, "blobs", "sha256"), exist_ok=True)
+        write_atomic(
+            os.path.join(self.path, OCI_LAYOUT_FILE),
+            f'{{"imageLayoutVersion":"{OCI_LAYOUT_VERSION}"}}'.encode(),
+        )
+
+    def put_file(self, path: str, digest: str, size: int) -> None:
+        self._prepare()
+        put_blob_file(self.path, path, digest, size)
+
+    def put_bytes(self, data: bytes) -> Digest:
+        self._prepare()
+        return put_blob_bytes(self.path, data)
+
+    def put_manifest(self, raw: bytes, media_type: str) -> Digest:
+        return self.put_bytes(raw)
+
+    def publish(self, raw: bytes, media_type: str) -> Digest:
+        digest = self.put_bytes(raw)
+        entry = Descriptor(media_type, digest, len(raw), {REF_NAME: self.ref})
+        entries = [e for e in read_index(self.path) if e.annotations.get(REF_NAME) != self.ref]
+        write_atomic(os.path.join(self.path, INDEX_FILE), build_index([*entries, entry], OCI_INDEX))
+        return digest
+
+
+class RegistrySink(Sink):
+    def __init__(self, ref: Reference, client: RegistryClient) -> None:
+        self.ref = ref
+        self.client = client
+        self.name = str(ref)
+        self.repository = f"{ref.registry}/{ref.repository}"
+
+    def put_file(self, path: str, digest: str, size: int) -> None:
+        with open(path, "rb") as f:
+            self.client.push_blob(self.ref.repository, f, parse_digest(digest))
+
+    def put_bytes(self, data: bytes) -> Digest:
+        digest = digest_of(data)
+        self.client.push_blob(self.ref.repository, data, digest)
+        return digest
+
+    def put_manifest(self, raw: bytes, media_type: str) -> Digest:
+        return self.client.push_manifest(self.ref.repository, raw, media_type)
+
+    def publish(self, raw: bytes, media_type: str) -> Digest:
+        tag = self.ref.tag or ("latest" if self.ref.digest is None else None)
+        return self.client.push_manifest(self.ref.repository, raw, media_type, tag)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_sink(dst: str, *, plain_http: bool | None, oci_layout: bool) -> Sink:
+    if oci_layout or is_local(dst):
+        path, ref = split_layout_arg(dst)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ImageError(path, "exists and is not a directory", "pass a directory for the OCI layout")
+        if (
+            os.path.isdir(path)
+            and os.listdir(path)
+            and not os.path.exists(os.path.join(path, OCI_LAYOUT_FILE))
+        ):
+            raise ImageError(path, "is a non-empty directory that is not an OCI layout", "pass another one")
+        return LayoutSink(path, ref)
+    try:
+        reference = parse_reference(dst)
+    except P2PError as e:
+        raise ImageError(dst, str(e), "pass a registry reference or an OCI layout directory") from e
+    if reference.digest is not None and reference.tag is None:
+        raise ImageError(dst, "a destination names a tag, not a digest", "pass host/repo:tag")
+    return RegistrySink(reference, RegistryClient(reference.registry, plain_http=plain_http))

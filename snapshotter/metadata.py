@@ -1,0 +1,500 @@
+"""The snapshot metadata store: SQLite in WAL mode, one transaction per Snapshots call.
+
+Vocabulary and rules are containerd's (``snapshots/storage`` of containerd 1.6):
+
+- a snapshot is ``active`` (writable, named by its *key*), ``view`` (read-only, by its key) or
+  ``committed`` (immutable, by its *name*); keys and names share one space per namespace;
+- a parent must exist (NotFound) and be committed (InvalidArgument); a key or name is unique
+  (AlreadyExists);
+- `commit` turns an active snapshot into a committed one under a new name, keeping its numeric id
+  (so its directory), resetting its timestamps and replacing its labels; committing anything but an
+  active snapshot is a FailedPrecondition;
+- `remove` refuses a snapshot that still has children (FailedPrecondition);
+- `update` changes labels only: an empty field mask replaces them all, ``labels`` likewise,
+  ``labels.<key>`` sets (or, with an empty value, deletes) one; any other path is InvalidArgument;
+  a label set to "" is not stored.
+
+Each snapshot has a numeric `id`, unique across namespaces and never reused (AUTOINCREMENT), that
+names its directory; the driver (`snapshotter.overlay`) owns those directories, this module owns no
+file but the database. Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
+
+    snapshots(id INTEGER PRIMARY KEY AUTOINCREMENT, namespace, key, kind, parent_id -> snapshots.id,
+              labels JSON, created_ns, updated_ns, size, inodes, UNIQUE(namespace, key))
+
+Timestamps are integer nanoseconds since the epoch (UTC), so what a client stored it reads back
+bit-exact. Every connection belongs to one thread; a writer takes the database lock at BEGIN
+(``BEGIN IMMEDIATE``), so the callers' filesystem work inside `MetaStore.write` is serialised with
+every other writer, as under containerd's bolt write transaction.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidRequestError,
+    NotFoundError,
+    UnavailableError,
+)
+from .filters import Filter, snapshot_fields
+
+SCHEMA_VERSION = 1
+
+#: containerd refuses a label whose key and value together exceed this many bytes.
+MAX_LABEL_BYTES = 4096
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    parent_id INTEGER REFERENCES snapshots(id),
+    labels TEXT NOT NULL DEFAULT '{}',
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    inodes INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (namespace, key)
+);
+CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+"""
+
+
+class Kind(enum.IntEnum):
+    """Snapshot kinds, numbered as in containerd's Snapshots API (`Kind` enum)."""
+
+    VIEW = 1
+    ACTIVE = 2
+    COMMITTED = 3
+
+    @property
+    def label(self) -> str:
+        """The name filters use: ``kind==active``."""
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Info:
+    """What containerd sees of a snapshot (``snapshots.Info``)."""
+
+    name: str  # the key of an active or view snapshot, the name of a committed one
+    parent: str  # the parent's name, "" for none
+    kind: Kind
+    labels: Mapping[str, str]
+    created_ns: int
+    updated_ns: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    size: int = 0  # bytes on disk (allocated blocks)
+    inodes: int = 0
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A committed ancestor of a snapshot, as a driver (or a remote-layer hook) needs it."""
+
+    id: int
+    name: str
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One snapshot with its id and its chain of ancestors, nearest parent first."""
+
+    id: int
+    namespace: str
+    info: Info
+    usage: Usage = Usage()
+    parents: tuple[Layer, ...] = field(default=())
+
+    @property
+    def parent_ids(self) -> tuple[int, ...]:
+        return tuple(p.id for p in self.parents)
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def check_labels(labels: Mapping[str, str], *, namespace: str, key: str) -> None:
+    for k, v in labels.items():
+        if len(k.encode()) + len(v.encode()) > MAX_LABEL_BYTES:
+            raise InvalidRequestError(
+                f"label {k[:40]!r} of snapshot {key!r} in namespace {namespace!r}: key and value exceed "
+                f"{MAX_LABEL_BYTES} bytes; shorten the label",
+                namespace=namespace,
+                key=key,
+            )
+
+
+def _stored_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """containerd does not store a label whose value is empty: setting "" deletes it."""
+    return {k: v for k, v in labels.items() if v != ""}
+
+
+_SELECT = "SELECT s.*, p.key AS parent_key FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id "
+
+
+class Tx:
+    """One transaction, scoped to one namespace or (`namespace` None) to all of them.
+
+    containerd sends no namespace when its garbage collector walks, removes and cleans up (its own
+    keys embed the namespace, ``default/12/sha256:...``), so a scope of None resolves a key in any
+    namespace; a key that several namespaces hold is then ambiguous (FailedPrecondition). Creating
+    (`create`, `commit`) needs a namespace. Obtain a Tx from `MetaStore.read` or `MetaStore.write`.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, namespace: str | None) -> None:
+        self._conn = conn
+        self.namespace = namespace
+
+    @property
+    def _where(self) -> str:
+        return f"namespace {self.namespace!r}" if self.namespace is not None else "any namespace"
+
+    def _required_namespace(self, what: str) -> str:
+        if self.namespace is None:
+            raise FailedPreconditionError(f"a namespace is required to {what}; send containerd-namespace")
+        return self.namespace
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def _row(self, key: str) -> sqlite3.Row | None:
+        if self.namespace is not None:
+            row: sqlite3.Row | None = self._conn.execute(
+                _SELECT + "WHERE s.namespace = ? AND s.key = ?", (self.namespace, key)
+            ).fetchone()
+            return row
+        rows = self._conn.execute(_SELECT + "WHERE s.key = ?", (key,)).fetchall()
+        if len(rows) > 1:
+            spaces = ", ".join(sorted(repr(r["namespace"]) for r in rows))
+            raise FailedPreconditionError(
+                f"snapshot {key!r} exists in several namespaces ({spaces}); send containerd-namespace "
+                "to say which",
+                key=key,
+            )
+        return rows[0] if rows else None
+
+    def _not_found(self, what: str, key: str) -> NotFoundError:
+        return NotFoundError(
+            f"{what} {key!r} does not exist in {self._where}; list the snapshots "
+            "(ctr snapshots ls) for the right key",
+            namespace=self.namespace,
+            key=key,
+        )
+
+    @staticmethod
+    def _info(row: sqlite3.Row) -> Info:
+        return Info(
+            name=row["key"],
+            parent=row["parent_key"] or "",
+            kind=Kind(row["kind"]),
+            labels=json.loads(row["labels"]),
+            created_ns=row["created_ns"],
+            updated_ns=row["updated_ns"],
+        )
+
+    def _parents(self, parent_id: int | None) -> tuple[Layer, ...]:
+        if parent_id is None:
+            return ()
+        rows = self._conn.execute(
+            "WITH RECURSIVE chain(id, key, labels, parent_id, depth) AS ("
+            " SELECT id, key, labels, parent_id, 0 FROM snapshots WHERE id = ?"
+            " UNION ALL"
+            " SELECT s.id, s.key, s.labels, s.parent_id, c.depth + 1"
+            " FROM snapshots s JOIN chain c ON s.id = c.parent_id)"
+            " SELECT id, key, labels FROM chain ORDER BY depth",
+            (parent_id,),
+        ).fetchall()
+        return tuple(Layer(r["id"], r["key"], json.loads(r["labels"])) for r in rows)
+
+    def _snapshot(self, row: sqlite3.Row) -> Snapshot:
+        return Snapshot(
+            id=row["id"],
+            namespace=row["namespace"],
+            info=self._info(row),
+            usage=Usage(row["size"], row["inodes"]),
+            parents=self._parents(row["parent_id"]),
+        )
+
+    def _existing(self, key: str, what: str = "snapshot") -> sqlite3.Row:
+        row = self._row(key)
+        if row is None:
+            raise self._not_found(what, key)
+        return row
+
+    def stat(self, key: str) -> Info:
+        return self._info(self._existing(key))
+
+    def get(self, key: str) -> Snapshot:
+        """Any snapshot with its id, usage and ancestors."""
+        return self._snapshot(self._existing(key))
+
+    def find(self, key: str) -> Snapshot | None:
+        """Like `get`, but None when there is no such snapshot."""
+        row = self._row(key)
+        return self._snapshot(row) if row is not None else None
+
+    def get_mountable(self, key: str) -> Snapshot:
+        """An active or view snapshot (containerd: Mounts of a committed one is a FailedPrecondition)."""
+        snap = self.get(key)
+        if snap.info.kind is Kind.COMMITTED:
+            raise FailedPreconditionError(
+                f"snapshot {key!r} in {self._where} is committed, not active or view; "
+                "prepare or view a child of it to mount its contents",
+                namespace=snap.namespace,
+                key=key,
+            )
+        return snap
+
+    def walk(self, flt: Filter) -> list[Info]:
+        """Every snapshot of the scope that the filter matches, in id order."""
+        if self.namespace is not None:
+            rows = self._conn.execute(
+                _SELECT + "WHERE s.namespace = ? ORDER BY s.id", (self.namespace,)
+            ).fetchall()
+        else:
+            rows = self._conn.execute(_SELECT + "ORDER BY s.id").fetchall()
+        out = []
+        for row in rows:
+            info = self._info(row)
+            if flt.match(snapshot_fields(info.name, info.parent, info.kind.label, info.labels)):
+                out.append(info)
+        return out
+
+    def all_ids(self) -> set[int]:
+        """The ids of every snapshot in every namespace (for Cleanup)."""
+        return {r[0] for r in self._conn.execute("SELECT id FROM snapshots")}
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
+        """Record a new snapshot. `Kind.COMMITTED` is for layers that arrive whole (remote layers)."""
+        namespace = self._required_namespace(f"create snapshot {key!r}")
+        if not key:
+            raise InvalidRequestError(
+                f"a snapshot key is required (namespace {namespace!r}); pass a non-empty key",
+                namespace=namespace,
+            )
+        check_labels(labels, namespace=namespace, key=key)
+        parent_id: int | None = None
+        if parent:
+            prow = self._existing(parent, "parent snapshot")
+            if prow["kind"] != Kind.COMMITTED:
+                raise InvalidRequestError(
+                    f"parent {parent!r} of {key!r} in namespace {namespace!r} is "
+                    f"{Kind(prow['kind']).label}, not committed; commit it first",
+                    namespace=namespace,
+                    key=key,
+                )
+            parent_id = prow["id"]
+        if self._row(key) is not None:
+            raise AlreadyExistsError(
+                f"snapshot {key!r} already exists in namespace {namespace!r}; "
+                "remove it first or use another key",
+                namespace=namespace,
+                key=key,
+            )
+        t = now_ns()
+        cur = self._conn.execute(
+            "INSERT INTO snapshots (namespace, key, kind, parent_id, labels, created_ns, updated_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (namespace, key, int(kind), parent_id, json.dumps(_stored_labels(labels)), t, t),
+        )
+        return self._snapshot(self._conn.execute(_SELECT + "WHERE s.id = ?", (cur.lastrowid,)).fetchone())
+
+    def commit(self, key: str, name: str, labels: Mapping[str, str], usage: Usage) -> Snapshot:
+        """Turn the active snapshot `key` into the committed snapshot `name` (same id)."""
+        namespace = self._required_namespace(f"commit {key!r}")
+        if not name:
+            raise InvalidRequestError(
+                f"a name is required to commit {key!r} in namespace {namespace!r}",
+                namespace=namespace,
+                key=key,
+            )
+        check_labels(labels, namespace=namespace, key=name)
+        if self._row(name) is not None:
+            raise AlreadyExistsError(
+                f"committed snapshot {name!r} already exists in namespace {namespace!r}; "
+                "remove it first or commit under another name",
+                namespace=namespace,
+                key=name,
+            )
+        row = self._existing(key, "active snapshot")
+        if row["kind"] != Kind.ACTIVE:
+            raise FailedPreconditionError(
+                f"snapshot {key!r} in namespace {namespace!r} is {Kind(row['kind']).label}, "
+                "not active; only an active snapshot can be committed",
+                namespace=namespace,
+                key=key,
+            )
+        t = now_ns()
+        self._conn.execute(
+            "UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_ns = ?, updated_ns = ?, "
+            "size = ?, inodes = ? WHERE id = ?",
+            (
+                name,
+                int(Kind.COMMITTED),
+                json.dumps(_stored_labels(labels)),
+                t,
+                t,
+                usage.size,
+                usage.inodes,
+                row["id"],
+            ),
+        )
+        return self.get(name)
+
+    def remove(self, key: str) -> Snapshot:
+        """Delete the record of `key`, which must have no children; returns what it was."""
+        row = self._existing(key)
+        child = self._conn.execute(
+            "SELECT key FROM snapshots WHERE parent_id = ? LIMIT 1", (row["id"],)
+        ).fetchone()
+        if child is not None:
+            raise FailedPreconditionError(
+                f"cannot remove snapshot {key!r} in {self._where}: it has children "
+                f"(e.g. {child['key']!r}); remove them first",
+                namespace=row["namespace"],
+                key=key,
+            )
+        snap = self._snapshot(row)
+        self._conn.execute("DELETE FROM snapshots WHERE id = ?", (row["id"],))
+        return snap
+
+    def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Info:
+        """Update the labels of `name` as the field mask `paths` says (see the module docstring)."""
+        row = self._existing(name)
+        for path in paths:
+            if path != "labels" and not path.startswith("labels."):
+                raise InvalidRequestError(
+                    f"cannot update field {path!r} of snapshot {name!r} in {self._where}: only "
+                    "'labels' and 'labels.<key>' are mutable (name, parent, kind, created_at are not)",
+                    namespace=row["namespace"],
+                    key=name,
+                )
+        if not paths:
+            updated = dict(labels)
+        else:
+            updated = json.loads(row["labels"])
+            for path in paths:
+                if path == "labels":
+                    updated = dict(labels)
+                else:
+                    label = path[len("labels.") :]
+                    updated[label] = labels.get(label, "")
+        updated = _stored_labels(updated)
+        check_labels(updated, namespace=row["namespace"], key=name)
+        self._conn.execute(
+            "UPDATE snapshots SET labels = ?, updated_ns = ? WHERE id = ?",
+            (json.dumps(updated), now_ns(), row["id"]),
+        )
+        return self._info(self._conn.execute(_SELECT + "WHERE s.id = ?", (row["id"],)).fetchone())
+
+
+class MetaStore:
+    """The database file and one connection per thread."""
+
+    def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
+        self.path = path
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._closed = False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = self._conn()
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise UnavailableError(
+                    f"metadata {path} has schema version {version}, newer than this damselfly's "
+                    f"{SCHEMA_VERSION}; run a newer damselfly or move the file away"
+                )
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            raise self._unavailable(e) from e
+
+    def _unavailable(self, e: sqlite3.Error) -> UnavailableError:
+        return UnavailableError(
+            f"metadata store {self.path}: {e}; retry, and check the disk and that no other "
+            "damselfly serve uses the same root"
+        )
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        with self._lock:
+            if self._closed:
+                raise UnavailableError(f"metadata store {self.path} is closed (the service is stopping)")
+            # Each connection serves one thread; check_same_thread=False only lets close() run elsewhere.
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is durable before the caller removes or renames directories after it.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._conns.append(conn)
+        self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _transaction(self, namespace: str | None, begin: str) -> Iterator[Tx]:
+        if self._closed:
+            raise UnavailableError(f"metadata store {self.path} is closed (the service is stopping)")
+        conn = self._conn()
+        try:
+            conn.execute(begin)
+        except sqlite3.Error as e:
+            raise self._unavailable(e) from e
+        try:
+            yield Tx(conn, namespace)
+        except BaseException as exc:
+            with suppress(sqlite3.Error):  # the original error is what the caller must see
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise self._unavailable(exc) from exc
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise self._unavailable(e) from e
+
+    def read(self, namespace: str | None) -> AbstractContextManager[Tx]:
+        """A read transaction of `namespace` (None: all): a consistent view, concurrent with writers."""
+        return self._transaction(namespace, "BEGIN")
+
+    def write(self, namespace: str | None) -> AbstractContextManager[Tx]:
+        """A write transaction, holding the database's write lock from its start to its end.
+
+        Commits when the block ends normally; rolls back when it raises.
+        """
+        return self._transaction(namespace, "BEGIN IMMEDIATE")
+
+    def close(self) -> None:
+        """Close every connection; later calls raise `UnavailableError`. Idempotent."""
+        with self._lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()

@@ -1,0 +1,122 @@
+"""Fixtures for end-to-end tests with a real containerd and a real registry on loopback.
+
+- `registry` (session): a docker-registry without auth (`tests.p2p.registry_server`);
+  `registry_client`: a `RegistryClient` for it; `repo`: a repository name unique to the test.
+- `containerd` (module): a private containerd with no proxy plugins (overlayfs, runc).
+- `make_containerd` (test): ``make_containerd(proxy_plugins={"damselfly": "/x/snapshotter.sock"})``
+  starts another one; all are stopped at the end of the test.
+
+Whatever a test leaves behind (containers, shims, mounts) is removed at teardown, and reported as a
+warning; anything that teardown could not remove fails the test, and the session's last teardown
+checks that no instance left a mount, a directory or a process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from p2p.auth import static_credentials
+from p2p.registry import RegistryClient
+from tests.p2p.conftest import FAST_RETRY, FAST_TIMEOUTS
+from tests.p2p.registry_server import RegistryServer
+
+from .containerd import LEDGER, Containerd
+
+ContainerdFactory = Callable[..., Containerd]
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        # CI runs as root; containerd needs it for mounts and runc. A failure, never a skip.
+        pytest.fail("needs root: containerd mounts snapshots and runs containers")
+
+
+def _stop(c: Containerd) -> None:
+    forced = c.stop()
+    if forced:
+        warnings.warn(f"containerd {c.dir}: teardown had to clean up: {forced}", stacklevel=1)
+    leaks = c.leaks()
+    assert not leaks, f"containerd {c.dir} left: {leaks}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_containerd_leaks() -> Iterator[None]:
+    yield
+    leaks = LEDGER.leaks()
+    assert not leaks, f"containerd instances left behind: {leaks}"
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[RegistryServer]:
+    """A registry without authentication on 127.0.0.1."""
+    server = RegistryServer(name="e2e")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def registry_client(registry: RegistryServer) -> Iterator[RegistryClient]:
+    client = RegistryClient(
+        registry.host,
+        plain_http=True,
+        retry=FAST_RETRY,
+        timeouts=FAST_TIMEOUTS,
+        credentials=static_credentials({}),
+    )
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def repo(request: pytest.FixtureRequest) -> str:
+    """A repository name unique to the test."""
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:60]
+    return f"e2e/{name}-{os.getpid()}-{next(_counter)}"
+
+
+@pytest.fixture(scope="module")
+def containerd() -> Iterator[Containerd]:
+    """A private containerd (overlayfs, runc), shared by the tests of a module."""
+    _require_root()
+    c = Containerd()
+    try:
+        c.start()
+        yield c
+    finally:
+        _stop(c)
+
+
+@pytest.fixture
+def make_containerd() -> Iterator[ContainerdFactory]:
+    """``make_containerd(proxy_plugins=..., namespace=...)``: start a private containerd for this test."""
+    _require_root()
+    made: list[Containerd] = []
+
+    def factory(**kwargs: Any) -> Containerd:
+        c = Containerd(**kwargs)
+        made.append(c)
+        return c.start()
+
+    yield factory
+    errors = []
+    for c in reversed(made):
+        try:
+            _stop(c)
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, errors

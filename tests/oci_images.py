@@ -1,0 +1,921 @@
+"""OCI images built by code, byte for byte the same on every run: the converter's test inputs.
+
+An `Image` is a list of `Layer`s; a layer is a list of `TarEntry`s (made by `file`, `directory`,
+`symlink`, `hardlink`, `char_device`, `block_device`, `fifo`, `whiteout`, `opaque`, `sparse_file`),
+written as a PAX tar (nanosecond mtimes and xattrs as PAX records, GNU sparse 1.0 for sparse files) and
+compressed with gzip (default), zstd or nothing. `write_layout` writes an OCI image layout (blobs,
+config with ``rootfs.diff_ids``, history and runtime config, manifest, ``index.json`` with a ref name)
+and returns a `BuiltImage` naming every digest; `push_layout` pushes one to a registry as it is.
+
+Like the layers ``docker build`` writes, every layer lists the parent directories of its entries
+before them (added here when the layer does not list them itself, with the attributes the directory
+has so far): both containerd's applier and ours then set every directory's times from the layer, so
+the trees they produce can be compared to the nanosecond. `Layer(auto_parents=False)` writes the
+entries exactly as given (hostile layers).
+
+`semantics_image()` exercises every item of the layer semantics the converter must reproduce;
+`hostile_images()` builds the inputs it must refuse, each with the fragments its error must name.
+Determinism: fixed times, no wall clock, gzip without name or time, JSON with sorted keys.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import random
+import struct
+import tarfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import zstandard
+
+if TYPE_CHECKING:
+    from p2p.registry import RegistryClient
+
+MiB = 1 << 20
+S = 1_000_000_000
+#: Default entry time: nanoseconds that a seconds-only or microseconds-only path would lose.
+T0 = 1_600_000_000 * S + 123_456_789
+#: Default time of directories the builder adds.
+T_DIR = 1_600_000_100 * S + 5
+CREATED = "2024-01-02T03:04:05Z"
+
+OCI_LAYOUT_VERSION = "1.0.0"
+REF_NAME = "org.opencontainers.image.ref.name"
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_LAYER = {
+    "none": "application/vnd.oci.image.layer.v1.tar",
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
+Compression = Literal["gzip", "zstd", "none"]
+Kind = Literal["file", "dir", "symlink", "hardlink", "char", "block", "fifo"]
+
+#: security.capability, VFS_CAP_REVISION_2 with the effective bit: CAP_NET_BIND_SERVICE (10) and
+#: CAP_NET_RAW (13) permitted (linux/capability.h: magic_etc, then {permitted, inheritable} x 2).
+CAP_NET_BIND_RAW = struct.pack("<IIIII", 0x02000001, (1 << 10) | (1 << 13), 0, 0, 0)
+BUSYBOX = Path("/bin/busybox")
+BUSYBOX_APPLETS = ("sh", "echo", "cat", "ls", "stat", "true", "sleep", "id", "env")
+
+
+def host_arch() -> str:
+    """The OCI architecture of this machine (what containerd's default platform matcher wants)."""
+    machine = platform.machine()
+    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}.get(
+        machine, machine
+    )
+
+
+# -- entries -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TarEntry:
+    """One tar member. `name` is written as given (hostile names too); `sparse` holds the data regions
+    ``(offset, bytes)`` of a sparse file of `size` bytes, written in GNU sparse 1.0 (PAX) form."""
+
+    name: str
+    kind: Kind
+    data: bytes = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = T0
+    linkname: str = ""
+    rdev: tuple[int, int] = (0, 0)
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+    sparse: tuple[tuple[int, bytes], ...] | None = None
+    size: int | None = None
+    pax: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def path(self) -> str:
+        """The name as a plain relative path ("./a//b/" → "a/b"); only for well-formed names."""
+        return "/".join(c for c in self.name.split("/") if c not in ("", "."))
+
+    def tarinfo(self) -> tuple[tarfile.TarInfo, bytes]:
+        """The header and the member's data (for a sparse file: the map block, then the regions)."""
+        types = {
+            "file": tarfile.REGTYPE,
+            "dir": tarfile.DIRTYPE,
+            "symlink": tarfile.SYMTYPE,
+            "hardlink": tarfile.LNKTYPE,
+            "char": tarfile.CHRTYPE,
+            "block": tarfile.BLKTYPE,
+            "fifo": tarfile.FIFOTYPE,
+        }
+        data = self.data if self.kind == "file" else b""
+        pax: dict[str, str] = {"mtime": _pax_time(self.mtime_ns)}
+        name = self.name
+        if self.sparse is not None:
+            # GNU tar's --sparse --format=pax (1.0): the real name and size in PAX records, the member
+            # named DIR/GNUSparseFile.0/BASE, its data a decimal map padded to a block, then the regions.
+            head, _, base = self.name.rpartition("/")
+            name = f"{head}/GNUSparseFile.0/{base}" if head else f"GNUSparseFile.0/{base}"
+            mapping = f"{len(self.sparse)}\n" + "".join(f"{o}\n{len(d)}\n" for o, d in self.sparse)
+            block = mapping.encode().ljust(-(-len(mapping) // 512) * 512, b"\0")
+            data = block + b"".join(d for _, d in self.sparse)
+            pax |= {
+                "GNU.sparse.major": "1",
+                "GNU.sparse.minor": "0",
+                "GNU.sparse.name": self.name,
+                "GNU.sparse.realsize": str(self.size),
+            }
+        ti = tarfile.TarInfo(name)
+        ti.type = types[self.kind]
+        ti.mode = self.mode
+        ti.uid, ti.gid = self.uid, self.gid
+        ti.uname = ti.gname = ""
+        ti.mtime = max(self.mtime_ns // S, 0)  # the ustar field; the PAX record has the exact time
+        ti.linkname = self.linkname
+        ti.devmajor, ti.devminor = self.rdev
+        ti.size = len(data)
+        for key, value in self.xattrs:
+            # Binary values travel as surrogate-escaped str; tarfile then writes hdrcharset=BINARY.
+            pax[f"SCHILY.xattr.{key}"] = value.decode("utf-8", "surrogateescape")
+        pax |= dict(self.pax)
+        ti.pax_headers = pax
+        return ti, data
+
+
+def _pax_time(ns: int) -> str:
+    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
+    return f"{sign}{ns // S}.{ns % S:09d}"
+
+
+def _x(xattrs: dict[str, bytes] | None) -> tuple[tuple[str, bytes], ...]:
+    return tuple(sorted((xattrs or {}).items()))
+
+
+def file(
+    name: str,
+    data: bytes = b"",
+    *,
+    mode: int = 0o644,
+    uid: int = 0,
+    gid: int = 0,
+    mtime_ns: int = T0,
+    xattrs: dict[str, bytes] | None = None,
+) -> TarEntry:
+    return TarEntry(name, "file", data, mode, uid, gid, mtime_ns, xattrs=_x(xattrs))
+
+
+def directory(
+    name: str,
+    *,
+    mode: int = 0o755,
+    uid: int = 0,
+    gid: int = 0,
+    mtime_ns: int = T_DIR,
+    xattrs: dict[str, bytes] | None = None,
+) -> TarEntry:
+    return TarEntry(name, "dir", b"", mode, uid, gid, mtime_ns, xattrs=_x(xattrs))
+
+
+def symlink(name: str, target: str, *, uid: int = 0, gid: int = 0, mtime_ns: int = T0) -> TarEntry:
+    return TarEntry(name, "symlink", b"", 0o777, uid, gid, mtime_ns, linkname=target)
+
+
+def hardlink(
+    name: str, target: str, *, mode: int = 0o644, uid: int = 0, gid: int = 0, mtime_ns: int = T0
+) -> TarEntry:
+    """A hard link to `target` (a path from the root). Its mode/owner/time should be the target's:
+    the link is the same inode, and appliers set the entry's attributes on it."""
+    return TarEntry(name, "hardlink", b"", mode, uid, gid, mtime_ns, linkname=target)
+
+
+def char_device(name: str, major: int, minor: int, *, mode: int = 0o666, **kw: int) -> TarEntry:
+    return TarEntry(name, "char", b"", mode, rdev=(major, minor), **kw)  # type: ignore[arg-type]
+
+
+def block_device(name: str, major: int, minor: int, *, mode: int = 0o660, **kw: int) -> TarEntry:
+    return TarEntry(name, "block", b"", mode, rdev=(major, minor), **kw)  # type: ignore[arg-type]
+
+
+def fifo(name: str, *, mode: int = 0o644, uid: int = 0, gid: int = 0, mtime_ns: int = T0) -> TarEntry:
+    return TarEntry(name, "fifo", b"", mode, uid, gid, mtime_ns)
+
+
+def whiteout(path: str, *, mtime_ns: int = T0) -> TarEntry:
+    """``DIR/.wh.NAME``: hides `path` (a file or a whole tree) of the lower layers (OCI layer.md)."""
+    head, _, base = path.rpartition("/")
+    return TarEntry(f"{head}/.wh.{base}" if head else f".wh.{base}", "file", mode=0o600, mtime_ns=mtime_ns)
+
+
+def opaque(dir_path: str, *, mtime_ns: int = T0) -> TarEntry:
+    """``DIR/.wh..wh..opq``: hides everything lower layers put in `dir_path`."""
+    return TarEntry(f"{dir_path}/.wh..wh..opq", "file", mode=0o600, mtime_ns=mtime_ns)
+
+
+def sparse_file(
+    name: str, size: int, regions: Sequence[tuple[int, bytes]], *, mode: int = 0o644, mtime_ns: int = T0
+) -> TarEntry:
+    """A file of `size` bytes holding `regions` (sorted ``(offset, data)``) and holes elsewhere."""
+    return TarEntry(name, "file", mode=mode, mtime_ns=mtime_ns, sparse=tuple(regions), size=size)
+
+
+def content(size: int, seed: int) -> bytes:
+    """Deterministic bytes, half text that compresses, half random that does not."""
+    rng = random.Random(seed)
+    words = [b"damselfly ", b"layer ", b"overlay ", b"whiteout\n", b"opaque ", b"chunk\n"]
+    half = size // 2
+    text = b"".join(rng.choice(words) for _ in range(half // 5 + 1))[:half]
+    return text + rng.randbytes(size - half)
+
+
+# -- layers and images ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer: its entries in tar order, its compression, and its history line."""
+
+    entries: tuple[TarEntry, ...]
+    compression: Compression = "gzip"
+    created_by: str = "damselfly test layer"
+    auto_parents: bool = True
+    media_type: str | None = None  # override (e.g. an unsupported type); default from compression
+
+
+@dataclass(frozen=True)
+class Image:
+    layers: tuple[Layer, ...]
+    env: tuple[str, ...] = ("PATH=/bin:/usr/bin",)
+    cmd: tuple[str, ...] = ("/bin/sh",)
+    working_dir: str = "/"
+    #: History lines of instructions that made no layer (``ENV``...), inserted after the first layer.
+    empty_history: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    os: str = "linux"
+    architecture: str = field(default_factory=host_arch)
+
+
+@dataclass(frozen=True)
+class BuiltLayer:
+    digest: str  # of the blob as stored (compressed)
+    diff_id: str  # of the uncompressed tar
+    size: int
+    media_type: str
+    path: Path  # the blob in the layout
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """An image written into an OCI layout: what every digest is, and where its blobs are."""
+
+    layout: Path
+    ref: str
+    manifest_digest: str
+    manifest: bytes
+    config_digest: str
+    config: bytes
+    layers: tuple[BuiltLayer, ...]
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return [layer.diff_id for layer in self.layers]
+
+    @property
+    def chain_ids(self) -> list[str]:
+        """containerd's snapshot names of the layer stack, bottom first (image-spec config.md)."""
+        return chain_ids(self.diff_ids)
+
+    @property
+    def chain_id(self) -> str:
+        return self.chain_ids[-1]
+
+    def blob(self, digest: str) -> Path:
+        return blob_path(self.layout, digest)
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """ChainID(L0) = DiffID(L0); ChainID(L0..n) = sha256(ChainID(L0..n-1) + " " + DiffID(Ln))."""
+    out: list[str] = []
+    for diff_id in diff_ids:
+        out.append(diff_id if not out else sha256_digest(f"{out[-1]} {diff_id}".encode()))
+    return out
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    algorithm, _, hexd = digest.partition(":")
+    return layout / "blobs" / algorithm / hexd
+
+
+def canonical_json(doc: object) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def layer_tar(entries: Iterable[TarEntry]) -> bytes:
+    """The uncompressed PAX tar of `entries`, in order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf:
+        for entry in entries:
+            ti, data = entry.tarinfo()
+            tf.addfile(ti, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def compress(tar: bytes, compression: Compression) -> bytes:
+    if compression == "gzip":
+        return gzip.compress(tar, compresslevel=6, mtime=0)  # no name, no time: the same bytes every run
+    if compression == "zstd":
+        return zstandard.ZstdCompressor(level=3, write_content_size=True, threads=0).compress(tar)
+    return tar
+
+
+class _DirState:
+    """The directories the layers so far left, with their latest entry: what a layer's implied
+    parents look like (docker lists a changed file's parents with their current attributes)."""
+
+    def __init__(self) -> None:
+        self.dirs: dict[str, TarEntry] = {}
+
+    def expand(self, layer: Layer) -> list[TarEntry]:
+        if not layer.auto_parents:
+            return list(layer.entries)
+        explicit = {e.path: e for e in layer.entries if e.kind == "dir"}
+        emitted: set[str] = set()
+        out: list[TarEntry] = []
+
+        def emit_dir(path: str) -> None:
+            if path in emitted:
+                return
+            head = path.rpartition("/")[0]
+            if head:
+                emit_dir(head)
+            entry = explicit.get(path) or self.dirs.get(path) or directory(path)
+            out.append(replace(entry, name=path + "/"))
+            emitted.add(path)
+
+        for entry in layer.entries:
+            path = entry.path
+            head = path.rpartition("/")[0]
+            if head:
+                emit_dir(head)
+            if entry.kind == "dir":
+                emit_dir(path)
+            else:
+                out.append(entry)
+        self._record(out)
+        return out
+
+    def _record(self, entries: list[TarEntry]) -> None:
+        for e in entries:
+            path = e.path
+            base = path.rpartition("/")[2]
+            if base == ".wh..wh..opq":
+                parent = path.rpartition("/")[0]
+                self._drop_below(parent)
+            elif base.startswith(".wh."):
+                self._drop(f"{path.rpartition('/')[0]}/{base[4:]}".lstrip("/"))
+            elif e.kind == "dir":
+                self.dirs[path] = e
+            else:
+                self._drop(path)
+
+    def _drop(self, path: str) -> None:
+        self.dirs.pop(path, None)
+        self._drop_below(path)
+
+    def _drop_below(self, path: str) -> None:
+        for d in [d for d in self.dirs if d.startswith(path + "/")]:
+            del self.dirs[d]
+
+
+def write_layout(image: Image, layout: Path, ref: str = "latest") -> BuiltImage:
+    """Write `image` into the OCI layout `layout` (created; other refs in it are kept) under `ref`."""
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    state = _DirState()
+    built: list[BuiltLayer] = []
+    for layer in image.layers:
+        tar = layer_tar(state.expand(layer))
+        blob = compress(tar, layer.compression)
+        digest = _put_blob(layout, blob)
+        media_type = layer.media_type or MT_LAYER[layer.compression]
+        built.append(BuiltLayer(digest, sha256_digest(tar), len(blob), media_type, blob_path(layout, digest)))
+    history: list[dict[str, object]] = []
+    for i, layer in enumerate(image.layers):
+        history.append({"created": CREATED, "created_by": layer.created_by})
+        if i == 0:
+            history += [
+                {"created": CREATED, "created_by": h, "empty_layer": True} for h in image.empty_history
+            ]
+    runtime: dict[str, object] = {
+        "Env": list(image.env),
+        "Cmd": list(image.cmd),
+        "WorkingDir": image.working_dir,
+    }
+    if image.labels:
+        runtime["Labels"] = dict(image.labels)
+    config = canonical_json(
+        {
+            "architecture": image.architecture,
+            "os": image.os,
+            "created": CREATED,
+            "config": runtime,
+            "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in built]},
+            "history": history,
+        }
+    )
+    config_digest = _put_blob(layout, config)
+    manifest = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MT_MANIFEST,
+            "config": {"mediaType": MT_CONFIG, "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": b.media_type, "digest": b.digest, "size": b.size} for b in built],
+        }
+    )
+    manifest_digest = _put_blob(layout, manifest)
+    _set_ref(layout, {"mediaType": MT_MANIFEST, "digest": manifest_digest, "size": len(manifest)}, ref)
+    return BuiltImage(layout, ref, manifest_digest, manifest, config_digest, config, tuple(built))
+
+
+def write_index_layout(images: Sequence[BuiltImage], layout: Path, ref: str) -> str:
+    """Add an image index over `images` (already written into `layout`, one per platform) as `ref`;
+    return the index digest."""
+    manifests = []
+    for im in images:
+        cfg = json.loads(im.config)
+        manifests.append(
+            {
+                "mediaType": MT_MANIFEST,
+                "digest": im.manifest_digest,
+                "size": len(im.manifest),
+                "platform": {"architecture": cfg["architecture"], "os": cfg["os"]},
+            }
+        )
+    index = canonical_json({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": manifests})
+    digest = _put_blob(layout, index)
+    _set_ref(layout, {"mediaType": MT_INDEX, "digest": digest, "size": len(index)}, ref)
+    return digest
+
+
+def _put_blob(layout: Path, data: bytes) -> str:
+    digest = sha256_digest(data)
+    path = blob_path(layout, digest)
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return digest
+
+
+def _set_ref(layout: Path, descriptor: dict[str, object], ref: str) -> None:
+    index_path = layout / "index.json"
+    entries: list[dict[str, object]] = []
+    if index_path.exists():
+        old = json.loads(index_path.read_text())
+        entries = [m for m in old.get("manifests", []) if m.get("annotations", {}).get(REF_NAME) != ref]
+    entries.append({**descriptor, "annotations": {REF_NAME: ref}})
+    index_path.write_bytes(canonical_json({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": entries}))
+    (layout / "oci-layout").write_bytes(canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
+
+
+def push_layout(client: RegistryClient, repository: str, built: BuiltImage, tag: str | None = None) -> str:
+    """Push a built image to a registry as it is (same bytes, same digests); return the manifest digest.
+
+    Unlike ``skopeo copy``, nothing is re-encoded, so the registry serves exactly the layout's blobs.
+    """
+    from p2p.digest import Digest  # noqa: PLC0415  # only pushing needs the registry client
+
+    manifest = json.loads(built.manifest)
+    for desc in [manifest["config"], *manifest["layers"]]:
+        with open(built.blob(desc["digest"]), "rb") as f:
+            client.push_blob(repository, f, Digest(desc["digest"]))
+    return str(client.push_manifest(repository, built.manifest, MT_MANIFEST, tag or built.ref))
+
+
+def push_image(host: str, built: BuiltImage, repository: str, tag: str | None = None) -> str:
+    """Push `built` to the loopback registry `host` (plain HTTP, no credentials) as `repository:tag`
+    (default tag: the layout's ref); return the reference to pull (``HOST/REPOSITORY:TAG``)."""
+    from p2p.auth import static_credentials  # noqa: PLC0415
+    from p2p.registry import RegistryClient  # noqa: PLC0415
+
+    tag = tag or built.ref
+    with RegistryClient(host, plain_http=True, credentials=static_credentials({})) as client:
+        push_layout(client, repository, built, tag)
+    return f"{host}/{repository}:{tag}"
+
+
+# -- the image every converter test uses ---------------------------------------------------------
+
+
+def busybox_entries(*, mtime_ns: int = T0) -> list[TarEntry]:
+    """A static busybox as /bin/busybox with applet symlinks (bin/sh...), plus /etc/passwd and /tmp:
+    enough for ``ctr run IMAGE ID /bin/sh -c ...``."""
+    data = BUSYBOX.read_bytes()
+    out = [
+        directory("bin", mtime_ns=mtime_ns),
+        file("bin/busybox", data, mode=0o755, mtime_ns=mtime_ns),
+        *(symlink(f"bin/{a}", "busybox", mtime_ns=mtime_ns) for a in BUSYBOX_APPLETS),
+        directory("etc", mtime_ns=mtime_ns),
+        file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n"),
+        file("etc/group", b"root:x:0:\nuser:x:1000:\n"),
+        directory("tmp", mode=0o1777, mtime_ns=mtime_ns),
+        directory("root", mode=0o700, mtime_ns=mtime_ns),
+    ]
+    return out
+
+
+def busybox_image(*extra: Layer, cmd: Sequence[str] = ("/bin/sh", "-c", "echo busybox")) -> Image:
+    """A one-layer busybox image (plus `extra` layers on top)."""
+    return Image((Layer(tuple(busybox_entries()), created_by="ADD busybox /"), *extra), cmd=tuple(cmd))
+
+
+def _t(i: int) -> int:
+    """Distinct times with distinct nanoseconds, so a lost or swapped mtime shows."""
+    return T0 + i * 1_000_000_007
+
+
+SEMANTICS_MESSAGE = "damselfly semantics image"
+#: A 255-byte name (ext4's limit) and a path longer than ustar's 100+155 bytes.
+LONG_NAME = "n" * 200 + "-long-name-" + "m" * 44
+DEEP_DIR = "/".join(f"level-{i:02d}-{'d' * 8}" for i in range(24))
+
+
+def semantics_image(*, big_size: int = 6 * MiB) -> Image:
+    """Four layers (gzip, gzip, zstd, plain tar) exercising every item of the OCI layer semantics.
+
+    Layer 0 (busybox base) puts down what later layers change. Layer 1: whiteouts of a file and of a
+    directory, an opaque directory, hardlinks within the layer, symlinks (relative, absolute, dangling,
+    one pointing out of the root: stored, never followed), xattrs (user.*, security.capability v2,
+    trusted.*, on files and a directory), setuid/setgid/sticky, char and block devices (one with a
+    minor > 255), a fifo, owners above 65535 and above the ustar limit, nanosecond mtimes (and one
+    before 1970, which becomes the epoch), a sparse file (GNU sparse 1.0) and a large file of zeros,
+    an empty file, a file replaced by a directory and a directory replaced by a file, a deep path and
+    a 255-byte name, unicode names, a big file. Layer 2 (zstd): a whiteout of a layer-1 entry, changed
+    content and mode, new content inside the opaque directory, a dir replaced by a file again. Layer 3
+    (uncompressed): a directory whose owner and mode change while it keeps its lower children.
+
+    containerd 1.6 never applies the ``trusted.*`` xattrs (compare with ``without_xattrs("trusted.")``).
+    Avoided, because containerd's overlay applier departs from the image-spec there (see
+    `tests.e2e.test_containerd_overlay`): a hardlink to a file of a lower layer (`lower_hardlink_image`
+    has one), a directory entry whose xattrs differ from those a lower layer gave the directory (the
+    applier makes a fresh directory in the new upper, so the lower xattrs vanish from the view), and a
+    whiteout of a directory recreated in the same layer (the new upper directory is not opaque).
+    """
+    cmd = ("/bin/sh", "-c", f"echo {SEMANTICS_MESSAGE}")
+    u = 0  # time counter
+    base = busybox_entries()
+    base += [
+        directory("lower"),
+        file("lower/file-to-whiteout", b"whited out in layer 1\n", mtime_ns=_t(u := u + 1)),
+        directory("lower/dir-to-whiteout", mode=0o750, uid=1000, gid=1000, mtime_ns=_t(u := u + 1)),
+        file("lower/dir-to-whiteout/a", b"a\n", mtime_ns=_t(u := u + 1)),
+        directory("lower/dir-to-whiteout/sub", mtime_ns=_t(u := u + 1)),
+        file("lower/dir-to-whiteout/sub/b", b"b\n", mtime_ns=_t(u := u + 1)),
+        directory("lower/opaque", mode=0o775, mtime_ns=_t(u := u + 1)),
+        file("lower/opaque/old-1", b"hidden by the opaque marker\n", mtime_ns=_t(u := u + 1)),
+        directory("lower/opaque/old-dir", mtime_ns=_t(u := u + 1)),
+        file("lower/opaque/old-dir/old-2", b"hidden too\n", mtime_ns=_t(u := u + 1)),
+        file("lower/file-becomes-dir", b"a file in layer 0\n", mtime_ns=_t(u := u + 1)),
+        directory("lower/dir-becomes-file", mtime_ns=_t(u := u + 1)),
+        file("lower/dir-becomes-file/child", b"gone with its dir\n", mtime_ns=_t(u := u + 1)),
+        file("lower/changes-content", b"layer 0 content\n", mtime_ns=_t(u := u + 1)),
+        file("lower/changes-mode", b"same content\n", mode=0o644, mtime_ns=_t(u := u + 1)),
+        directory("meta"),
+        directory("meta/dir", mode=0o755, mtime_ns=_t(u := u + 1)),
+        file("meta/dir/kept", b"kept below a dir whose attributes change\n", mtime_ns=_t(u := u + 1)),
+    ]
+    big = content(big_size, seed=5)
+    l1: list[TarEntry] = [
+        # Whiteouts and an opaque directory.
+        whiteout("lower/file-to-whiteout", mtime_ns=_t(u := u + 1)),
+        whiteout("lower/dir-to-whiteout", mtime_ns=_t(u := u + 1)),
+        opaque("lower/opaque", mtime_ns=_t(u := u + 1)),
+        file("lower/opaque/new", b"the only child after the opaque marker\n", mtime_ns=_t(u := u + 1)),
+        # A file replaced by a directory and a directory replaced by a file.
+        directory("lower/file-becomes-dir", mode=0o700, mtime_ns=_t(u := u + 1)),
+        file("lower/file-becomes-dir/inside", b"now a directory\n", mtime_ns=_t(u := u + 1)),
+        file("lower/dir-becomes-file", b"now a file\n", mode=0o600, mtime_ns=_t(u := u + 1)),
+        # Hardlinks within the layer: three names, one inode (setuid and an xattr on it).
+        directory("links"),
+        file(
+            "links/original",
+            b"one inode, three names\n",
+            mode=0o4750,
+            uid=1000,
+            gid=1000,
+            mtime_ns=_t(u := u + 1),
+            xattrs={"user.link": b"shared"},
+        ),
+        hardlink("links/hard-1", "links/original", mode=0o4750, uid=1000, gid=1000, mtime_ns=_t(u)),
+        directory("links/sub"),
+        hardlink("links/sub/hard-2", "links/original", mode=0o4750, uid=1000, gid=1000, mtime_ns=_t(u)),
+        # Symlinks: stored as given, never followed.
+        symlink("links/relative", "../etc/passwd", mtime_ns=_t(u := u + 1)),
+        symlink("links/absolute", "/etc/passwd", uid=1234, gid=5678, mtime_ns=_t(u := u + 1)),
+        symlink("links/dangling", "no/such/target", mtime_ns=_t(u := u + 1)),
+        symlink("links/escape", "../../../../etc/passwd", mtime_ns=_t(u := u + 1)),
+        symlink("links/to-dir", "../lower", mtime_ns=_t(u := u + 1)),
+        symlink("links/long-target", "x/" * 100 + "end", mtime_ns=_t(u := u + 1)),
+        # Extended attributes.
+        directory("xattrs", xattrs={"user.dir": b"on a directory"}, mtime_ns=_t(u := u + 1)),
+        file(
+            "xattrs/user",
+            b"user xattrs\n",
+            xattrs={"user.damselfly": b"value", "user.empty": b"", "user.binary": bytes(range(256))},
+            mtime_ns=_t(u := u + 1),
+        ),
+        file(
+            "xattrs/capability",
+            b"#!/bin/sh\n",
+            mode=0o755,
+            xattrs={"security.capability": CAP_NET_BIND_RAW},
+            mtime_ns=_t(u := u + 1),
+        ),
+        file(
+            "xattrs/trusted",
+            b"trusted xattr\n",
+            xattrs={"trusted.damselfly": b"\x00\x01binary\xff", "user.also": b"1"},
+            mtime_ns=_t(u := u + 1),
+        ),
+        # Modes.
+        directory("modes"),
+        file("modes/setuid", b"#!/bin/sh\n", mode=0o4755, mtime_ns=_t(u := u + 1)),
+        file("modes/setgid", b"#!/bin/sh\n", mode=0o2755, uid=0, gid=50, mtime_ns=_t(u := u + 1)),
+        file("modes/all-bits", b"", mode=0o7777, mtime_ns=_t(u := u + 1)),
+        file("modes/none", b"unreadable\n", mode=0o000, mtime_ns=_t(u := u + 1)),
+        directory("modes/sticky", mode=0o1777, mtime_ns=_t(u := u + 1)),
+        directory("modes/setgid-dir", mode=0o2775, gid=100, mtime_ns=_t(u := u + 1)),
+        file("modes/setgid-dir/inherits-nothing", b"x\n", gid=0, mtime_ns=_t(u := u + 1)),
+        # Devices and a fifo.
+        directory("devices"),
+        char_device("devices/null", 1, 3, mtime_ns=_t(u := u + 1)),
+        char_device("devices/tty-ish", 4, 64, mode=0o620, gid=5, mtime_ns=_t(u := u + 1)),
+        block_device("devices/loop", 7, 0, mtime_ns=_t(u := u + 1)),
+        block_device("devices/big-minor", 259, 70000, mtime_ns=_t(u := u + 1)),
+        fifo("devices/fifo", mode=0o622, mtime_ns=_t(u := u + 1)),
+        # Owners (ustar holds ids up to 2097151; beyond that they are PAX records).
+        directory("owners", uid=1000, gid=1000, mode=0o750, mtime_ns=_t(u := u + 1)),
+        file("owners/above-16-bit", b"x\n", uid=70000, gid=100000, mtime_ns=_t(u := u + 1)),
+        file("owners/above-ustar", b"x\n", uid=3_000_000, gid=4_000_000, mtime_ns=_t(u := u + 1)),
+        file("owners/nobody", b"x\n", uid=65534, gid=65534, mtime_ns=_t(u := u + 1)),
+        # Times.
+        directory("times"),
+        file("times/whole-second", b"x\n", mtime_ns=1_650_000_000 * S),
+        file("times/one-ns", b"x\n", mtime_ns=1_650_000_000 * S + 1),
+        file("times/max-ns", b"x\n", mtime_ns=1_650_000_000 * S + 999_999_999),
+        file("times/before-1970", b"becomes the epoch\n", mtime_ns=-86_400 * S - 5),
+        file("times/year-2100", b"x\n", mtime_ns=4_102_444_800 * S + 42),
+        # Files: empty, sparse, zeros, big.
+        directory("files"),
+        file("files/empty", b"", mtime_ns=_t(u := u + 1)),
+        sparse_file(
+            "files/sparse",
+            32 * MiB,
+            [(0, b"head" * 1024), (10 * MiB + 123, content(8192, 1)), (32 * MiB - 100, b"t" * 100)],
+            mtime_ns=_t(u := u + 1),
+        ),
+        sparse_file("files/sparse-all-hole", 4 * MiB, [], mtime_ns=_t(u := u + 1)),
+        file("files/zeros", bytes(4 * MiB), mtime_ns=_t(u := u + 1)),
+        file("files/big", big, mode=0o640, mtime_ns=_t(u := u + 1)),
+        # Names.
+        directory("names"),
+        file("names/" + LONG_NAME, b"255-byte name\n", mtime_ns=_t(u := u + 1)),
+        directory("names/" + DEEP_DIR, mtime_ns=_t(u := u + 1)),
+        file("names/" + DEEP_DIR + "/deep-file", b"deep\n", mtime_ns=_t(u := u + 1)),
+        file("names/ümlaut ß", b"latin\n", mtime_ns=_t(u := u + 1)),
+        file("names/日本語.txt", b"cjk\n", mtime_ns=_t(u := u + 1)),
+        file("names/emoji-🐟", b"4-byte utf-8\n", mtime_ns=_t(u := u + 1)),
+        file("names/with space\tand tab", b"blanks\n", mtime_ns=_t(u := u + 1)),
+        file("names/.hidden", b"dot\n", mtime_ns=_t(u := u + 1)),
+        file("names/-dash", b"dash\n", mtime_ns=_t(u := u + 1)),
+    ]
+    l2: list[TarEntry] = [
+        whiteout("links/dangling", mtime_ns=_t(u := u + 1)),
+        file("lower/changes-content", b"layer 2 content, longer than before\n", mtime_ns=_t(u := u + 1)),
+        file("lower/changes-mode", b"same content\n", mode=0o600, uid=1000, mtime_ns=_t(u := u + 1)),
+        file("lower/opaque/added-in-layer-2", b"next to the opaque layer's child\n", mtime_ns=_t(u := u + 1)),
+        file("lower/file-becomes-dir", b"a file again\n", mtime_ns=_t(u := u + 1)),
+        directory("lower/dir-becomes-file", mode=0o711, mtime_ns=_t(u := u + 1)),
+        symlink("lower/dir-becomes-file/link", "../changes-mode", mtime_ns=_t(u := u + 1)),
+    ]
+    l3: list[TarEntry] = [
+        directory("meta/dir", mode=0o700, uid=1000, gid=1000, mtime_ns=_t(u := u + 1)),
+        file("meta/added-last", b"in the uncompressed layer\n", mtime_ns=_t(u := u + 1)),
+    ]
+    return Image(
+        (
+            Layer(tuple(base), "gzip", "ADD busybox and lower entries /"),
+            Layer(tuple(l1), "gzip", "RUN layer semantics"),
+            Layer(tuple(l2), "zstd", "RUN changes on top"),
+            Layer(tuple(l3), "none", "RUN directory attributes"),
+        ),
+        env=("PATH=/bin", "DAMSELFLY=semantics"),
+        cmd=cmd,
+        empty_history=("ENV DAMSELFLY=semantics",),
+        labels=(("org.example.damselfly", "semantics"),),
+    )
+
+
+def lower_hardlink_image() -> Image:
+    """A hardlink whose target a lower layer made (the image-spec allows it; containerd 1.6's overlay
+    applier fails on it: it links inside the new upper directory only)."""
+    return busybox_image(
+        Layer(
+            (
+                file("data/target", b"made by layer 1\n", mode=0o640, mtime_ns=_t(900)),
+                directory("data/dir"),
+            ),
+            created_by="RUN make target",
+        ),
+        Layer(
+            (hardlink("data/dir/link-to-lower", "data/target", mode=0o640, mtime_ns=_t(900)),),
+            created_by="RUN ln",
+        ),
+    )
+
+
+def absolute_names_image() -> Image:
+    """Entry names with a leading ``/``: containerd applies them relative to the root (``/abs/file``
+    becomes ``abs/file``), docker-archive tools write such names."""
+    return busybox_image(
+        Layer(
+            (
+                TarEntry("/abs/", "dir", mode=0o755, mtime_ns=T_DIR),
+                TarEntry("/abs/file", "file", b"absolute name\n", mtime_ns=_t(901)),
+            ),
+            auto_parents=False,
+            created_by="RUN absolute names",
+        )
+    )
+
+
+# -- hostile input -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostileImage:
+    """An image the converter must refuse: `fragments` must all appear in its error message.
+
+    `layer_index`/`layer_digest` name the bad layer (None for manifest-level damage), `entry` the tar
+    entry (None for stream or descriptor damage). `pushable`: a registry accepts it (else only usable
+    as an OCI layout source).
+    """
+
+    name: str
+    built: BuiltImage
+    fragments: tuple[str, ...]
+    layer_index: int | None
+    layer_digest: str | None
+    entry: str | None
+    pushable: bool = True
+
+    @property
+    def layout(self) -> Path:
+        return self.built.layout
+
+
+def _base_layer() -> Layer:
+    return Layer(
+        (directory("ok"), file("ok/file", b"a good first layer\n"), file("victim", b"inside the root\n")),
+        created_by="ADD ok /",
+    )
+
+
+def _with_bad_layer(name: str, root: Path, entries: Sequence[TarEntry], entry: str) -> HostileImage:
+    image = Image((_base_layer(), Layer(tuple(entries), auto_parents=False, created_by=f"RUN {name}")))
+    built = write_layout(image, root / name)
+    digest = built.layers[1].digest
+    return HostileImage(name, built, (digest, entry), 1, digest, entry)
+
+
+def _dotdot(root: Path) -> HostileImage:
+    bad = "ok/../../../../tmp/damselfly-escaped"
+    return _with_bad_layer("dotdot", root, [file("ok/fine", b"fine\n"), file(bad, b"escaped!\n")], bad)
+
+
+def _absolute_escape(root: Path) -> HostileImage:
+    bad = "/../../../../tmp/damselfly-escaped-abs"
+    return _with_bad_layer("absolute-escape", root, [file(bad, b"escaped!\n")], bad)
+
+
+def _hardlink_missing(root: Path) -> HostileImage:
+    return _with_bad_layer("hardlink-missing", root, [hardlink("ok/link", "no/such/file")], "ok/link")
+
+
+def _hardlink_escape(root: Path) -> HostileImage:
+    return _with_bad_layer(
+        "hardlink-escape", root, [hardlink("ok-link", "../../../../etc/passwd")], "ok-link"
+    )
+
+
+def _through_symlink(root: Path) -> HostileImage:
+    """``link -> /`` then ``link/tmp/x``: written through the symlink, it would land outside the root."""
+    return _with_bad_layer(
+        "through-symlink",
+        root,
+        [symlink("link", "/"), file("link/tmp/damselfly-through-symlink", b"escaped!\n")],
+        "link/tmp/damselfly-through-symlink",
+    )
+
+
+def _stream_damage(name: str, root: Path, damage: Callable[[bytes], bytes]) -> HostileImage:
+    """A second layer whose gzip stream `damage` spoils; its descriptor matches the damaged bytes, so
+    only decompression can notice."""
+    entries = (directory("data"), file("data/text", content(256 * 1024, 3)[: 128 * 1024] * 2))
+    layout = root / name
+    good = write_layout(Image((_base_layer(), Layer(entries, created_by="RUN data"))), layout)
+    blob = good.layers[1].path.read_bytes()
+    bad = damage(blob)
+    digest = _put_blob(layout, bad)
+    manifest = json.loads(good.manifest)
+    manifest["layers"][1] |= {"digest": digest, "size": len(bad)}
+    built = _rewrite_manifest(good, manifest)
+    return HostileImage(name, built, (digest,), 1, digest, None)
+
+
+def _truncated_gzip(root: Path) -> HostileImage:
+    return _stream_damage("truncated-gzip", root, lambda blob: blob[: len(blob) // 2])
+
+
+def _corrupt_gzip(root: Path) -> HostileImage:
+    def flip(blob: bytes) -> bytes:
+        i = len(blob) // 3  # inside the deflate data: past the 10-byte header, before the trailer
+        return blob[:i] + bytes([blob[i] ^ 0x55]) + blob[i + 1 :]
+
+    return _stream_damage("corrupt-gzip", root, flip)
+
+
+def _digest_mismatch(root: Path) -> HostileImage:
+    """The layer blob stored under its digest holds other bytes (same size): only hashing finds it."""
+    built = write_layout(
+        Image((_base_layer(), Layer((file("data", content(64 * 1024, 4)),), created_by="RUN data"))),
+        root / "digest-mismatch",
+    )
+    layer = built.layers[1]
+    blob = bytearray(layer.path.read_bytes())
+    blob[-9] ^= 0xFF  # in the gzip trailer's CRC: still a gzip stream, of other bytes
+    layer.path.write_bytes(bytes(blob))
+    return HostileImage("digest-mismatch", built, (layer.digest,), 1, layer.digest, None, pushable=False)
+
+
+def _bad_manifest(root: Path) -> HostileImage:
+    layout = root / "bad-manifest"
+    good = write_layout(Image((_base_layer(),)), layout)
+    raw = good.manifest[: len(good.manifest) // 2]  # cut JSON
+    digest = _put_blob(layout, raw)
+    _set_ref(layout, {"mediaType": MT_MANIFEST, "digest": digest, "size": len(raw)}, good.ref)
+    built = replace(good, manifest_digest=digest, manifest=raw)
+    return HostileImage("bad-manifest", built, (digest,), None, None, None, pushable=False)
+
+
+def _unsupported_media_type(root: Path) -> HostileImage:
+    media_type = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted"
+    built = write_layout(
+        Image((_base_layer(), Layer((file("secret", b"x"),), media_type=media_type))),
+        root / "unsupported-media-type",
+    )
+    digest = built.layers[1].digest
+    return HostileImage("unsupported-media-type", built, (digest, media_type), 1, digest, None)
+
+
+def _rewrite_manifest(built: BuiltImage, manifest: dict[str, object]) -> BuiltImage:
+    raw = canonical_json(manifest)
+    digest = _put_blob(built.layout, raw)
+    _set_ref(built.layout, {"mediaType": MT_MANIFEST, "digest": digest, "size": len(raw)}, built.ref)
+    descriptors = cast("list[dict[str, Any]]", manifest["layers"])
+    layers = tuple(
+        replace(b, digest=d["digest"], size=d["size"], path=blob_path(built.layout, d["digest"]))
+        for b, d in zip(built.layers, descriptors, strict=True)
+    )
+    return replace(built, manifest_digest=digest, manifest=raw, layers=layers)
+
+
+HOSTILE: dict[str, Callable[[Path], HostileImage]] = {
+    "dotdot": _dotdot,
+    "absolute-escape": _absolute_escape,
+    "hardlink-missing": _hardlink_missing,
+    "hardlink-escape": _hardlink_escape,
+    "through-symlink": _through_symlink,
+    "truncated-gzip": _truncated_gzip,
+    "corrupt-gzip": _corrupt_gzip,
+    "digest-mismatch": _digest_mismatch,
+    "bad-manifest": _bad_manifest,
+    "unsupported-media-type": _unsupported_media_type,
+}
+
+
+def hostile_image(name: str, root: Path) -> HostileImage:
+    """One hostile case (a key of `HOSTILE`), written as an OCI layout in ``root/name``."""
+    return HOSTILE[name](root)
+
+
+def hostile_images(root: Path) -> dict[str, HostileImage]:
+    """Every hostile case, each in its own OCI layout below `root`."""
+    return {name: build(root) for name, build in HOSTILE.items()}
