@@ -8,6 +8,7 @@ exactly that many bytes, or the chunk is corrupt.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,11 +63,22 @@ def _lz4_decompress(data: bytes | memoryview, size: int) -> bytes:
 
 
 def _zstd_codec(level: int) -> Codec:
-    cctx = zstandard.ZstdCompressor(level=level, write_content_size=False, write_checksum=False)
-    dctx = zstandard.ZstdDecompressor()
+    # zstandard's compressor and decompressor objects must not be used by two threads at once (its
+    # docs; sharing one between the device daemon's read threads corrupted output and crashed), so
+    # every thread gets its own pair.
+    local = threading.local()
+
+    def contexts() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+        ctx = getattr(local, "ctx", None)
+        if ctx is None:
+            ctx = local.ctx = (
+                zstandard.ZstdCompressor(level=level, write_content_size=False, write_checksum=False),
+                zstandard.ZstdDecompressor(),
+            )
+        return ctx
 
     def compress(data: bytes) -> bytes:
-        out: bytes = cctx.compress(data)
+        out: bytes = contexts()[0].compress(data)
         return out
 
     def decompress(data: bytes | memoryview, size: int) -> bytes:
@@ -76,7 +88,7 @@ def _zstd_codec(level: int) -> Codec:
             declared = zstandard.frame_content_size(data)
             if declared > size:
                 raise CodecError(f"zstd: frame declares {declared} bytes, the chunk holds {size}")
-            out: bytes = dctx.decompress(data, max_output_size=size)
+            out: bytes = contexts()[1].decompress(data, max_output_size=size)
         except zstandard.ZstdError as e:
             raise CodecError(f"zstd: {e}") from None
         return out

@@ -444,8 +444,13 @@ class ApplyStats:
 
 
 class _Applier:
-    def __init__(self, root: str, layer: str, preserve: Iterable[str]) -> None:
+    def __init__(self, root: str, layer: str, preserve: Iterable[str], hold_removed: bool = False) -> None:
         self.root = root
+        # With `hold_removed`, every inode this layer removes stays referenced (an O_PATH descriptor)
+        # until `release`: the filesystem frees them all at the end, in one deterministic order, never
+        # in the middle of the layer where its allocator would reuse them depending on the clock.
+        self._hold = hold_removed
+        self._held: list[int] = []
         self.layer = layer
         self.entry: str | None = None
         self.stats = ApplyStats()
@@ -531,9 +536,25 @@ class _Applier:
             st = os.lstat(self._path(dir_rel))
             self._dir_times[dir_rel] = (st.st_atime_ns, st.st_mtime_ns)
 
+    def _hold_tree(self, path: str, is_dir: bool) -> None:
+        flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+        if is_dir:
+            for top, dirs, files in os.walk(path, topdown=True, followlinks=False):
+                for name in dirs + files:
+                    self._held.append(os.open(os.path.join(top, name), flags))
+        self._held.append(os.open(path, flags))
+
+    def release(self) -> None:
+        """Let the filesystem free what this layer removed (see `hold_removed`)."""
+        held, self._held = self._held, []
+        for fd in held:
+            os.close(fd)
+
     def _remove(self, rel: str, st: os.stat_result) -> None:
         self._touch(rel.rpartition("/")[0])
         path = self._path(rel)
+        if self._hold:
+            self._hold_tree(path, stat.S_ISDIR(st.st_mode))
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(path)  # fd-based: never follows a symlink inside the tree
             inside = rel + "/"
@@ -872,19 +893,26 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def apply_layer(
-    stream: Readable, root: str | os.PathLike[str], *, layer: str, preserve: Iterable[str] = ()
+    stream: Readable,
+    root: str | os.PathLike[str],
+    *,
+    layer: str,
+    preserve: Iterable[str] = (),
+    hold_removed: bool = False,
 ) -> ApplyStats:
     """Apply the layer tar read from `stream` onto the directory `root`; see the module docstring.
 
     `stream` yields the uncompressed tar (a `LayerStream` from `open_layer_stream` for a blob); it is
     read to its end, so a decompressor's trailer check and a caller's digest see every byte. `layer`
     names the layer in errors. `preserve` lists paths relative to root that whiteouts and opaque
-    directories never remove (ext4's ``lost+found``). Raises `LayerError`.
+    directories never remove (ext4's ``lost+found``). `hold_removed` keeps every removed inode referenced
+    until the layer is applied, so the filesystem frees them only at the end (the converter's
+    reproducible allocation; the process needs a descriptor per removed inode). Raises `LayerError`.
     """
     top = os.path.realpath(root)  # the caller's root is trusted; resolving it once lets O_NOFOLLOW work
     if not os.path.isdir(top):
         raise LayerError(layer, None, f"root {top!r} is not a directory", "mount the target filesystem first")
-    applier = _Applier(top, layer, [p.strip("/") for p in preserve])
+    applier = _Applier(top, layer, [p.strip("/") for p in preserve], hold_removed)
     last: str | None = None  # the last entry read, to place a corruption between two entries
     try:
         with tarfile.open(
@@ -912,4 +940,6 @@ def apply_layer(
     except (tarfile.TarError, EOFError) as e:  # tarfile's own "unexpected end of data"
         after = f" (after entry {last!r})" if applier.entry is None and last is not None else ""
         raise LayerError(layer, applier.entry, f"truncated or corrupt tar stream: {e}{after}") from None
+    finally:
+        applier.release()
     return applier.stats

@@ -54,7 +54,7 @@ from p2p.manifest import (
 from ..errors import ConvertError, ImageError, LayerError
 from ..ocilayout import write_atomic
 from .applytar import LAYER_MEDIA_TYPES, open_layer_stream
-from .ext4layer import Ext4LayerBuilder, FsIdentity, LowerBlob, private_daemon
+from .ext4layer import Ext4LayerBuilder, FsIdentity, LowerBlob, private_daemon, raise_fd_limit
 from .sinks import Sink, open_sink
 from .sources import ImageSource, open_source
 
@@ -289,6 +289,7 @@ class Converter:
     def __init__(self, options: ConvertOptions, progress: Progress | None = None) -> None:
         require_root()
         check_options(options)
+        raise_fd_limit()
         self.options = options
         self.progress = progress or _no_progress
         self.cache = LayerCache(options.cache_dir or DEFAULT_CACHE_DIR)

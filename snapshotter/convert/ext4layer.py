@@ -19,9 +19,15 @@ randomness into what it writes. What we pin, and how:
 - mkfs: UUID and directory-hash seed derived from the bottom layer's identity, ``E2FSPROGS_FAKE_TIME``;
   no journal (transaction IDs and commit times would differ run to run); no ``metadata_csum``, whose
   per-inode checksums are seeded by the random generation we rewrite (chunks carry SHA-256 anyway).
-- Block and inode allocation: ``nodelalloc`` allocates at ``write(2)`` time, in the order the tar is
-  applied, instead of whenever writeback runs; the applying thread is pinned to one CPU because ext4's
-  small-file preallocation ("locality groups") is per CPU; ``nombcache`` stops xattr blocks from being
+- Block and inode allocation: every block group's allocator state is loaded before the layer is
+  applied (mballoc would otherwise skip groups whose bitmaps an asynchronous prefetch has not loaded
+  yet); ``nodelalloc`` allocates at ``write(2)`` time, in the order the tar is
+  applied, instead of whenever writeback runs; without delayed allocation ext4 starts each search at a
+  "colour" taken from the writing thread's id, so the tar is applied from a thread whose id gives the
+  same colour every time, pinned to one CPU because ext4's small-file preallocation ("locality
+  groups") is per CPU; and no inode is freed while the layer is applied (each removed one is held
+  open until the end), since a journal-less ext4 skips inodes deleted 1 to 30 seconds ago — a clock
+  test that would make reuse depend on how fast the tar goes; ``nombcache`` stops xattr blocks from being
   shared through a cache whose content depends on memory pressure; ``noinit_itable`` keeps the
   lazy-init thread from zeroing inode tables at random times.
 - Inode fields no tar controls: ``ctime`` and ``crtime`` (set to the inode's mtime), ``i_generation``
@@ -40,14 +46,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from blockformat.chunkfile import BlobInfo
 
@@ -60,12 +68,13 @@ from ..mounts import find_mount, mkfs_ext4, mount_loop, umount_loop
 from .applytar import ApplyStats, Readable, apply_layer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEBUGFS = "debugfs"
 #: mkfs and debugfs time: ext4's superblock and the first inodes carry it. 1, not 0: libext2fs reads a
 #: zero E2FSPROGS_FAKE_TIME as "not set".
 FAKE_TIME = 1
-MOUNT_OPTIONS = ("rw", "noatime", "nodelalloc", "noinit_itable", "nombcache")
+MOUNT_OPTIONS = ("rw", "noatime", "nodelalloc", "noinit_itable", "nombcache", "no_prefetch_block_bitmaps")
 #: ext4's reserved inodes below this are not files (bad blocks, quota, resize, journal...).
 _FIRST_INO = 11
 #: The primary superblock, and its ``s_last_mounted`` field (ext4 disk layout: 0x88, char[64]).
@@ -198,15 +207,42 @@ class LayerBuild:
     freed_inodes: int
 
 
-@contextlib.contextmanager
-def _pinned_to_one_cpu() -> Iterator[None]:
-    """Run the calling thread on one CPU (ext4's per-CPU preallocation must not vary run to run)."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(before)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
+#: ext4 (without delayed allocation) starts each block search at a "colour" of the group chosen by the
+#: writing thread's id modulo 16 (``ext4_inode_to_goal_block``); we write from a thread whose id has
+#: this remainder.
+_COLOUR = 0
+_COLOURS = 16
+_MAX_THREADS = 4096
+
+
+def run_like_every_time(fn: Callable[[], T]) -> T:
+    """Run `fn` so that ext4 allocates exactly as it did the last time: from a thread whose id ext4 maps
+    to the same block colour, pinned to one CPU (ext4's small-file preallocation is per CPU)."""
+    cpu = min(os.sched_getaffinity(0))
+    outcome: list[Any] = []
+
+    def body() -> None:
+        if threading.get_native_id() % _COLOURS != _COLOUR:
+            return
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        try:
+            outcome.append(("ok", fn()))
+        except BaseException as e:
+            outcome.append(("error", e))
+
+    for _ in range(_MAX_THREADS):
+        t = threading.Thread(target=body, name="damselfly-apply")
+        t.start()
+        t.join()
+        if outcome:
+            kind, value = outcome[0]
+            if kind == "error":
+                raise value
+            return cast(T, value)
+    raise ConvertError(
+        f"no thread id with remainder {_COLOUR} mod {_COLOURS} in {_MAX_THREADS} tries",
+        "report this as a bug",
+    )
 
 
 def _inodes(root: str) -> dict[int, tuple[int, int]]:
@@ -225,16 +261,42 @@ def _inodes(root: str) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _remove_lost_found(root: str) -> None:
+def _remove_lost_found(root: str) -> int | None:
     """mkfs's ``lost+found`` is no part of the image: containers would see a directory the image lacks.
 
-    e2fsck recreates it if it ever needs one. The root keeps its times (mkfs's fixed ones).
+    e2fsck recreates it if it ever needs one. The root keeps its times (mkfs's fixed ones). Returns a
+    descriptor that keeps the inode from being freed until the layer is applied (see the docstring).
     """
     st = os.lstat(root)
     path = os.path.join(root, "lost+found")
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(path)
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    os.rmdir(path)
     os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return fd
+
+
+def _load_every_group(loop: str) -> None:
+    """Load the allocator's state of every block group now, synchronously.
+
+    mballoc skips groups whose bitmaps are not loaded yet in its cheap passes and loads them by
+    asynchronous prefetch — so where blocks go would depend on I/O timing. Reading ext4's
+    ``mb_groups`` report loads every group first (and ``no_prefetch_block_bitmaps`` keeps the
+    background thread out of it).
+    """
+    path = f"/proc/fs/ext4/{os.path.basename(loop)}/mb_groups"
+    with open(path, "rb") as f:
+        while f.read(1 << 16):
+            pass
+
+
+def raise_fd_limit() -> None:
+    """Holding removed inodes open takes a descriptor each: allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _ext4_time(ns: int) -> tuple[int, int]:
@@ -353,6 +415,15 @@ class Ext4LayerBuilder:
             upper,
         )
         device = str(self.daemon.call({"op": "attach", "spec": spec.to_json()})["path"])
+        phases: dict[str, float] = {}
+        mark = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            phases[name] = now - mark
+            mark = now
+
         try:
             if not lowers:
                 mkfs_ext4(
@@ -363,19 +434,29 @@ class Ext4LayerBuilder:
                     prezeroed=True,
                     metadata_csum=False,
                 )
-            mount_loop(device, mnt, "ext4", MOUNT_OPTIONS)
+                phase("mkfs")
+            loop = mount_loop(device, mnt, "ext4", MOUNT_OPTIONS)
             try:
                 before = _inodes(mnt)
-                if not lowers:
-                    _remove_lost_found(mnt)
-                with _pinned_to_one_cpu():
-                    stats = apply_layer(stream, mnt, layer=layer)
+                _load_every_group(loop)
+                held = _remove_lost_found(mnt) if not lowers else None
+                phase("mount")
+                try:
+                    stats = run_like_every_time(
+                        lambda: apply_layer(stream, mnt, layer=layer, hold_removed=True)
+                    )
+                finally:
+                    if held is not None:
+                        os.close(held)
+                phase("apply")
                 after = _inodes(mnt)
             finally:
                 umount_loop(mnt)
+            phase("umount")
             commands = canonical_commands(before, after)
             run_debugfs(device, commands, os.path.join(self.work_dir, f"debugfs-{index}.cmd"))
             clear_last_mounted(device)
+            phase("debugfs")
             request: dict[str, Any] = {
                 "op": "commit",
                 "name": name,
@@ -386,6 +467,7 @@ class Ext4LayerBuilder:
             if self.level is not None:
                 request["level"] = self.level
             info = BlobInfo(**self.daemon.call(request)["info"])
+            phase("commit")
         finally:
             with contextlib.suppress(ControlError):
                 self.daemon.call({"op": "detach", "name": name}, timeout=60)
@@ -394,4 +476,5 @@ class Ext4LayerBuilder:
                 os.rmdir(mnt)
         changed = sum(1 for c in commands if c.endswith(" generation 0"))
         freed = sum(1 for c in commands if c.startswith("clri "))
+        log.info("layer %s: %s", layer, ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
         return LayerBuild(info, stats, changed, freed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import lz4.block
 import pytest
@@ -163,3 +164,17 @@ def test_garbage_only_ever_raises_codec_error(name: str, garbage: bytes, size: i
     except CodecError:
         return
     assert isinstance(out, bytes)
+
+
+@pytest.mark.parametrize("name", ["lz4", "zstd", "snappy"])
+def test_one_codec_decompresses_correctly_from_many_threads_at_once(name: str) -> None:
+    # The device daemon decodes chunks on a pool of threads with one codec object per blob.
+    codec = get_codec(name)
+    chunks = [text_bytes(65536, seed) for seed in range(16)]
+    packed = [codec.compress(c) for c in chunks]
+
+    def work(i: int) -> bool:
+        return all(codec.decompress(packed[k % 16], 65536) == chunks[k % 16] for k in range(i, i + 200))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(8)))
