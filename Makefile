@@ -26,6 +26,7 @@ bench: install
 	$(BIN)/python scripts/bench_blockformat.py
 	$(BIN)/python scripts/bench_fetch.py
 	$(BIN)/python scripts/bench_device.py --profile
+	$(BIN)/python scripts/bench_convert.py
 
 demo:
 	@echo "make demo arrives with issue 7 (containerd + registry + lazy start); nothing to run yet." >&2
