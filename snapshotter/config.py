@@ -13,6 +13,19 @@ effective config (`to_toml`), which is itself a valid config file::
 
     [device]
     state_dir = "/run/damselfly"                      # the device daemon's state (cache, FUSE, control)
+    read_timeout = 30.0                               # seconds before a device read fails with EIO
+    background_delay = 5.0                            # seconds before a blob's full download starts
+    background_rate = 0                               # bytes/s per blob for it (0: unlimited)
+    cache_limit = 0                                   # evict complete unused blobs above this (0: never)
+
+    [remote]
+    enabled = true                # converted layers become remote snapshots (false: containerd unpacks)
+    plain_http = false            # HTTP for every registry (default: HTTP for loopback registries only)
+    check_timeout = 5.0           # seconds for the reachability check of a layer at Prepare
+    unreachable_cooldown = 30.0   # a registry that failed the check is not asked again for this long
+
+    [metrics]
+    address = ""                  # host:port for Prometheus' /metrics (empty: off)
 
 Add a key by adding a field with its default to the section's dataclass; parsing, printing and the
 checks follow from the dataclass.
@@ -41,6 +54,23 @@ class SnapshotterSection:
 @dataclass(frozen=True)
 class DeviceSection:
     state_dir: str = "/run/damselfly"
+    read_timeout: float = 30.0
+    background_delay: float = 5.0
+    background_rate: int = 0
+    cache_limit: int = 0
+
+
+@dataclass(frozen=True)
+class RemoteSection:
+    enabled: bool = True
+    plain_http: bool = False
+    check_timeout: float = 5.0
+    unreachable_cooldown: float = 30.0
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    address: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,6 +78,8 @@ class Config:
     log_level: str = "info"
     snapshotter: SnapshotterSection = field(default_factory=SnapshotterSection)
     device: DeviceSection = field(default_factory=DeviceSection)
+    remote: RemoteSection = field(default_factory=RemoteSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
 
 def _build(cls: type[Any], data: dict[str, Any], where: str, path: str) -> Any:
@@ -84,6 +116,25 @@ def _check(config: Config, path: str) -> Config:
     ):
         if not value.startswith("/"):
             raise ConfigError(path, f"{name} must be an absolute path, not {value!r}")
+    for name, number in (
+        ("device.read_timeout", config.device.read_timeout),
+        ("device.background_delay", config.device.background_delay),
+        ("device.background_rate", config.device.background_rate),
+        ("device.cache_limit", config.device.cache_limit),
+        ("remote.check_timeout", config.remote.check_timeout),
+        ("remote.unreachable_cooldown", config.remote.unreachable_cooldown),
+    ):
+        if number < 0:
+            raise ConfigError(path, f"{name} must not be negative, not {number!r}")
+    if config.device.read_timeout == 0 or config.remote.check_timeout == 0:
+        raise ConfigError(path, "device.read_timeout and remote.check_timeout must be positive")
+    address = config.metrics.address
+    if address:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                path, f"metrics.address must be host:port (like 127.0.0.1:9464), not {address!r}"
+            )
     return config
 
 

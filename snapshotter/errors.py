@@ -18,6 +18,8 @@ specific class here::
      ├── ConvertError      a conversion that cannot run as asked (not root, no /dev/fuse, a source or
      │                     destination that is neither a registry reference nor a layout)
      ├── ConfigError       the config file cannot be read, or holds an unknown key or a wrong type
+     ├── ContainerdError   a call to containerd's API failed (`damselfly rpull`); `call` names it,
+     │                     `code` is the gRPC status, `remedy` what to do
      └── SnapshotRequestError   a Snapshots request refused; one gRPC code per subclass (the table
           │                     `snapshotter.service.GRPC_CODES`); `namespace`, `key`
           ├── NotFoundError             the key, name or parent does not exist in the namespace
@@ -138,6 +140,22 @@ class ConfigError(SnapshotterError):
         self.why = why
         self.remedy = remedy
         super().__init__(f"config {path}: {why}; {remedy}")
+
+
+class ContainerdError(SnapshotterError):
+    """A call to containerd's gRPC API (as a client: `damselfly rpull`) failed.
+
+    `call` names the call and its object ("Snapshots.Prepare extract-... (snapshotter damselfly)"),
+    `code` is the gRPC status name containerd answered with ("NOT_FOUND", "UNAVAILABLE"...; its
+    errdefs), `detail` containerd's message, `remedy` what the operator can do.
+    """
+
+    def __init__(self, call: str, code: str, detail: str, remedy: str) -> None:
+        self.call = call
+        self.code = code
+        self.detail = detail
+        self.remedy = remedy
+        super().__init__(f"containerd {call}: {detail} ({code}); {remedy}")
 
 
 class SnapshotRequestError(SnapshotterError):

@@ -280,6 +280,16 @@ class Tx:
         """The ids of every snapshot in every namespace (for Cleanup)."""
         return {r[0] for r in self._conn.execute("SELECT id FROM snapshots")}
 
+    def mountable(self) -> list[Snapshot]:
+        """Every active and view snapshot of the scope with its ancestors, in id order: the users of
+        what their parents stand for (a remote-layer hook counts them, so its count survives restarts)."""
+        sql = _SELECT + "WHERE s.kind != ?"
+        args: tuple[object, ...] = (int(Kind.COMMITTED),)
+        if self.namespace is not None:
+            sql += " AND s.namespace = ?"
+            args += (self.namespace,)
+        return [self._snapshot(row) for row in self._conn.execute(sql + " ORDER BY s.id", args).fetchall()]
+
     # -- writes ------------------------------------------------------------------------------------
 
     def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> Snapshot:

@@ -8,7 +8,16 @@ The namespace comes from the ``containerd-namespace`` request metadata (the firs
 latest one containerd set). It is validated like containerd's identifiers (InvalidArgument). Absent,
 the request is about every namespace: containerd's garbage collector walks, removes and cleans up
 without one (its keys embed the namespace); Prepare, View and Commit then fail with
-FailedPrecondition, as containerd's ``namespaces.NamespaceRequired`` does.
+FailedPrecondition, as containerd's ``namespaces.NamespaceRequired`` does — except for keys in
+containerd's backend format, below.
+
+containerd 1.6 never sends the header to a proxy snapshotter (its server's namespace interceptors,
+``services/server/namespace.go``, are not installed in 1.6.20, so the metadata layer's outgoing calls
+carry none). Its backend keys embed the namespace instead: ``<namespace>/<sequence>/<key>`` for
+Prepare, View and Commit. Such a request without a header is recorded in `CONTAINERD_NAMESPACE`, one
+flat space for every key containerd's metadata layer makes (its keys are unique across its
+namespaces; a converted layer's chain ID recorded there is shared by all of them, as containerd's
+garbage collector, which counts references across namespaces, expects).
 """
 
 from __future__ import annotations
@@ -60,6 +69,11 @@ LIST_BATCH = 100
 _IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
 _MAX_IDENTIFIER = 76
 
+#: Where Prepare/View/Commit without a namespace header but with containerd's backend key format are
+#: recorded (not a valid containerd identifier, so no header can name it).
+CONTAINERD_NAMESPACE = "_"
+_BACKEND_KEY = re.compile(r"([A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*)/[0-9]+/.")
+
 _KIND_TO_PB = {Kind.VIEW: pb.VIEW, Kind.ACTIVE: pb.ACTIVE, Kind.COMMITTED: pb.COMMITTED}
 
 
@@ -85,6 +99,15 @@ def namespace_of(context: grpc.ServicerContext) -> str | None:
             f"namespace {ns[:80]!r} is not a valid containerd identifier (alphanumerics joined by "
             f"'.', '_' or '-', at most {_MAX_IDENTIFIER} characters)"
         )
+    return ns
+
+
+def namespace_to_create(context: grpc.ServicerContext, key: str) -> str | None:
+    """`namespace_of`, or for a header-less request whose key is a containerd backend key
+    (``<namespace>/<sequence>/<key>``: containerd 1.6) `CONTAINERD_NAMESPACE`."""
+    ns = namespace_of(context)
+    if ns is None and _BACKEND_KEY.match(key):
+        return CONTAINERD_NAMESPACE
     return ns
 
 
@@ -147,7 +170,7 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext
     ) -> pb.PrepareSnapshotResponse:
         mounts = self.snapshots.prepare(
-            namespace_of(context), request.key, request.parent, dict(request.labels)
+            namespace_to_create(context, request.key), request.key, request.parent, dict(request.labels)
         )
         return pb.PrepareSnapshotResponse(mounts=mounts_to_pb(mounts))
 
@@ -155,7 +178,9 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
     def View(  # noqa: N802
         self, request: pb.ViewSnapshotRequest, context: grpc.ServicerContext
     ) -> pb.ViewSnapshotResponse:
-        mounts = self.snapshots.view(namespace_of(context), request.key, request.parent, dict(request.labels))
+        mounts = self.snapshots.view(
+            namespace_to_create(context, request.key), request.key, request.parent, dict(request.labels)
+        )
         return pb.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
     @_rpc
@@ -170,7 +195,9 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
     def Commit(  # noqa: N802
         self, request: pb.CommitSnapshotRequest, context: grpc.ServicerContext
     ) -> empty_pb2.Empty:
-        self.snapshots.commit(namespace_of(context), request.name, request.key, dict(request.labels))
+        self.snapshots.commit(
+            namespace_to_create(context, request.key), request.name, request.key, dict(request.labels)
+        )
         return empty_pb2.Empty()
 
     @_rpc

@@ -40,6 +40,12 @@ class RemoteLayers(Protocol):
     annotations containerd passes to Prepare) or by its own table keyed by snapshot id.
     """
 
+    def check(self, key: str, parent: str, labels: Mapping[str, str]) -> None:
+        """Prepare (active snapshots only), before its write transaction: the slow part of deciding
+        (e.g. asking a registry whether the blob is there), so that no network round trip holds the
+        database's write lock. The same thread then calls `claim` with the same arguments."""
+        ...
+
     def claim(self, tx: Tx, key: str, parent: str, labels: Mapping[str, str]) -> str | None:
         """Prepare (active snapshots only), inside Prepare's write transaction, before anything exists.
 
@@ -61,8 +67,9 @@ class RemoteLayers(Protocol):
         ...
 
     def removed(self, snapshot: Snapshot) -> None:
-        """Remove, after the record is gone: release what only `snapshot` used (e.g. detach the device
-        of a chain when its last user goes). Best effort: log failures, raise nothing."""
+        """Remove (after the record is gone) and Commit (after an active snapshot became a committed
+        one, which mounts nothing): release what only `snapshot` used (e.g. detach the device of a
+        chain when its last user goes). Best effort: log failures, raise nothing."""
         ...
 
     def cleanup(self, live_ids: set[int]) -> None:
@@ -72,6 +79,9 @@ class RemoteLayers(Protocol):
 
 class NoRemoteLayers:
     """Plain images only: every layer is pulled and unpacked by containerd."""
+
+    def check(self, key: str, parent: str, labels: Mapping[str, str]) -> None:
+        return None
 
     def claim(self, tx: Tx, key: str, parent: str, labels: Mapping[str, str]) -> str | None:
         return None
@@ -112,6 +122,8 @@ class Snapshots:
         temp: Path | None = None
         final: Path | None = None
         claimed: str | None = None
+        if kind is Kind.ACTIVE:
+            self.remote.check(key, parent, labels)
         try:
             with self.store.write(namespace) as tx:
                 if kind is Kind.ACTIVE:
@@ -162,6 +174,7 @@ class Snapshots:
                 usage = self.driver.usage(active.id)
             snap = tx.commit(key, name, labels, usage)
         log.info("commit %s/%s as %s (id %d, %d bytes)", namespace, key, name, snap.id, usage.size)
+        self.remote.removed(snap)  # a committed snapshot mounts nothing: its lower layers lost a user
 
     # -- reading -----------------------------------------------------------------------------------
 

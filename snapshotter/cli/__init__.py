@@ -12,6 +12,7 @@ from .blob import blob
 from .convert import convert_cmd
 from .device import attach, commit, detach, device_daemon, devices, mount_cmd, stop_daemon, umount_cmd
 from .fetch import fetch
+from .rpull import rpull
 from .serve import config_cmd, serve
 
 
@@ -26,6 +27,7 @@ cli.add_command(fetch)
 cli.add_command(convert_cmd, name="convert")
 cli.add_command(serve)
 cli.add_command(config_cmd, name="config")
+cli.add_command(rpull)
 for _cmd in (mount_cmd, umount_cmd, attach, detach, commit, devices, device_daemon, stop_daemon):
     cli.add_command(_cmd)
 

@@ -17,9 +17,12 @@ import click
 from ..config import LOG_LEVELS, Config, load, to_toml
 from ..errors import SnapshotterError
 from ..metadata import MetaStore
+from ..metrics import MetricsServer
 from ..overlay import OverlayDriver
+from ..remote import RemoteOptions, RemoteSnapshots
 from ..service import build_server
 from ..snapshots import Snapshots
+from ..supervisor import DaemonSettings, DeviceDaemon
 from .errors import reports_errors
 
 log = logging.getLogger("damselfly.serve")
@@ -56,7 +59,13 @@ def _claim_socket(path: Path) -> None:
     )
 
 
-def _effective(config_path: Path | None, root: Path | None, address: str | None, level: str | None) -> Config:
+def _effective(
+    config_path: Path | None,
+    root: Path | None,
+    address: str | None,
+    level: str | None,
+    state_dir: Path | None = None,
+) -> Config:
     cfg = load(config_path)
     sn = cfg.snapshotter
     if root is not None:
@@ -64,6 +73,10 @@ def _effective(config_path: Path | None, root: Path | None, address: str | None,
     if address is not None:
         sn = dataclasses.replace(sn, address=str(Path(address).absolute()))
     cfg = dataclasses.replace(cfg, snapshotter=sn)
+    if state_dir is not None:
+        cfg = dataclasses.replace(
+            cfg, device=dataclasses.replace(cfg.device, state_dir=str(state_dir.absolute()))
+        )
     if level is not None:
         cfg = dataclasses.replace(cfg, log_level=level)
     return cfg
@@ -74,10 +87,26 @@ def _effective(config_path: Path | None, root: Path | None, address: str | None,
 @click.option("--root", type=click.Path(path_type=Path, file_okay=False), help="Snapshot root directory.")
 @click.option("--address", help="Unix socket to serve on (containerd's proxy_plugins address).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Overrides the config's log_level.")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The device daemon's state directory (overrides [device] state_dir).",
+)
 @reports_errors
-def serve(config_path: Path | None, root: Path | None, address: str | None, log_level: str | None) -> None:
-    """Serve containerd's Snapshots API on a unix socket until SIGTERM or SIGINT (foreground)."""
-    cfg = _effective(config_path, root, address, log_level)
+def serve(
+    config_path: Path | None,
+    root: Path | None,
+    address: str | None,
+    log_level: str | None,
+    state_dir: Path | None,
+) -> None:
+    """Serve containerd's Snapshots API on a unix socket until SIGTERM or SIGINT (foreground).
+
+    Converted layers are served by a device daemon that this command starts when a converted image
+    first needs it, detached so that it outlives a restart (or a crash) of this service while
+    containers use it; on a clean stop with no converted chain mounted, it is stopped too.
+    """
+    cfg = _effective(config_path, root, address, log_level, state_dir)
     logging.basicConfig(
         level=getattr(logging, cfg.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -86,9 +115,28 @@ def serve(config_path: Path | None, root: Path | None, address: str | None, log_
     sock = Path(cfg.snapshotter.address)
     driver = OverlayDriver(root_dir)
     store = MetaStore(root_dir / "metadata.db")
+    dev = cfg.device
+    daemon = DeviceDaemon(
+        dev.state_dir,
+        DaemonSettings(dev.read_timeout, dev.background_delay, dev.background_rate, dev.cache_limit),
+    )
+    rc = cfg.remote
+    remote = RemoteSnapshots(
+        store,
+        root_dir,
+        daemon,
+        RemoteOptions(rc.enabled, rc.plain_http, rc.check_timeout, rc.unreachable_cooldown),
+    )
+    metrics: MetricsServer | None = None
     try:
         _claim_socket(sock)
-        server = build_server(Snapshots(store, driver), str(sock))
+        # Before serving: mounts of running containers stay as they are; missing ones come back.
+        remote.reconcile()
+        daemon.watch(remote.reconcile)
+        if cfg.metrics.address:
+            metrics = MetricsServer(cfg.metrics.address)
+            log.info("metrics on http://%s/metrics", cfg.metrics.address)
+        server = build_server(Snapshots(store, driver, remote), str(sock))
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -106,7 +154,14 @@ def serve(config_path: Path | None, root: Path | None, address: str | None, log_
         finally:
             server.stop(STOP_GRACE).wait()
             sock.unlink(missing_ok=True)
+            daemon.close()  # stop watching; the daemon and the chain mounts stay for running containers
+            if not remote.mounted_chains():
+                daemon.stop_if_idle()  # ... but an idle one need not outlive us
     finally:
+        daemon.close()
+        remote.close()
+        if metrics is not None:
+            metrics.close()
         store.close()
     log.info("stopped")
 

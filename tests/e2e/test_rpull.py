@@ -1,0 +1,288 @@
+"""`damselfly rpull` against a real containerd 1.6 whose proxy plugin ``damselfly`` is a `damselfly serve`
+started by the test, and the real loopback registry: plain images unpack through containerd's Diff
+service and run with ``ctr run --snapshotter damselfly``; converted images are handed to the
+snapshotter as remote layers; the GC labels let ``ctr image rm --sync`` remove everything; and the
+failures an operator meets (containerd down, snapshotter not registered or not running, registry
+errors) end with exit status 1, a message saying what to do, and nothing left behind. (An unreachable
+containerd needs none: tests/snapshotter/test_rpull.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from p2p.auth import static_credentials
+from p2p.registry import RegistryClient
+from snapshotter.cli import cli
+from snapshotter.cli.errors import EXIT_ERROR, EXIT_OK
+from tests import oci_images as oi
+from tests.p2p.registry_server import RegistryServer
+from tests.snapshotter import serving
+from tests.snapshotter.remote_lab import release_remote, serve_config
+
+from .conftest import ContainerdFactory
+from .containerd import Containerd
+
+SNAPSHOTTER = "damselfly"
+NS = "rpull-test"
+
+
+@dataclass
+class Stack:
+    containerd: Containerd
+    served: serving.Served
+
+
+@pytest.fixture
+def serve_dir() -> Iterator[Path]:
+    """A short directory for `damselfly serve` (its socket path must fit in sun_path)."""
+    d = Path(tempfile.mkdtemp(prefix="dfly-rpull-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        serving.unmount_under(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def stack(make_containerd: ContainerdFactory, serve_dir: Path) -> Iterator[Stack]:
+    """`damselfly serve` on a temporary root, and a containerd whose proxy plugin ``damselfly`` is it.
+    containerd is stopped first, while the snapshotter it may still call is up."""
+    state = serve_dir / "state"
+    config = serve_config(serve_dir / "config.toml", state)
+    served = serving.start(serve_dir, "--config", str(config))
+    try:
+        c = make_containerd(proxy_plugins={SNAPSHOTTER: str(served.socket)}, namespace=NS)
+        yield Stack(c, served)
+        forced = c.stop()  # before the snapshotter goes: containerd may still call it
+        assert not forced, forced
+    finally:
+        served.stop()
+        # the device daemon (and any chain mount) outlives `serve` on purpose; undo them by pid and path
+        release_remote(served.root, state)
+
+
+def rpull(containerd: Containerd, ref: str, *extra: str) -> Result:
+    return CliRunner().invoke(
+        cli,
+        ["rpull", ref, "--address", containerd.address, "--namespace", NS, *extra],
+        catch_exceptions=False,
+    )
+
+
+def push_busybox(
+    registry: RegistryServer, tmp_path: Path, repo: str, *extra: oi.Layer
+) -> tuple[str, oi.BuiltImage]:
+    built = oi.write_layout(oi.busybox_image(*extra), tmp_path / "layout")
+    return oi.push_image(registry.host, built, repo, "v1"), built
+
+
+def content_labels(containerd: Containerd) -> dict[str, dict[str, str]]:
+    """Every blob of the namespace's content store → its labels (``ctr content ls``)."""
+    out: dict[str, dict[str, str]] = {}
+    for line in containerd.ctr("content", "ls").stdout.splitlines()[1:]:
+        cols = line.split()
+        labels = cols[-1] if len(cols) >= 4 and "=" in cols[-1] else ""
+        out[cols[0]] = dict(kv.split("=", 1) for kv in labels.split(",") if kv)
+    return out
+
+
+def snapshot_info(containerd: Containerd, key: str) -> dict[str, object]:
+    info: dict[str, object] = json.loads(
+        containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "info", key).stdout
+    )
+    return info
+
+
+def snapshot_names(containerd: Containerd) -> list[str]:
+    lines = containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls").stdout.splitlines()[1:]
+    return sorted(line.split()[0] for line in lines if line.strip())
+
+
+def layer_lines(output: str) -> list[str]:
+    """The state word of each ``layer i/n DIGEST: STATE ...`` line."""
+    return re.findall(r"^layer \d+/\d+ [0-9a-f]{12}: (\w+)", output, re.MULTILINE)
+
+
+# -- plain images ----------------------------------------------------------------------------------
+
+
+def test_plain_image_is_unpacked_and_runs_with_the_damselfly_snapshotter(
+    stack: Stack, registry: RegistryServer, tmp_path: Path, repo: str
+) -> None:
+    extra = oi.Layer((oi.file("etc/motd", b"second layer\n"),), created_by="ADD motd")
+    ref, built = push_busybox(registry, tmp_path, repo, extra)
+    c = stack.containerd
+
+    r = rpull(c, ref)
+    assert r.exit_code == EXIT_OK, r.output
+    assert layer_lines(r.output) == ["unpacked", "unpacked"], r.output
+    assert f"image {ref}: created" in r.output
+    assert re.search(r"^done: \d+\.\d\ds$", r.output, re.MULTILINE), r.output
+
+    assert c.image_target(ref) == built.manifest_digest
+    chains = built.chain_ids
+    assert c.image_chain_id(ref) == chains[-1]
+    assert set(chains) <= set(snapshot_names(c))
+    assert not [k for k in snapshot_names(c) if k.startswith("extract-")], "an extraction key was left"
+
+    # the labels containerd's GC follows: manifest -> config + layers, config -> top snapshot
+    labels = content_labels(c)
+    m_labels = labels[built.manifest_digest]
+    assert m_labels["containerd.io/gc.ref.content.config"] == built.config_digest
+    for i, layer in enumerate(built.layers):
+        assert m_labels[f"containerd.io/gc.ref.content.l.{i}"] == layer.digest
+        assert labels[layer.digest]["containerd.io/uncompressed"] == layer.diff_id
+    assert labels[built.config_digest][f"containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"] == chains[-1]
+    assert not c.ctr("leases", "ls").stdout.splitlines()[1:], "the pull's lease was not deleted"
+
+    run = c.run(ref, ["/bin/sh", "-c", "echo hi; cat /etc/motd"], snapshotter=SNAPSHOTTER)
+    assert run.stdout == "hi\nsecond layer\n"
+
+    # a second pull finds everything there
+    again = rpull(c, ref)
+    assert again.exit_code == EXIT_OK, again.output
+    assert layer_lines(again.output) == ["exists", "exists"], again.output
+    assert f"image {ref}: updated" in again.output
+
+
+def test_image_rm_lets_containerds_gc_remove_snapshots_and_content(
+    stack: Stack, registry: RegistryServer, tmp_path: Path, repo: str
+) -> None:
+    ref, _ = push_busybox(registry, tmp_path, repo)
+    c = stack.containerd
+    assert rpull(c, ref).exit_code == EXIT_OK
+    assert (
+        c.run(ref, ["/bin/sh", "-c", "echo hi > /tmp/x; cat /tmp/x"], snapshotter=SNAPSHOTTER).stdout
+        == "hi\n"
+    )
+    assert snapshot_names(c)
+    assert serving.names(stack.served.stub, None)
+
+    c.ctr("image", "rm", "--sync", ref)
+
+    assert snapshot_names(c) == []
+    assert serving.names(stack.served.stub, None) == [], "containerd's GC left snapshots in damselfly"
+    assert content_labels(c) == {}
+    assert serving.mounts_under(stack.served.root) == []
+
+
+def test_index_image_is_pulled_for_this_platform(
+    stack: Stack, registry: RegistryServer, tmp_path: Path, repo: str
+) -> None:
+    built = oi.write_layout(oi.busybox_image(cmd=("/bin/sh", "-c", "echo from-index")), tmp_path / "layout")
+    index = oi.canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": oi.MT_INDEX,
+            "manifests": [
+                {
+                    "mediaType": oi.MT_MANIFEST,
+                    "digest": built.manifest_digest,
+                    "size": len(built.manifest),
+                    "platform": {"os": "linux", "architecture": oi.host_arch()},
+                }
+            ],
+        }
+    )
+    with RegistryClient(registry.host, plain_http=True, credentials=static_credentials({})) as client:
+        oi.push_layout(client, repo, built, built.manifest_digest)
+        client.push_manifest(repo, index, oi.MT_INDEX, "multi")
+    ref = f"{registry.host}/{repo}:multi"
+    c = stack.containerd
+
+    r = rpull(c, ref)
+    assert r.exit_code == EXIT_OK, r.output
+    index_digest = oi.sha256_digest(index)
+    assert c.image_target(ref) == index_digest
+    labels = content_labels(c)
+    assert labels[index_digest]["containerd.io/gc.ref.content.m.0"] == built.manifest_digest
+    assert c.run(ref, snapshotter=SNAPSHOTTER).stdout == "from-index\n"
+
+
+# -- converted images ------------------------------------------------------------------------------
+
+
+def test_converted_image_layers_are_prepared_as_remote_layers(
+    stack: Stack, registry: RegistryServer, tmp_path: Path, repo: str
+) -> None:
+    src, _ = push_busybox(registry, tmp_path, repo)
+    dst = f"{registry.host}/{repo}:damselfly"
+    conv = CliRunner().invoke(
+        cli, ["convert", "--quiet", src, dst, "--cache-dir", str(tmp_path / "cache")], catch_exceptions=False
+    )
+    assert conv.exit_code == EXIT_OK, conv.output
+    c = stack.containerd
+
+    r = rpull(c, dst)
+    assert r.exit_code == EXIT_OK, r.output
+    assert layer_lines(r.output) == ["remote"], r.output
+
+    chain = c.image_chain_id(dst)
+    info = snapshot_info(c, chain)
+    labels = info["Labels"]
+    assert isinstance(labels, dict)
+    assert labels["containerd.io/snapshot.ref"] == chain
+    assert labels["containerd.io/snapshot/cri.image-ref"] == dst
+    assert labels["containerd.io/snapshot/damselfly/index-digest"].startswith("sha256:")
+    manifest_digest = c.image_target(dst)
+    assert labels["containerd.io/snapshot/cri.manifest-digest"] == manifest_digest
+    layer = json.loads(c.content(manifest_digest))["layers"][0]
+    assert labels["containerd.io/snapshot/cri.layer-digest"] == layer["digest"]
+    assert layer["digest"] not in content_labels(c), "rpull downloaded a converted layer"
+
+    assert c.run(dst, ["/bin/sh", "-c", "echo hi"], snapshotter=SNAPSHOTTER).stdout == "hi\n"
+
+    c.ctr("image", "rm", "--sync", dst)
+    assert snapshot_names(c) == []
+    assert serving.names(stack.served.stub, None) == []
+    assert serving.mounts_under(stack.served.root) == [], "the image's device is still mounted"
+
+
+# -- failures --------------------------------------------------------------------------------------
+
+
+def test_snapshotter_not_registered_in_containerd_is_named_with_the_remedy(
+    make_containerd: ContainerdFactory, registry: RegistryServer, tmp_path: Path, repo: str
+) -> None:
+    ref, _ = push_busybox(registry, tmp_path, repo)
+    c = make_containerd(namespace=NS)  # no proxy plugins
+    r = rpull(c, ref)
+    assert r.exit_code == EXIT_ERROR, r.output
+    assert "containerd has no snapshotter 'damselfly'" in r.output
+    assert "[proxy_plugins.damselfly]" in r.output
+    assert c.ctr("image", "ls", "-q").stdout.strip() == ""
+    assert not c.ctr("leases", "ls").stdout.splitlines()[1:]
+
+
+def test_snapshotter_not_running_is_named_and_nothing_is_left(
+    make_containerd: ContainerdFactory, registry: RegistryServer, tmp_path: Path, repo: str, serve_dir: Path
+) -> None:
+    ref, _ = push_busybox(registry, tmp_path, repo)
+    c = make_containerd(proxy_plugins={SNAPSHOTTER: str(serve_dir / "nobody.sock")}, namespace=NS)
+    r = rpull(c, ref)
+    assert r.exit_code == EXIT_ERROR, r.output
+    assert "cannot reach the snapshotter 'damselfly'" in r.output
+    assert "damselfly serve" in r.output
+    assert c.ctr("image", "ls", "-q").stdout.strip() == ""
+    assert not c.ctr("leases", "ls").stdout.splitlines()[1:]
+
+
+def test_missing_tag_is_a_registry_error_and_leaves_no_lease(
+    stack: Stack, registry: RegistryServer, repo: str
+) -> None:
+    c = stack.containerd
+    r = rpull(c, f"{registry.host}/{repo}:nope")
+    assert r.exit_code == EXIT_ERROR, r.output
+    assert "not found" in r.output.lower()
+    assert not c.ctr("leases", "ls").stdout.splitlines()[1:]
+    assert c.ctr("image", "ls", "-q").stdout.strip() == ""

@@ -1,0 +1,151 @@
+"""Helpers for tests of converted ("remote") layers: converting and pushing images, the Prepare labels
+containerd (through `damselfly rpull` or CRI) sends for them, and undoing by exact path and pid what
+`damselfly serve` leaves on purpose — chain mounts and the detached device daemon, which outlive it so
+that containers survive its restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from p2p.auth import static_credentials
+from p2p.manifest import Manifest
+from p2p.registry import RegistryClient
+from snapshotter.cli import cli
+from snapshotter.cli.errors import EXIT_OK
+from snapshotter.device import control
+from snapshotter.device.daemon import Paths
+from snapshotter.errors import ControlError
+from snapshotter.remote import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_REF
+from tests.oci_images import chain_ids
+
+from .conftest import _attached_loops, _mount_points
+
+
+def convert(src: str, dst: str, cache: Path) -> None:
+    """``damselfly convert --quiet SRC DST`` (in process); fails the test on an error."""
+    r = CliRunner().invoke(
+        cli, ["convert", "--quiet", src, dst, "--cache-dir", str(cache)], catch_exceptions=False
+    )
+    assert r.exit_code == EXIT_OK, r.output
+
+
+def manifest_of(host: str, ref: str) -> Manifest:
+    """The (platform) manifest of `ref` in the loopback registry `host`."""
+    with RegistryClient(host, plain_http=True, credentials=static_credentials({})) as client:
+        return client.resolve(ref).manifest
+
+
+@dataclass(frozen=True)
+class PreparedLayer:
+    """One layer of an image as containerd's unpacker prepares it."""
+
+    chain_id: str  # the snapshot name (containerd.io/snapshot.ref)
+    parent: str  # the chain ID below ("" for the bottom layer)
+    labels: dict[str, str]
+    digest: str
+    size: int
+
+
+def unpack_labels(manifest: Manifest, image_ref: str) -> list[PreparedLayer]:
+    """Prepare's arguments for each layer, bottom first: what containerd forwards for `damselfly rpull`
+    (the layer's annotations, snapshot.ref, cri.image-ref and cri.layer-digest). A converted image's
+    diff_ids are its layer digests, so its chain IDs follow from the manifest alone."""
+    chain = chain_ids([d.digest for d in manifest.layers])
+    out = []
+    for i, desc in enumerate(manifest.layers):
+        labels = {
+            **dict(desc.annotations),
+            LABEL_REF: chain[i],
+            LABEL_IMAGE_REF: image_ref,
+            LABEL_LAYER_DIGEST: desc.digest,
+        }
+        out.append(PreparedLayer(chain[i], chain[i - 1] if i else "", labels, desc.digest, desc.size))
+    return out
+
+
+def chain_mounts(root: Path) -> list[str]:
+    """Mount points of converted chains under a snapshotter root."""
+    top = str(root / "remote") + os.sep
+    return [mp for mp in _mount_points() if mp.startswith(top)]
+
+
+def device_loops(state: Path) -> list[str]:
+    """Loop devices bound to a device file of the daemon at `state`."""
+    top = str(state.resolve() / "dev") + os.sep
+    return [dev for dev, backing in _attached_loops().items() if backing.startswith(top)]
+
+
+def attached_devices(state: Path) -> list[str]:
+    """Devices the daemon at `state` serves ([] when none runs)."""
+    try:
+        reply = control.call(Paths(str(state)).socket, {"op": "status"}, timeout=10)
+    except ControlError:
+        return []
+    return sorted(reply["status"]["devices"])
+
+
+def daemon_pid(state: Path) -> int | None:
+    try:
+        return int(control.call(Paths(str(state)).socket, {"op": "ping"}, timeout=5)["pid"])
+    except ControlError:
+        return None
+
+
+def release_remote(root: Path, state: Path) -> list[str]:
+    """Undo what a snapshotter on `root` and its device daemon at `state` left on purpose, by exact path
+    and pid: chain mounts (unmounted), loop devices over device files (detached), the daemon (asked to
+    shut down, then SIGTERM, then SIGKILL) and its FUSE mount. Returns what it had to undo."""
+    undone: list[str] = []
+    for mp in sorted(chain_mounts(root), reverse=True):
+        undone.append(f"umount {mp}")
+        if subprocess.run(["umount", "--", mp], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", "--", mp], capture_output=True, check=False)
+    for dev in device_loops(state):
+        undone.append(f"losetup -d {dev}")
+        subprocess.run(["losetup", "--detach", dev], capture_output=True, check=False)
+    pid = daemon_pid(state)
+    if pid is not None:
+        with contextlib.suppress(ControlError):
+            control.call(Paths(str(state)).socket, {"op": "shutdown"}, timeout=5)
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                undone.append(f"daemon {pid} needed {sig.name}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 20
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not _alive(pid):
+                break
+    fuse = str(state.resolve() / "dev")
+    if fuse in _mount_points():
+        undone.append(f"FUSE mount {fuse}")
+        subprocess.run(["umount", "--lazy", "--", fuse], capture_output=True, check=False)
+    return undone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def serve_config(path: Path, state: Path, *, metrics: str = "", background_delay: float = 3600.0) -> Path:
+    """A config file for `damselfly serve` with the device daemon's state at `state` (the background
+    full download held back, so what a container reads is what the registry serves)."""
+    text = f'[device]\nstate_dir = "{state}"\nbackground_delay = {background_delay!r}\nread_timeout = 20.0\n'
+    if metrics:
+        text += f'\n[metrics]\naddress = "{metrics}"\n'
+    path.write_text(text)
+    return path
