@@ -28,9 +28,11 @@ bench: install
 	$(BIN)/python scripts/bench_device.py --profile
 	$(BIN)/python scripts/bench_convert.py
 
+# The end-to-end demo (scripts/demo.py): as root; DEMO_SMALL=1 for the small (busybox) image.
 demo:
-	@echo "make demo arrives with issue 7 (containerd + registry + lazy start); nothing to run yet." >&2
-	@exit 1
+	@scripts/demo_deps.sh
+	@$(MAKE) --no-print-directory install
+	$(BIN)/python scripts/demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

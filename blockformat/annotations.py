@@ -10,6 +10,9 @@ mount a layer lazily travels under that prefix (DESIGN §3, docs/format.md)::
     containerd.io/snapshot/damselfly/vsize          "68719476736"  virtual device size in bytes
     containerd.io/snapshot/damselfly/fstype         "ext4"         filesystem on the stacked device
     containerd.io/snapshot/damselfly/repository     "host/repo"    where the converter pushed it (optional)
+    containerd.io/snapshot/damselfly/blob-digest    "sha256:..."   the layer blob's own digest (optional):
+                                                                   containerd passes annotations, not the
+                                                                   descriptor's digest, to Prepare
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ KEY_SIZE = PREFIX + "size"
 KEY_VSIZE = PREFIX + "vsize"
 KEY_FSTYPE = PREFIX + "fstype"
 KEY_REPOSITORY = PREFIX + "repository"
+KEY_BLOB_DIGEST = PREFIX + "blob-digest"
 
 #: Media type of a layer blob. An OCI registry stores any layer media type; containerd leaves it to
 #: the snapshotter (which answers Prepare with AlreadyExists) and never tries to unpack it.
@@ -41,6 +45,7 @@ class LayerAnnotations:
     fstype: str = "ext4"
     version: int = LAYER_MAJOR
     repository: str | None = None
+    blob_digest: str | None = None
 
     def to_dict(self) -> dict[str, str]:
         d = {
@@ -52,6 +57,8 @@ class LayerAnnotations:
         }
         if self.repository:
             d[KEY_REPOSITORY] = self.repository
+        if self.blob_digest:
+            d[KEY_BLOB_DIGEST] = self.blob_digest
         return d
 
     @classmethod
@@ -72,4 +79,7 @@ class LayerAnnotations:
         idx = d[KEY_INDEX_DIGEST]
         if not idx.startswith("sha256:") or len(idx) != 71:
             raise InvalidArgumentError(f"damselfly index digest {idx!r} is not a sha256 digest")
-        return cls(idx, size, vsize, d.get(KEY_FSTYPE, "ext4"), version, d.get(KEY_REPOSITORY))
+        blob = d.get(KEY_BLOB_DIGEST)
+        if blob is not None and (not blob.startswith("sha256:") or len(blob) != 71):
+            raise InvalidArgumentError(f"damselfly blob digest {blob!r} is not a sha256 digest")
+        return cls(idx, size, vsize, d.get(KEY_FSTYPE, "ext4"), version, d.get(KEY_REPOSITORY), blob)

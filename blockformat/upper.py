@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import threading
 import zlib
 from typing import BinaryIO
 
@@ -66,6 +67,10 @@ class WritableUpper:
     Use `create` for a new upper and `open` to recover an existing one. Writes and trims must be
     aligned to 512-byte sectors. Writes become durable at `flush` (called automatically every
     `flush_bytes` of data, and by `commit` and `close`).
+
+    Thread-safe: a device server reads on some threads while others write. The map and the ends of
+    the files change under one lock; a read takes the lock only to copy the pieces it needs, then
+    reads outside it (upper data is append-only, so the bytes a piece points at never change).
     """
 
     def __init__(self, path: str, lower: BlockReader | None, flush_bytes: int) -> None:
@@ -82,6 +87,7 @@ class WritableUpper:
         self._log_end = 0
         self.recovered_records = 0
         self.dropped_log_bytes = 0
+        self._lock = threading.RLock()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -204,36 +210,39 @@ class WritableUpper:
         check_range(offset, length, self.vsize)
         if not length:
             return
-        doff = self._data_end
-        written = os.pwrite(self._data_fd, data, doff)
-        if written != length:
-            raise OSError(f"short write to {self.path}/{DATA_FILE}: {written} of {length} bytes")
-        self._data_end += length
-        self.map.paint(offset, offset + length, _UPPER, doff)
-        self._pending.append(_record(OP_WRITE, offset, length, doff))
-        self._pending_bytes += length
-        if self._pending_bytes >= self.flush_bytes:
-            self.flush()
+        with self._lock:
+            doff = self._data_end
+            written = os.pwrite(self._data_fd, data, doff)
+            if written != length:
+                raise OSError(f"short write to {self.path}/{DATA_FILE}: {written} of {length} bytes")
+            self._data_end += length
+            self.map.paint(offset, offset + length, _UPPER, doff)
+            self._pending.append(_record(OP_WRITE, offset, length, doff))
+            self._pending_bytes += length
+            if self._pending_bytes >= self.flush_bytes:
+                self.flush()
 
     def trim(self, offset: int, length: int) -> None:
         """Discard [offset, offset+length): it reads as zeros and hides the lower device there."""
         check_range(offset, length, self.vsize)
         if not length:
             return
-        self.map.paint(offset, offset + length, ZERO)
-        self._pending.append(_record(OP_TRIM, offset, length, 0))
+        with self._lock:
+            self.map.paint(offset, offset + length, ZERO)
+            self._pending.append(_record(OP_TRIM, offset, length, 0))
 
     def flush(self) -> None:
         """Make every write and trim so far durable: data first, then the records that point at it."""
-        if not self._pending:
-            return
-        os.fdatasync(self._data_fd)
-        records = b"".join(self._pending)
-        os.pwrite(self._log_fd, records, self._log_end)
-        os.fdatasync(self._log_fd)
-        self._log_end += len(records)
-        self._pending.clear()
-        self._pending_bytes = 0
+        with self._lock:
+            if not self._pending:
+                return
+            os.fdatasync(self._data_fd)
+            records = b"".join(self._pending)
+            os.pwrite(self._log_fd, records, self._log_end)
+            os.fdatasync(self._log_fd)
+            self._log_end += len(records)
+            self._pending.clear()
+            self._pending_bytes = 0
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
@@ -241,8 +250,10 @@ class WritableUpper:
         end = min(offset + length, self.vsize)
         if offset >= end:
             return b""
+        with self._lock:
+            pieces = list(self.map.pieces(offset, end))
         parts: list[bytes] = []
-        for seg in self.map.pieces(offset, end):
+        for seg in pieces:
             if seg.source == _UPPER:
                 parts.append(os.pread(self._data_fd, seg.length, seg.data_offset))
             elif seg.source == HOLE and self.lower is not None:
@@ -261,9 +272,11 @@ class WritableUpper:
         level: int | None = None,
     ) -> BlobInfo:
         """Seal what was written into a compressed layer blob (only this upper's diff, not the lower)."""
-        self.flush()
+        with self._lock:
+            self.flush()
+            segments = list(self.map)
         w = LayerWriter(out, self.vsize, codec, chunk_size, level)
-        for seg in self.map:
+        for seg in segments:
             if seg.source == ZERO:
                 w.add_zero(seg.start, seg.length)
                 continue

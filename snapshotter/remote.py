@@ -7,9 +7,10 @@ containerd's unpacker calls ``Prepare(key, parent, labels)`` for every layer wit
 fetches the layer. Its labels keep what a device needs::
 
     containerd.io/snapshot/damselfly/*            the converter's annotations (index digest, vsize...)
-    containerd.io/snapshot/cri.layer-digest       the blob digest (from CRI or `damselfly rpull`; for a
-                                                  bottom layer without it, the chain ID, which is the
-                                                  blob digest of a converted image's first layer)
+    containerd.io/snapshot/cri.layer-digest       the blob digest (from CRI or `damselfly rpull`; else
+                                                  the converter's .../damselfly/blob-digest annotation;
+                                                  for a bottom layer without either, the chain ID, which
+                                                  is the blob digest of a converted image's first layer)
     containerd.io/snapshot/damselfly/source       recorded here: "registry/repository" that served it
     containerd.io/snapshot/damselfly/blob-size    recorded here: the blob's size (from a HEAD request)
 
@@ -143,7 +144,9 @@ def candidate(parent: str, labels: Mapping[str, str]) -> Candidate | None:
         raise FallbackError("labels", f"it has damselfly labels but no {PREFIX}index-digest")
     if ann.fstype != "ext4":
         raise FallbackError("labels", f"{KEY_FSTYPE} is {ann.fstype!r}; only ext4 chains can be mounted")
-    digest_text = labels.get(LABEL_LAYER_DIGEST)
+    # The converter records each blob's digest in its own annotations (nerdctl's generic path passes
+    # only those); CRI and rpull also pass it as cri.layer-digest.
+    digest_text = labels.get(LABEL_LAYER_DIGEST) or ann.blob_digest
     if digest_text is None and not parent:
         # A converted image's diff_ids are its layer digests, so the bottom chain ID is the blob digest.
         digest_text = ref

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,6 +151,9 @@ def convert_cmd(
         quiet=quiet,
         oci_layout=oci_layout,
     )
+    # SIGTERM (a CI job cancelled, `timeout`) unwinds like Ctrl-C, so the private device daemon, the
+    # loop devices and the mounts of the layer being built are all undone.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     with _reporter(quiet) as progress:
         result = convert(src, dst, options, progress)

@@ -65,7 +65,7 @@ CODECS = ("lz4", "zstd", "snappy")
 DEFAULT_VSIZE = 64 * GiB
 DEFAULT_CACHE_DIR = "/var/cache/damselfly/convert"
 #: Bumped when the converter's output for the same input changes (the layer cache key includes it).
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 NEEDS_ROOT = (
     "damselfly convert needs root: it builds every layer by mounting ext4 on a loop device over a FUSE "
@@ -476,7 +476,9 @@ class Converter:
                 MEDIA_TYPE_LAYER,
                 Digest(x.blob_digest),
                 x.blob_size,
-                LayerAnnotations(x.index_digest, x.data_size, vsize, repository=repository).to_dict(),
+                LayerAnnotations(
+                    x.index_digest, x.data_size, vsize, repository=repository, blob_digest=x.blob_digest
+                ).to_dict(),
             )
             for x in layers
         ]

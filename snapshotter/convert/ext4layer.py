@@ -63,7 +63,7 @@ from ..device import control
 from ..device.daemon import Paths
 from ..device.fuse import MNT_DETACH, unmount_path
 from ..device.manager import DeviceSpec, LayerSpec, SourceSpec
-from ..errors import ControlError, ConvertError, MountError
+from ..errors import ControlError, ConvertError, LayerError, MountError
 from ..mounts import find_mount, mkfs_ext4, mount_loop, umount_loop
 from .applytar import ApplyStats, Readable, apply_layer
 
@@ -215,9 +215,14 @@ _COLOURS = 16
 _MAX_THREADS = 4096
 
 
-def run_like_every_time(fn: Callable[[], T]) -> T:
+def run_like_every_time(fn: Callable[[], T], cancel: threading.Event | None = None) -> T:
     """Run `fn` so that ext4 allocates exactly as it did the last time: from a thread whose id ext4 maps
-    to the same block colour, pinned to one CPU (ext4's small-file preallocation is per CPU)."""
+    to the same block colour, pinned to one CPU (ext4's small-file preallocation is per CPU).
+
+    If the waiting thread is interrupted (Ctrl-C, SIGTERM), `cancel` is set and the worker is waited
+    for — `fn` must notice `cancel` soon — so that nothing writes to the filesystem while the caller
+    unmounts it.
+    """
     cpu = min(os.sched_getaffinity(0))
     outcome: list[Any] = []
 
@@ -233,7 +238,13 @@ def run_like_every_time(fn: Callable[[], T]) -> T:
     for _ in range(_MAX_THREADS):
         t = threading.Thread(target=body, name="damselfly-apply")
         t.start()
-        t.join()
+        try:
+            t.join()
+        except BaseException:
+            if cancel is not None:
+                cancel.set()
+            t.join()
+            raise
         if outcome:
             kind, value = outcome[0]
             if kind == "error":
@@ -243,6 +254,20 @@ def run_like_every_time(fn: Callable[[], T]) -> T:
         f"no thread id with remainder {_COLOUR} mod {_COLOURS} in {_MAX_THREADS} tries",
         "report this as a bug",
     )
+
+
+class _Cancellable:
+    """A tar stream that stops with a `LayerError` once `cancel` is set."""
+
+    def __init__(self, raw: Readable, cancel: threading.Event, layer: str) -> None:
+        self._raw = raw
+        self._cancel = cancel
+        self._layer = layer
+
+    def read(self, n: int, /) -> bytes | None:
+        if self._cancel.is_set():
+            raise LayerError(self._layer, None, "the conversion was interrupted", "run it again")
+        return self._raw.read(n)
 
 
 def _inodes(root: str) -> dict[int, tuple[int, int]]:
@@ -442,8 +467,10 @@ class Ext4LayerBuilder:
                 held = _remove_lost_found(mnt) if not lowers else None
                 phase("mount")
                 try:
+                    cancel = threading.Event()
+                    cancellable = _Cancellable(stream, cancel, layer)
                     stats = run_like_every_time(
-                        lambda: apply_layer(stream, mnt, layer=layer, hold_removed=True)
+                        lambda: apply_layer(cancellable, mnt, layer=layer, hold_removed=True), cancel
                     )
                 finally:
                     if held is not None:

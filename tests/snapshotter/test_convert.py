@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +46,7 @@ from tests.oci_images import (
 from tests.p2p.conftest import FAST_RETRY, FAST_TIMEOUTS
 from tests.p2p.registry_server import RegistryServer
 
-from .conftest import KernelResources, _mount_points
+from .conftest import KernelResources, _attached_loops, _mount_points
 
 DAMSELFLY = Path(sys.executable).with_name("damselfly")
 
@@ -349,3 +351,46 @@ def test_not_root_gets_one_sentence_saying_why(tmp_path: Path) -> None:
     assert NEEDS_ROOT in proc.stderr
     assert "privileged CI job" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_mid_conversion_leaves_no_mount_loop_daemon_or_work_dir(tmp_path: Path) -> None:
+    # A cancelled CI job: the private device daemon, the loop device and the mount of the layer being
+    # built are undone, and nothing is published.
+    big = busybox_image(
+        Layer(tuple(file(f"data/f{i:03d}", content(256 << 10, i)) for i in range(160)), created_by="RUN big")
+    )
+    src = write_layout(big, tmp_path / "src")
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [str(DAMSELFLY), "convert", "-v", str(src.layout), str(tmp_path / "out"), "--cache-dir", str(cache)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the first layer is done: the second one is being built now
+            if "bytes of tar" in line:
+                break
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != EXIT_OK, out
+    assert not (tmp_path / "out").exists()
+    assert not list(cache.glob("work-*")), "the work directory was left behind"
+    assert not [m for m in _mount_points() if m.startswith(str(tmp_path))]
+    assert not [d for d, backing in _attached_loops().items() if backing.startswith(str(tmp_path))]
+    leftover = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(cache).encode() in cmdline:
+                leftover.append(pid)
+    assert not leftover, f"processes still running under {cache}: {leftover}"

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from blockformat.annotations import KEY_INDEX_DIGEST, KEY_REPOSITORY, KEY_VERSION, KEY_VSIZE
+from blockformat.annotations import KEY_BLOB_DIGEST, KEY_INDEX_DIGEST, KEY_REPOSITORY, KEY_VERSION, KEY_VSIZE
 from p2p.reference import parse_reference
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
@@ -253,6 +253,12 @@ def test_labels_name_the_blob_and_its_source(converted: Converted) -> None:
     cand = candidate("", labels)
     assert cand is not None
     assert (cand.digest, cand.source) == (bottom.digest, bottom.labels[KEY_REPOSITORY])
+    # nerdctl's generic path passes only the layer's annotations: the converter's blob-digest names the
+    # blob of an upper layer too.
+    labels = {k: v for k, v in top.labels.items() if k not in (LABEL_IMAGE_REF, LABEL_LAYER_DIGEST)}
+    cand = candidate(top.parent, labels)
+    assert cand is not None
+    assert (cand.digest, cand.source) == (top.digest, top.labels[KEY_REPOSITORY])
     # Plain layers are not candidates (and are no fallback either).
     assert (
         candidate("", {LABEL_REF: "sha256:" + "0" * 64, "containerd.io/snapshot/cri.image-ref": "x/y"})
@@ -267,7 +273,7 @@ def test_labels_name_the_blob_and_its_source(converted: Converted) -> None:
         ({KEY_VERSION: "9"}, "labels", "version 9"),
         ({KEY_VSIZE: "lots"}, "labels", "malformed"),
         ({KEY_INDEX_DIGEST: None}, "labels", "index-digest"),
-        ({LABEL_LAYER_DIGEST: None}, "labels", "cri.layer-digest"),
+        ({LABEL_LAYER_DIGEST: None, KEY_BLOB_DIGEST: None}, "labels", "cri.layer-digest"),
         ({LABEL_LAYER_DIGEST: "md5:xyz"}, "labels", "md5:xyz"),
         ({LABEL_IMAGE_REF: None, KEY_REPOSITORY: None}, "source", "no source"),
     ],

@@ -1,0 +1,179 @@
+"""scripts/demo.py (``make demo``) on the small image (``--small``, busybox), in a temporary work dir: a
+full run prints the results table and leaves nothing running, and an interrupt (SIGINT) in the middle
+of the conversion stops everything it had started — processes (the pids it reported and any process
+naming its work dir), mounts and loop devices under the work dir, sockets, its cgroup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.snapshotter.conftest import _attached_loops, _mount_points
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "scripts" / "demo.py"
+CGROUPS = Path("/sys/fs/cgroup")
+
+
+@pytest.fixture(scope="module")
+def image_cache() -> Iterator[Path]:
+    """The demo's image cache, shared by the tests of this module (the busybox image builds once)."""
+    d = Path(tempfile.mkdtemp(prefix="dfly-demo-images-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A short work dir (the containerd socket path below it must fit in sun_path)."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root: the demo runs containerd, mounts and loop devices")  # never a skip
+    d = Path(tempfile.mkdtemp(prefix="dfly-demo-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        # whatever a failed assertion left: by exact pid and path, never by name
+        for pid, _ in _processes_naming(d):
+            os.kill(pid, signal.SIGKILL)
+        for mp in sorted((m for m in _mount_points() if m.startswith(f"{d}/")), key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", mp], check=False, capture_output=True)
+        for dev, backing in _attached_loops().items():
+            if backing.startswith(f"{d}/"):
+                subprocess.run(["losetup", "--detach", dev], check=False, capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _processes_naming(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmdline and _alive(int(name)):
+            out.append((int(name), cmdline))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _unix_sockets_under(path: Path) -> list[str]:
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return sorted(
+        {
+            cols[7]
+            for cols in (line.split() for line in lines)
+            if len(cols) >= 8 and cols[7].startswith(f"{path}/")
+        }
+    )
+
+
+def demo(work: Path, image_cache: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEMO_", "CONTAINERD_"))}
+    return subprocess.Popen(
+        [sys.executable, str(DEMO), "--small", "--work-dir", str(work), "--image-cache", str(image_cache)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+def leftovers(work: Path, output: str) -> list[str]:
+    """Everything of the demo still there: reported pids, processes naming the work dir, mounts, loop
+    devices, sockets and the run directory below it, its cgroup."""
+    found = []
+    pids = {int(p) for p in re.findall(r"\bpid (\d+)", output)}
+    assert pids, output
+    found += [f"reported pid {pid} alive" for pid in sorted(pids) if _alive(pid)]
+    found += [f"process {pid}: {cmd}" for pid, cmd in _processes_naming(work)]
+    found += [f"mount {mp}" for mp in _mount_points() if mp.startswith(f"{work}/")]
+    found += [f"loop {dev} on {b}" for dev, b in _attached_loops().items() if b.startswith(f"{work}/")]
+    found += [f"socket {s}" for s in _unix_sockets_under(work)]
+    if (work / "run").exists():
+        found.append(f"directory {work / 'run'}")
+    m = re.search(r"node cgroup \(CPU accounting\): (\S+)", output)
+    assert m, output
+    name = Path(m.group(1)).name
+    found += [f"cgroup {d}" for d in [CGROUPS / name, *CGROUPS.glob(f"*/{name}")] if d.exists()]
+    return found
+
+
+def test_interrupt_during_conversion_leaves_nothing_behind(work: Path, image_cache: Path) -> None:
+    proc = demo(work, image_cache)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "==> [3/6]" in line:  # the conversion step is announced: its converter starts now
+                break
+        else:
+            pytest.fail("the demo ended before the conversion step:\n" + "".join(lines))
+        time.sleep(1.0)  # mid-conversion: the converter's own mounts and device daemon are up
+        assert proc.poll() is None, "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "".join(lines) + rest
+    assert proc.returncode == 130, output
+    assert "interrupted (SIGINT) during step 3" in output, output
+    assert "nothing left running" in output, output
+    assert "had to force" not in output, output  # the converter, asked with SIGINT, cleaned up itself
+    assert leftovers(work, output) == [], output
+    assert (work / "cache").is_dir() and (work / "logs").is_dir()
+    assert not list((work / "cache" / "convert").glob("work-*")), "the converter's work dir was left"
+
+
+def test_small_run_prints_the_table_and_leaves_nothing_behind(work: Path, image_cache: Path) -> None:
+    proc = demo(work, image_cache)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    for step in range(1, 7):
+        assert f"==> [{step}/6]" in output, output
+    table = output[output.index("==> [6/6]") :]
+    for row in ("seconds to first output", "registry bytes served", "node CPU-seconds"):
+        assert row in table, output
+    assert "damselfly, lazy" in table and "overlayfs, full pull" in table, output
+    assert "nothing left running" in output, output
+    assert leftovers(work, output) == [], output
+
+    result = json.loads((work / "result.json").read_text())
+    (lazy,) = result["damselfly_lazy"]
+    (full,) = result["overlayfs_full"]
+    assert lazy["output"] == full["output"] == "hello\n"
+    # the overlayfs pull fetched every layer; the lazy start only the blocks the container read
+    assert full["registry_bytes"] >= result["image"]["compressed_size"]
+    assert 0 < lazy["registry_bytes"] < result["image"]["converted_layer_bytes"]
+    assert lazy["node_cpu_s"] > 0 and full["node_cpu_s"] > 0
+    assert 0 < lazy["first_output_s"] <= lazy["total_s"]
