@@ -8,6 +8,7 @@ middle leaves only unreferenced, content-addressed blobs.
 
 from __future__ import annotations
 
+import abc
 import os
 
 from p2p.digest import Digest, digest_of, parse_digest
@@ -30,29 +31,31 @@ from ..ocilayout import (
 from .sources import is_local, split_layout_arg
 
 
-class Sink:
+class Sink(abc.ABC):
     """The interface; see the module docstring."""
 
     name: str
     #: What the converter records in the layer annotations as where the blobs live (or None).
     repository: str | None = None
 
-    def put_file(self, path: str, digest: str, size: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def put_file(self, path: str, digest: str, size: int) -> None: ...
 
-    def put_bytes(self, data: bytes) -> Digest:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def put_bytes(self, data: bytes) -> Digest: ...
 
+    @abc.abstractmethod
     def put_manifest(self, raw: bytes, media_type: str) -> Digest:
         """A platform manifest, referenced by digest only."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def publish(self, raw: bytes, media_type: str) -> Digest:
         """The top document, under the destination's name."""
-        raise NotImplementedError
+        ...
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - an optional hook: most have nothing to release
+        """Release connections and files."""
 
 
 class LayoutSink(Sink):

@@ -18,6 +18,7 @@ anything else          a registry reference (``host/repo:tag`` or ``@sha256:...`
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import json
@@ -109,22 +110,24 @@ class TopDocument:
     where: str
 
 
-class ImageSource:
+class ImageSource(abc.ABC):
     """The interface; see the module docstring."""
 
     name: str
 
-    def top(self) -> TopDocument:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def top(self) -> TopDocument: ...
 
-    def read_small(self, desc: Descriptor, what: str) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read_small(self, desc: Descriptor, what: str) -> bytes: ...
 
-    def open_layer(self, desc: Descriptor, layer: str) -> contextlib.AbstractContextManager[VerifiedReader]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def open_layer(
+        self, desc: Descriptor, layer: str
+    ) -> contextlib.AbstractContextManager[VerifiedReader]: ...
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - an optional hook: most have nothing to release
+        """Release connections and files."""
 
     def manifest(self, desc: Descriptor) -> Manifest:
         """The image manifest an index entry points to, verified."""
