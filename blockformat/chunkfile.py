@@ -27,9 +27,9 @@ import zlib
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .codecs import Codec, CodecError, CodecId, get_codec
 from .errors import (
@@ -76,6 +76,16 @@ MAX_COALESCED_READ = 8 * 1024 * 1024
 
 _ZEROS = bytes(1 << MAX_CHUNK_SHIFT)
 _NO_DIGEST = bytes(32)
+
+#: A piece of a read: a whole decoded chunk, or a read-only view into one.
+Part = bytes | memoryview
+
+
+def _cut(data: bytes, lo: int, hi: int) -> Part:
+    """data[lo:hi] without copying (the whole object when it is all of it)."""
+    if lo == 0 and hi >= len(data):
+        return data
+    return memoryview(data)[lo:hi]
 
 
 def _crc32(data: bytes) -> int:
@@ -298,7 +308,12 @@ class ChunkReader:
     Opening reads the tail once (trailer + index, verified). ``read(offset, length)`` then fetches only
     the stored ranges of the chunks it needs — a run of neighbouring chunks in one source read — verifies
     each chunk's SHA-256, decompresses it and checks its size. A small LRU of decompressed chunks serves
-    small sequential reads without decompressing a chunk twice.
+    small sequential reads without decompressing a chunk twice. ``read_parts`` returns the same bytes as
+    pieces of the decoded chunks, without copying them (the device daemon writes its replies from them).
+
+    ``verified``, if given, is asked before each read: True means the source's bytes were all checked
+    against the blob's digest already and cannot change (a sealed cache blob), so reads skip the chunk
+    SHA-256 — decompression and the length check stay. `verify` and `iter_chunks` always check.
     """
 
     def __init__(
@@ -306,6 +321,8 @@ class ChunkReader:
         source: RangeSource,
         expected_index_digest: str | None = None,
         cache_chunks: int = 8,
+        *,
+        verified: Callable[[], bool] | None = None,
     ) -> None:
         self.source = source
         self.name = source.name
@@ -313,6 +330,11 @@ class ChunkReader:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._cache_max = cache_chunks
+        # `verified()` is True while every byte `source` returns has already been checked against the
+        # blob's digest and cannot change any more (p2p.cache.CachedBlob.sealed says when that holds).
+        # Reads then skip the per-chunk SHA-256; the chunk's length is still checked after decompression.
+        # Whoever passes it vouches for that: the reader cannot tell.
+        self._verified = verified
         self._load_tail(expected_index_digest)
 
     # -- opening ---------------------------------------------------------------------------------
@@ -506,15 +528,23 @@ class ChunkReader:
 
     def decode_chunk(self, i: int, stored: bytes | memoryview, at: int | None = None) -> bytes:
         """Verify and decompress chunk i from its stored bytes; raise CorruptBlobError if they are wrong."""
+        return self._decode(i, stored, at, True)
+
+    def _decode(self, i: int, stored: bytes | memoryview, at: int | None, check: bool) -> bytes:
+        """Decompress chunk i; `check` says whether its SHA-256 must be checked first (it must, unless
+        the source's bytes were verified already: `_check_needed`)."""
         ulen = self.chunk_len(i)
         kind = self._kinds[i]
         if kind == KIND_ZERO:
             return _ZEROS[:ulen]
         where = self._offsets[i] if at is None else at
-        got = hashlib.sha256(stored).digest()
-        want = self._digests[32 * i : 32 * i + 32]
-        if got != want:
-            raise CorruptBlobError(self.name, where, f"chunk {i}", format_digest(want), format_digest(got))
+        if check:
+            got = hashlib.sha256(stored).digest()
+            want = self._digests[32 * i : 32 * i + 32]
+            if got != want:
+                raise CorruptBlobError(
+                    self.name, where, f"chunk {i}", format_digest(want), format_digest(got)
+                )
         if kind == KIND_RAW:
             data = stored if isinstance(stored, bytes) else bytes(stored)
         else:
@@ -526,7 +556,10 @@ class ChunkReader:
             raise CorruptBlobError(self.name, where, f"chunk {i} length", ulen, len(data))
         return data
 
-    def _fetch_chunks(self, first: int, last: int) -> Iterator[tuple[int, bytes]]:
+    def _check_needed(self) -> bool:
+        return self._verified is None or not self._verified()
+
+    def _fetch_chunks(self, first: int, last: int, check: bool = True) -> Iterator[tuple[int, bytes]]:
         """Yield (i, data) for chunks first..last, reading neighbouring stored chunks together."""
         i = first
         while i <= last:
@@ -539,50 +572,63 @@ class ChunkReader:
             mv = memoryview(blob)
             for k in range(i, j + 1):
                 off = self._offsets[k] - start
-                yield k, self.decode_chunk(k, mv[off : off + self._lengths[k]])
+                yield k, self._decode(k, mv[off : off + self._lengths[k]], None, check)
             i = j + 1
 
     def read(self, offset: int, length: int) -> bytes:
         """Uncompressed bytes [offset, offset+length), short only at the end of the data."""
+        parts = self.read_parts(offset, length)
+        if len(parts) == 1:
+            part = parts[0]
+            return part if isinstance(part, bytes) else bytes(part)
+        return b"".join(parts)
+
+    def read_parts(self, offset: int, length: int) -> list[Part]:
+        """The bytes of `read` as pieces that share memory with the decoded chunks (no copy).
+
+        Every piece comes from a chunk checked like `read`'s; the pieces are read-only."""
         if offset < 0 or length < 0:
             raise InvalidArgumentError(f"negative range {offset}+{length}")
         end = min(offset + length, self.size)
         if offset >= end:
-            return b""
+            return []
         shift = self.chunk_shift
         first, last = offset >> shift, (end - 1) >> shift
+        check = self._check_needed()
         if first == last:
-            # The common case (a 4 KiB block read): one chunk, no generator, no join.
-            base = first << shift
+            # The common case (a small read): one chunk, no generator.
             data = self._cache_get(first)
             if data is None:
                 start, n = self._offsets[first], self._lengths[first]
                 stored = self.source.read(start, n) if n else b""
                 if len(stored) != n:
                     raise self._short_read(start, n, len(stored), f"chunk {first}")
-                data = self.decode_chunk(first, stored)
+                data = self._decode(first, stored, None, check)
                 self._cache_put(first, data)
-            return data[offset - base : end - base]
-        parts: list[bytes] = []
+            return [_cut(data, offset - (first << shift), end - (first << shift))]
         # Chunks already in the cache split the request; the rest is fetched in coalesced runs.
+        got = self._cache_get_run(first, last)
         i = first
         while i <= last:
-            cached = self._cache_get(i)
-            if cached is not None:
-                parts.append(cached)
+            if got[i - first] is not None:
                 i += 1
                 continue
             j = i
-            while j < last and not self._cache_has(j + 1):
+            while j < last and got[j + 1 - first] is None:
                 j += 1
-            for k, data in self._fetch_chunks(i, j):
-                parts.append(data)
-                self._cache_put(k, data)
+            for k, data in self._fetch_chunks(i, j, check):
+                got[k - first] = data
+                # A long read's inner chunks are not read again soon; its edges are (by the reads
+                # around it), so only those take room in the small cache.
+                if k in (first, last):
+                    self._cache_put(k, data)
             i = j + 1
+        chunks = cast(list[bytes], got)
         base = first << shift
-        if len(parts) == 1:
-            return parts[0][offset - base : end - base]
-        return b"".join(parts)[offset - base : end - base]
+        parts: list[Part] = [_cut(chunks[0], offset - base, 1 << shift)]
+        parts += chunks[1:-1]
+        parts.append(_cut(chunks[-1], 0, end - (last << shift)))
+        return parts
 
     # The decoded-chunk cache is shared by every thread reading through this reader (the device
     # daemon's read pool), so each access holds the lock; decoding happens outside it.
@@ -596,9 +642,16 @@ class ChunkReader:
                 self._cache.move_to_end(i)
             return data
 
-    def _cache_has(self, i: int) -> bool:
+    def _cache_get_run(self, first: int, last: int) -> list[bytes | None]:
+        """The cached chunks of first..last (None where not cached), under one lock."""
+        if not self._cache_max:
+            return [None] * (last - first + 1)
         with self._cache_lock:
-            return i in self._cache
+            got = [self._cache.get(i) for i in range(first, last + 1)]
+            for i, data in enumerate(got, first):
+                if data is not None:
+                    self._cache.move_to_end(i)
+        return got
 
     def _cache_put(self, i: int, data: bytes) -> None:
         if not self._cache_max:

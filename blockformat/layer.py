@@ -23,11 +23,11 @@ index digest) covers the map, the chunk digests and thereby every byte of the la
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo, ChunkReader, ChunkWriter
+from .chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo, ChunkReader, ChunkWriter, Part
 from .errors import CorruptBlobError, InvalidArgumentError, UnsupportedFormatError
 from .extents import ZERO
 from .source import RangeSource
@@ -136,8 +136,10 @@ class LayerReader:
         source: RangeSource,
         expected_index_digest: str | None = None,
         cache_chunks: int = 8,
+        *,
+        verified: Callable[[], bool] | None = None,
     ) -> None:
-        self.chunks = ChunkReader(source, expected_index_digest, cache_chunks)
+        self.chunks = ChunkReader(source, expected_index_digest, cache_chunks, verified=verified)
         self.name = source.name
         self.vsize, self.extents = parse_layer_metadata(
             self.chunks.metadata, self.chunks.size, self.name, self.chunks.index_offset
@@ -147,6 +149,11 @@ class LayerReader:
     def index_digest(self) -> str:
         return self.chunks.index_digest
 
+    @property
+    def chunk_size(self) -> int:
+        """Uncompressed bytes per chunk: what one decode costs and yields."""
+        return self.chunks.chunk_size
+
     def read_data(self, data_offset: int, length: int) -> bytes:
         data = self.chunks.read(data_offset, length)
         if len(data) != length:
@@ -154,6 +161,14 @@ class LayerReader:
                 self.name, data_offset, "layer data (extent beyond the data)", length, len(data)
             )
         return data
+
+    def read_data_parts(self, data_offset: int, length: int) -> list[Part]:
+        """`read_data` as pieces sharing memory with the decoded chunks (`ChunkReader.read_parts`)."""
+        parts = self.chunks.read_parts(data_offset, length)
+        got = sum(len(p) for p in parts)
+        if got != length:
+            raise CorruptBlobError(self.name, data_offset, "layer data (extent beyond the data)", length, got)
+        return parts
 
     def segments(self) -> Iterator[tuple[int, int, int, int]]:
         """(start, end, source marker, data offset) with source 0 for data and ZERO for zeroed extents."""

@@ -8,16 +8,19 @@ zeros. A real image's merged map is small (DADI reports <= 4.5K segments), so it
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
-from .chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo
+from .chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo, Part
 from .errors import InvalidArgumentError
-from .extents import HOLE, ZERO, ExtentMap
+from .extents import ZERO, ExtentMap
 from .layer import Extent, LayerWriter
 
 MAX_LAYERS = 255
 _PIECE = 4 * 1024 * 1024
+#: Zeros for holes and zeroed ranges in `read_parts`, shared (read-only).
+_ZERO_VIEW = memoryview(bytes(1 << 20))
 
 
 class Layer(Protocol):
@@ -27,7 +30,12 @@ class Layer(Protocol):
     vsize: int
     extents: list[Extent]
 
+    @property
+    def chunk_size(self) -> int: ...
+
     def read_data(self, data_offset: int, length: int) -> bytes: ...
+
+    def read_data_parts(self, data_offset: int, length: int) -> list[Part]: ...
 
 
 class BlockReader(Protocol):
@@ -64,6 +72,13 @@ class Stack:
                     self.map.paint(e.offset, e.end, ZERO)
                 else:
                     self.map.paint(e.offset, e.end, idx, e.data_offset)
+        # The merged map never changes after this, so reads search flat copies of it (no Segment
+        # objects or generators per read: a 4 KiB read is on the device's hot path).
+        segs = list(self.map)
+        self._starts = [seg.start for seg in segs]
+        self._ends = [seg.end for seg in segs]
+        self._srcs = [seg.source for seg in segs]
+        self._doffs = [seg.data_offset for seg in segs]
 
     @property
     def vsize(self) -> int:
@@ -71,18 +86,66 @@ class Stack:
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the device, short only at its end."""
+        parts = self.read_parts(offset, length)
+        if len(parts) == 1:
+            part = parts[0]
+            return part if isinstance(part, bytes) else bytes(part)
+        return b"".join(parts)
+
+    def read_parts(self, offset: int, length: int) -> list[Part]:
+        """The bytes of `read` as read-only pieces that share memory with the layers' decoded chunks."""
         if offset < 0 or length < 0:
             raise InvalidArgumentError(f"negative range {offset}+{length}")
         end = min(offset + length, self._vsize)
         if offset >= end:
-            return b""
-        parts: list[bytes] = []
-        for seg in self.map.pieces(offset, end):
-            if seg.source in (HOLE, ZERO):
-                parts.append(bytes(seg.length))
-            else:
-                parts.append(self.layers[seg.source].read_data(seg.data_offset, seg.length))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            return []
+        starts, ends, srcs, doffs = self._starts, self._ends, self._srcs, self._doffs
+        parts: list[Part] = []
+        pos = offset
+        i = bisect_right(starts, pos) - 1
+        if i < 0 or ends[i] <= pos:
+            i += 1
+        while pos < end:
+            if i < len(starts) and starts[i] <= pos:
+                stop = min(ends[i], end)
+                src = srcs[i]
+                if src >= 0:
+                    parts += self.layers[src].read_data_parts(doffs[i] + (pos - starts[i]), stop - pos)
+                else:
+                    parts.append(_zeros(stop - pos))
+                i += 1
+            else:  # a hole up to the next segment
+                stop = min(starts[i], end) if i < len(starts) else end
+                parts.append(_zeros(stop - pos))
+            pos = stop
+        return parts
+
+    def chunk_window(self, offset: int, end: int) -> tuple[int, int]:
+        """The device range around [offset, end) held by the same decoded chunks as [offset, end).
+
+        Reading the window costs no more decompression and checking than reading [offset, end): it
+        adds the rest of the first and the last chunk, as far as the same layer serves the device there
+        (holes, zeroed ranges and other layers' extents end it). Used to hand the kernel the bytes a
+        small read decoded anyway."""
+        end = min(end, self._vsize)
+        if not 0 <= offset < end:
+            return offset, max(offset, end)
+        starts, ends, srcs, doffs = self._starts, self._ends, self._srcs, self._doffs
+        lo, hi = offset, end
+        i = bisect_right(starts, offset) - 1
+        if i >= 0 and offset < ends[i] and srcs[i] >= 0:
+            doff = doffs[i] + (offset - starts[i])
+            lo = max(starts[i], offset - doff % self.layers[srcs[i]].chunk_size)
+        j = bisect_right(starts, end - 1) - 1
+        if j >= 0 and end - 1 < ends[j] and srcs[j] >= 0:
+            doff = doffs[j] + (end - 1 - starts[j])
+            size = self.layers[srcs[j]].chunk_size
+            hi = min(ends[j], end + size - 1 - doff % size)
+        return lo, hi
+
+
+def _zeros(n: int) -> Part:
+    return _ZERO_VIEW[:n] if n <= len(_ZERO_VIEW) else bytes(n)
 
 
 def flatten(

@@ -176,6 +176,22 @@ class CachedBlob:
     def complete(self) -> bool:
         return self._complete
 
+    def sealed(self) -> bool:
+        """True when every byte `read` returns was verified and the data file can no longer change.
+
+        Readers (`ChunkReader(verified=...)`) then skip the per-chunk SHA-256. That is safe because:
+        - only this class writes ``data``, and only bytes that passed their checks (`_verify_and_store`:
+          each chunk's SHA-256 against the verified index, before the write);
+        - ``complete`` is set only after the whole file's SHA-256 equalled the blob digest
+          (`verify_complete`), or when this process found the marker written by such a check and every
+          unit present;
+        - once complete nothing writes ``data`` again: `ensure` returns at once, `discard` runs only for
+          an incomplete blob (`verify_complete` returns before it), and eviction never touches an open
+          blob (it unlinks files of blobs nobody holds; an open descriptor keeps the old file anyway).
+        What is left is storage damage after the check, or another root process writing our cache
+        directory — the trust every read from a local file system (e.g. an overlayfs layer) takes."""
+        return self._complete
+
     def present_count(self) -> int:
         return sum(bin(b).count("1") for b in self._bits)
 

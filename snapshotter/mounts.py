@@ -109,6 +109,12 @@ def run_tool(
         raise MountError(what, argv, None, f"{argv[0]}: {e.strerror or e}", remedy) from None
     try:
         out, err = proc.communicate(timeout=timeout)
+    except (KeyboardInterrupt, SystemExit):
+        # Interrupted (Ctrl-C, SIGTERM): let the command finish — they are short — so that what it did
+        # (a loop device attached, a mount made) exists by the time the caller's cleanup looks for it.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=timeout)
+        raise
     except subprocess.TimeoutExpired:
         proc.kill()
         err = ""

@@ -54,7 +54,14 @@ from p2p.manifest import (
 from ..errors import ConvertError, ImageError, LayerError
 from ..ocilayout import write_atomic
 from .applytar import LAYER_MEDIA_TYPES, open_layer_stream
-from .ext4layer import Ext4LayerBuilder, FsIdentity, LowerBlob, private_daemon, raise_fd_limit
+from .ext4layer import (
+    Ext4LayerBuilder,
+    FsIdentity,
+    LowerBlob,
+    private_daemon,
+    raise_fd_limit,
+    release_mounts,
+)
 from .sinks import Sink, open_sink
 from .sources import ImageSource, open_source
 
@@ -300,6 +307,7 @@ class Converter:
         try:
             yield work
         finally:
+            release_mounts(work)
             shutil.rmtree(work, ignore_errors=True)
 
     def run(self, src: str, dst: str) -> ConvertResult:

@@ -64,7 +64,16 @@ from ..device.daemon import Paths
 from ..device.fuse import MNT_DETACH, unmount_path
 from ..device.manager import DeviceSpec, LayerSpec, SourceSpec
 from ..errors import ControlError, ConvertError, LayerError, MountError
-from ..mounts import find_mount, mkfs_ext4, mount_loop, umount_loop
+from ..mounts import (
+    find_mount,
+    loop_detach,
+    loop_devices,
+    mkfs_ext4,
+    mount_loop,
+    mountinfo,
+    umount,
+    umount_loop,
+)
 from .applytar import ApplyStats, Readable, apply_layer
 
 log = logging.getLogger(__name__)
@@ -192,8 +201,8 @@ class PrivateDaemon:
 @contextlib.contextmanager
 def private_daemon(state_dir: str) -> Iterator[PrivateDaemon]:
     daemon = PrivateDaemon(state_dir)
-    daemon.start()
     try:
+        daemon.start()  # inside: an interrupt while it starts must stop it too
         yield daemon
     finally:
         daemon.stop()
@@ -315,6 +324,24 @@ def _load_every_group(loop: str) -> None:
     with open(path, "rb") as f:
         while f.read(1 << 16):
             pass
+
+
+def release_mounts(root: str) -> None:
+    """Unmount everything mounted below `root` (deepest first) and detach loop devices over files below
+    it, by exact path: the safety net for a conversion interrupted anywhere."""
+    prefix = os.path.realpath(root) + os.sep
+    for m in sorted(
+        (m for m in mountinfo() if m.mount_point.startswith(prefix)), key=lambda m: -len(m.mount_point)
+    ):
+        if m.fstype == "fuse" or m.fstype.startswith("fuse."):
+            continue  # the device daemon's own mount: PrivateDaemon.stop removes it
+        try:
+            umount(m.mount_point)
+        except MountError:
+            umount(m.mount_point, lazy=True)
+    for d in loop_devices():
+        if d.backing_file.startswith(prefix):
+            loop_detach(d.device, backing_file=d.backing_file)
 
 
 def raise_fd_limit() -> None:
@@ -496,6 +523,9 @@ class Ext4LayerBuilder:
             info = BlobInfo(**self.daemon.call(request)["info"])
             phase("commit")
         finally:
+            # Wherever an interrupt landed (even inside mount_loop, before the inner finally): the
+            # filesystem and its loop device go before the device does.
+            release_mounts(self.work_dir)
             with contextlib.suppress(ControlError):
                 self.daemon.call({"op": "detach", "name": name}, timeout=60)
             shutil.rmtree(upper, ignore_errors=True)

@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import stat
 import struct
@@ -26,6 +27,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from blockformat.chunkfile import Part
+
+from ..mounts import parse_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ KSTATFS = struct.Struct("<QQQQQIIII24x")
 SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
 LSEEK_IN = struct.Struct("<QQII")
 LSEEK_OUT = struct.Struct("<Q")
+NOTIFY_STORE_OUT = struct.Struct("<QQII")  # nodeid, offset, size, padding
+NOTIFY_STORE = 4  # fuse_notify_code: sent as the error field of a header with unique 0
 
 ASYNC_READ = 1 << 0
 BIG_WRITES = 1 << 5
@@ -77,6 +84,17 @@ BUFFER_SIZE = MAX_WRITE + 4096
 MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
+PAGE = mmap.PAGESIZE  # the page cache's unit: only whole pages are stored
+
+#: Readahead of the device files (KiB): how far ahead the kernel asks when a device file is read
+#: sequentially (the loop device reads it so for ext4's readahead). The kernel's default, 128 KiB, made
+#: the daemon answer 128 KiB requests that each cut three 64 KiB chunks, one at a time. With 8 MiB the
+#: requests are 1 MiB (max_pages) and several are in flight, so the request threads decode in parallel
+#: while the loop device copies; 2 MiB was slower for one reader (scripts/bench_device.py).
+DEFAULT_READAHEAD_KB = 8192
+#: Reads smaller than this hand the rest of their decoded chunks to the kernel (FUSE_NOTIFY_STORE).
+#: Larger ones are readahead, which asks for the neighbours itself.
+STORE_BELOW = 256 * 1024
 
 #: How long a read overlapping a range that just failed may take before it fails too (seconds). Data
 #: that is already local comes back well within it; a read that needs the network again does not.
@@ -101,6 +119,14 @@ class BlockDevice(Protocol):
 
     def read(self, offset: int, length: int) -> bytes: ...
 
+    def read_parts(self, offset: int, length: int) -> list[Part]:
+        """`read` as read-only pieces (no copy); the reply is written from them as they are."""
+        ...
+
+    def chunk_window(self, offset: int, end: int) -> tuple[int, int]:
+        """A range around [offset, end) whose bytes come with reading [offset, end) at no extra cost."""
+        ...
+
     def write(self, offset: int, data: bytes) -> None: ...
 
     def trim(self, offset: int, length: int) -> None: ...
@@ -114,6 +140,17 @@ class _Entry:
     name: str
     device: BlockDevice
     mtime: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class _Store:
+    """What a read decoded beyond its reply: bytes [lo, start of the reply) and [end of it, ...)."""
+
+    nodeid: int
+    lo: int
+    before: list[Part]
+    end: int
+    after: list[Part]
 
 
 class FuseError(Exception):
@@ -138,6 +175,25 @@ def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None
         raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}", target)
 
 
+def _split(parts: list[Part], start: int, length: int) -> tuple[list[Part], list[Part], list[Part]]:
+    """Cut a list of pieces into the bytes before `start`, the `length` bytes from it, and the rest."""
+    out: tuple[list[Part], list[Part], list[Part]] = ([], [], [])
+    cuts = (start, start + length)
+    pos = 0
+    for part in parts:
+        n = len(part)
+        a = 0
+        for k, cut in enumerate(cuts):
+            if a < n and pos + a < cut:
+                b = min(n, cut - pos)
+                out[k].append(part if a == 0 and b == n else memoryview(part)[a:b])
+                a = b
+        if a < n:
+            out[2].append(part if a == 0 else memoryview(part)[a:])
+        pos += n
+    return out
+
+
 def unmount_path(target: str, flags: int = 0) -> None:
     if _lib().umount2(target.encode(), flags) != 0:
         err = ctypes.get_errno()
@@ -148,9 +204,24 @@ def unmount_path(target: str, flags: int = 0) -> None:
 class BlockFS:
     """The device filesystem: `attach`/`detach` devices, `mount` it, `serve` requests, `unmount`."""
 
-    def __init__(self, read_timeout: float = 30.0, threads: int = 4, io_threads: int = 32) -> None:
+    def __init__(
+        self,
+        read_timeout: float = 30.0,
+        threads: int = 4,
+        io_threads: int = 32,
+        readahead_kb: int = DEFAULT_READAHEAD_KB,
+        store: bool = True,
+    ) -> None:
         self.read_timeout = read_timeout
         self.threads = threads
+        self.readahead_kb = readahead_kb
+        # FUSE_NOTIFY_STORE of what small reads decoded beyond what they were asked (see `_read`).
+        self.store = store
+        self._pending = threading.local()  # .store: the store a request thread makes after its reply
+        self._storing = 0  # request threads storing right now
+        self._storing_lock = threading.Lock()
+        self.stores = 0  # FUSE_NOTIFY_STORE messages the kernel accepted
+        self.stores_skipped = 0  # windows not stored: every other request thread was storing
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="fuse-io")
         self._lock = threading.Lock()
         self._by_name: dict[str, _Entry] = {}
@@ -205,6 +276,8 @@ class BlockFS:
 
     def mount(self, mountpoint: str) -> None:
         os.makedirs(mountpoint, exist_ok=True)
+        # Canonical before mounting (resolving it afterwards would ask the not-yet-served filesystem).
+        mountpoint = os.path.realpath(mountpoint)
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         opts = f"fd={fd},rootmode=40000,user_id={self._uid},group_id={self._gid},allow_other"
         opts += f",max_read={MAX_WRITE}"
@@ -215,6 +288,32 @@ class BlockFS:
             raise
         self._fd = fd
         self.mountpoint = mountpoint
+        self._set_readahead()
+
+    def _set_readahead(self) -> None:
+        """Raise the FUSE mount's readahead to `readahead_kb` (its bdi's ``read_ahead_kb``).
+
+        A file takes the readahead of its filesystem when it is opened, so this must happen before a
+        loop device opens a device file: right after mounting. The kernel lowers the value to the
+        INIT reply's max_readahead when that arrives, so `_init` answers with at least this much."""
+        if not self.readahead_kb or self.mountpoint is None:
+            return
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                mounts = [m for m in parse_mountinfo(f.read()) if m.mount_point == self.mountpoint]
+            if not mounts:
+                raise OSError(errno.ENOENT, "not in /proc/self/mountinfo")
+            m = mounts[-1]
+            with open(f"/sys/class/bdi/{m.major}:{m.minor}/read_ahead_kb", "w") as f:
+                f.write(str(self.readahead_kb))
+        except Exception as e:  # a slower device, not a broken one
+            log.warning(
+                "cannot set the readahead of %s to %d KiB (%s); device files are read with the kernel's "
+                "default (slower sequential reads)",
+                self.mountpoint,
+                self.readahead_kb,
+                e,
+            )
 
     def serve(self) -> None:
         """Start the request threads (returns at once; `unmount` stops them)."""
@@ -268,8 +367,12 @@ class BlockFS:
             self._reply(unique, 0, reply)
             if opcode == DESTROY:
                 return
+            pending: _Store | None = getattr(self._pending, "store", None)
+            if pending is not None:
+                self._pending.store = None
+                self._store_after_reply(pending)
 
-    def _reply(self, unique: int, error: int, payload: bytes | list[bytes] = b"") -> None:
+    def _reply(self, unique: int, error: int, payload: bytes | list[Part] = b"") -> None:
         parts = payload if isinstance(payload, list) else [payload]
         size = OUT_HEADER.size + sum(len(p) for p in parts)
         try:
@@ -302,7 +405,7 @@ class BlockFS:
             e.inode, size, (size + 511) // 512, t, t, t, 0, 0, 0, mode, 1, self._uid, self._gid, 0, 4096, 0
         )
 
-    def _dispatch(self, opcode: int, nodeid: int, body: memoryview) -> bytes | list[bytes] | None:
+    def _dispatch(self, opcode: int, nodeid: int, body: memoryview) -> bytes | list[Part] | None:
         if opcode == READ:
             _fh, offset, size, *_ = READ_IN.unpack_from(body)
             return self._read(nodeid, offset, size)
@@ -376,7 +479,7 @@ class BlockFS:
         return INIT_OUT.pack(
             KERNEL_MAJOR,
             min(minor, KERNEL_MINOR),
-            max_readahead,
+            max(max_readahead, self.readahead_kb * 1024),  # the kernel keeps the smaller of it and ours
             flags & want,
             64,  # max_background
             48,  # congestion_threshold
@@ -403,7 +506,7 @@ class BlockFS:
             out += rec
         return bytes(out)
 
-    def _read(self, nodeid: int, offset: int, size: int) -> bytes:
+    def _read(self, nodeid: int, offset: int, size: int) -> list[Part]:
         # The kernel retries a failed read at once: the FUSE page cache re-reads the first page of a
         # failed readahead, and the filesystem on the loop device does the same one level up. So one
         # read(2) of a missing chunk became three device reads in a row, each waiting out the whole
@@ -412,11 +515,15 @@ class BlockFS:
         # still reads, a fetch that needs the network fails fast, and read(2) returns EIO after about
         # one bound. After that the range is tried with the full bound again (the registry may be back).
         device = self._entry(nodeid).device
+        end = offset + size
+        lo, hi = offset, end
+        if self.store and size < STORE_BELOW and not device.writable:
+            lo, hi = self._store_window(device, offset, end)
         if device.local:
             # Nothing to wait for on the network: serve it on this thread. Handing it to the pool costs
             # more than the read (scripts/bench_device.py measured ~100 us of wake-ups per request).
             try:
-                return device.read(offset, size)
+                parts = device.read_parts(lo, hi - lo)
             except (ValueError, OverflowError):
                 raise FuseError(errno.EINVAL) from None
             except Exception as e:
@@ -425,11 +532,11 @@ class BlockFS:
                 if self.on_error is not None:
                     self.on_error("error", e)
                 raise FuseError(errno.EIO) from None
-        end = offset + size
+            return self._handed_out(nodeid, lo, offset, end, parts)
         fast = self._recently_failed(nodeid, offset, end)
-        future = self._io.submit(device.read, offset, size)
+        future = self._io.submit(device.read_parts, lo, hi - lo)
         try:
-            data = future.result(timeout=FAIL_FAST_WAIT if fast else self.read_timeout)
+            parts = future.result(timeout=FAIL_FAST_WAIT if fast else self.read_timeout)
         except concurrent.futures.TimeoutError:
             self._note_failure(nodeid, offset, end)
             if fast:
@@ -451,7 +558,67 @@ class BlockFS:
             raise FuseError(errno.EIO) from None
         if fast:
             self._forget_failures(nodeid, offset, end)
-        return data
+        return self._handed_out(nodeid, lo, offset, end, parts)
+
+    # -- FUSE_NOTIFY_STORE -----------------------------------------------------------------------
+    #
+    # A small read (a 4 KiB O_DIRECT read through the loop device, a small file) costs the daemon a
+    # whole chunk: fetched, checked, decompressed, and all but the asked-for pages thrown away. So for
+    # read-only devices the read covers the whole window those chunks hold, the reply takes its part,
+    # and the rest goes into the kernel's page cache of the device file (FUSE_NOTIFY_STORE), where the
+    # next read of a neighbour finds it without a request. Every stored byte comes out of the same
+    # checked read path as a reply, and a read-only device's bytes never change, so a stored page is
+    # exactly what a later read would return.
+
+    @staticmethod
+    def _store_window(device: BlockDevice, offset: int, end: int) -> tuple[int, int]:
+        lo, hi = device.chunk_window(offset, end)
+        # Whole pages only: the kernel marks a stored page up to date only when it gets all of it.
+        lo = min(offset, -(-lo // PAGE) * PAGE)
+        hi = max(end, hi // PAGE * PAGE)
+        return lo, hi
+
+    def _handed_out(self, nodeid: int, lo: int, offset: int, end: int, parts: list[Part]) -> list[Part]:
+        """The reply's part of `parts` (the bytes of [lo, ...)); the rest is stored after the reply."""
+        if not self.store or (lo == offset and sum(len(p) for p in parts) <= end - offset):
+            return parts
+        before, reply, after = _split(parts, offset - lo, end - offset)
+        self._pending.store = _Store(nodeid, lo, before, end, after)
+        return reply
+
+    def _store_after_reply(self, pending: _Store) -> None:
+        """Store a read's extra bytes, on the request thread that just replied to it.
+
+        A store waits for the lock of each page it fills, and a page stays locked while a READ of it
+        is in flight, which only a request thread can answer. So at least one request thread must
+        always be free of stores: then every in-flight READ gets answered, its pages unlocked, and
+        every store finishes. A thread stores only while fewer than `threads - 1` others do; otherwise
+        the window is dropped (the kernel asks for those pages when it needs them)."""
+        with self._storing_lock:
+            if self._storing >= self.threads - 1:
+                self.stores_skipped += 1
+                return
+            self._storing += 1
+        try:
+            for offset, parts in ((pending.lo, pending.before), (pending.end, pending.after)):
+                if parts:
+                    self._notify_store(pending.nodeid, offset, parts)
+        finally:
+            with self._storing_lock:
+                self._storing -= 1
+
+    def _notify_store(self, nodeid: int, offset: int, parts: list[Part]) -> None:
+        """Hand [offset, ...) to the kernel's page cache of the node (FUSE_NOTIFY_STORE)."""
+        size = sum(len(p) for p in parts)
+        head = OUT_HEADER.pack(OUT_HEADER.size + NOTIFY_STORE_OUT.size + size, NOTIFY_STORE, 0)
+        try:
+            os.writev(self._fd, [head, NOTIFY_STORE_OUT.pack(nodeid, offset, size, 0), *parts])
+            self.stores += 1
+        except OSError as e:
+            # ENOENT: the kernel holds no inode for the node (its file is not open): nothing to store.
+            # ENODEV/EBADF: unmounted; the request loop notices on its next read.
+            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                log.debug("FUSE_NOTIFY_STORE of %d bytes at %d failed: %s", size, offset, e)
 
     def _recently_failed(self, nodeid: int, start: int, end: int) -> bool:
         now = time.monotonic()

@@ -15,6 +15,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from blockformat.chunkfile import Part
 from blockformat.layer import LayerReader
 from blockformat.source import FileSource, RangeSource
 from blockformat.stack import Stack
@@ -112,6 +113,18 @@ class ImageDevice:
             return self.upper.read(offset, length)
         return self.stack.read(offset, length)
 
+    def read_parts(self, offset: int, length: int) -> list[Part]:
+        """`read` as read-only pieces that share memory with decoded chunks (for a vectored reply)."""
+        if self.upper is not None:
+            return [self.upper.read(offset, length)]
+        return self.stack.read_parts(offset, length)
+
+    def chunk_window(self, offset: int, end: int) -> tuple[int, int]:
+        """The range around [offset, end) decoded along with it (`Stack.chunk_window`)."""
+        if self.upper is not None:
+            return offset, end
+        return self.stack.chunk_window(offset, end)
+
     def write(self, offset: int, data: bytes) -> None:
         if self.upper is None:
             raise DeviceError("device is read-only")
@@ -189,7 +202,10 @@ class DeviceManager:
                 )
                 cached = self.cache.open(spec.digest, spec.size, upstream, spec.index_digest)
                 source = cached
-            layer = LayerReader(source, spec.index_digest)
+            # A sealed cache blob (complete, whole-blob verified, written only by the cache) needs no
+            # per-chunk SHA-256 on every read: `CachedBlob.sealed` says why. A local file is not ours
+            # and may change under us, so its chunks are checked on every read.
+            layer = LayerReader(source, spec.index_digest, verified=cached.sealed if cached else None)
             if cached is not None and not cached.complete:
                 s = self.settings
                 background = BackgroundDownload(
@@ -316,4 +332,6 @@ class DeviceManager:
             "read_timeouts": self.fs.timeouts,
             "read_errors": self.fs.errors,
             "read_fast_failures": self.fs.fast_failures,
+            "read_stores": self.fs.stores,
+            "read_stores_skipped": self.fs.stores_skipped,
         }

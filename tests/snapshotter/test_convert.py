@@ -353,11 +353,12 @@ def test_not_root_gets_one_sentence_saying_why(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_sigterm_mid_conversion_leaves_no_mount_loop_daemon_or_work_dir(tmp_path: Path) -> None:
+@pytest.mark.parametrize("delay", [0.0, 0.4])
+def test_sigterm_mid_conversion_leaves_no_mount_loop_daemon_or_work_dir(delay: float, tmp_path: Path) -> None:
     # A cancelled CI job: the private device daemon, the loop device and the mount of the layer being
     # built are undone, and nothing is published.
     big = busybox_image(
-        Layer(tuple(file(f"data/f{i:03d}", content(256 << 10, i)) for i in range(160)), created_by="RUN big")
+        Layer(tuple(file(f"data/f{i:03d}", content(256 << 10, i)) for i in range(400)), created_by="RUN big")
     )
     src = write_layout(big, tmp_path / "src")
     cache = tmp_path / "cache"
@@ -372,7 +373,7 @@ def test_sigterm_mid_conversion_leaves_no_mount_loop_daemon_or_work_dir(tmp_path
         for line in proc.stdout:  # the first layer is done: the second one is being built now
             if "bytes of tar" in line:
                 break
-        time.sleep(0.3)
+        time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -381,8 +382,8 @@ def test_sigterm_mid_conversion_leaves_no_mount_loop_daemon_or_work_dir(tmp_path
             proc.wait()
     assert proc.returncode != EXIT_OK, out
     assert not (tmp_path / "out").exists()
-    assert not list(cache.glob("work-*")), "the work directory was left behind"
-    assert not [m for m in _mount_points() if m.startswith(str(tmp_path))]
+    assert not [m for m in _mount_points() if m.startswith(str(tmp_path))], out
+    assert not list(cache.glob("work-*")), f"the work directory was left behind: {out}"
     assert not [d for d, backing in _attached_loops().items() if backing.startswith(str(tmp_path))]
     leftover = []
     for pid in os.listdir("/proc"):
