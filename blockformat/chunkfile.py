@@ -81,6 +81,14 @@ _NO_DIGEST = bytes(32)
 Part = bytes | memoryview
 
 
+def join_parts(parts: list[Part]) -> bytes:
+    """The bytes of `read_parts`' pieces (no copy for a single ``bytes`` piece)."""
+    if len(parts) == 1:
+        part = parts[0]
+        return part if isinstance(part, bytes) else bytes(part)
+    return b"".join(parts)
+
+
 def _cut(data: bytes, lo: int, hi: int) -> Part:
     """data[lo:hi] without copying (the whole object when it is all of it)."""
     if lo == 0 and hi >= len(data):
@@ -577,11 +585,7 @@ class ChunkReader:
 
     def read(self, offset: int, length: int) -> bytes:
         """Uncompressed bytes [offset, offset+length), short only at the end of the data."""
-        parts = self.read_parts(offset, length)
-        if len(parts) == 1:
-            part = parts[0]
-            return part if isinstance(part, bytes) else bytes(part)
-        return b"".join(parts)
+        return join_parts(self.read_parts(offset, length))
 
     def read_parts(self, offset: int, length: int) -> list[Part]:
         """The bytes of `read` as pieces that share memory with the decoded chunks (no copy).

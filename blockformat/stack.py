@@ -12,7 +12,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
-from .chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo, Part
+from .chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo, Part, join_parts
 from .errors import InvalidArgumentError
 from .extents import ZERO, ExtentMap
 from .layer import Extent, LayerWriter
@@ -86,11 +86,7 @@ class Stack:
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the device, short only at its end."""
-        parts = self.read_parts(offset, length)
-        if len(parts) == 1:
-            part = parts[0]
-            return part if isinstance(part, bytes) else bytes(part)
-        return b"".join(parts)
+        return join_parts(self.read_parts(offset, length))
 
     def read_parts(self, offset: int, length: int) -> list[Part]:
         """The bytes of `read` as read-only pieces that share memory with the layers' decoded chunks."""
