@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import InvalidArgumentError
-from .layer import LAYER_MAJOR
+from .layer import ALIGNMENT, LAYER_MAJOR, MAX_VSIZE
 
 PREFIX = "containerd.io/snapshot/damselfly/"
 KEY_VERSION = PREFIX + "version"
@@ -66,14 +66,16 @@ class LayerAnnotations:
         """Parse our annotations (or containerd labels); None if the layer is not a damselfly layer."""
         if KEY_INDEX_DIGEST not in d:
             return None
-        try:
-            version = int(d.get(KEY_VERSION, "1"))
-            size = int(d[KEY_SIZE])
-            vsize = int(d[KEY_VSIZE])
-        except (KeyError, ValueError) as e:
+        version = _number(d, KEY_VERSION, "1")
+        vsize = _number(d, KEY_VSIZE)
+        size = _number(d, KEY_SIZE)
+        if vsize == 0 or vsize % ALIGNMENT or vsize > MAX_VSIZE:
             raise InvalidArgumentError(
-                f"damselfly layer annotations are incomplete or malformed: {e}"
-            ) from None
+                f"damselfly virtual size {vsize} is not a multiple of {ALIGNMENT} from {ALIGNMENT} "
+                f"to {MAX_VSIZE}"
+            )
+        if size > vsize:  # the data extents lie inside the device, without overlapping
+            raise InvalidArgumentError(f"damselfly layer size {size} exceeds its virtual size {vsize}")
         if version != LAYER_MAJOR:
             raise InvalidArgumentError(f"damselfly layer format version {version} is not supported")
         idx = d[KEY_INDEX_DIGEST]
@@ -83,3 +85,22 @@ class LayerAnnotations:
         if blob is not None and (not blob.startswith("sha256:") or len(blob) != 71):
             raise InvalidArgumentError(f"damselfly blob digest {blob!r} is not a sha256 digest")
         return cls(idx, size, vsize, d.get(KEY_FSTYPE, "ext4"), version, d.get(KEY_REPOSITORY), blob)
+
+
+#: Longest decimal number accepted in an annotation: 20 digits hold any u64. Values come from a
+#: manifest or from containerd labels, so they are checked before ``int`` sees them.
+_MAX_DIGITS = 20
+
+
+def _number(d: Mapping[str, str], key: str, default: str | None = None) -> int:
+    """The non-negative decimal number under `key` (`default` when absent, if given)."""
+    text = d.get(key, default)
+    if text is None:
+        raise InvalidArgumentError(f"damselfly layer annotations are incomplete or malformed: no {key}")
+    if not (0 < len(text) <= _MAX_DIGITS and text.isascii() and text.isdigit()):
+        raise InvalidArgumentError(
+            f"damselfly layer annotations are incomplete or malformed: {key} is {text[:40]!r}"
+            + ("..." if len(text) > 40 else "")
+            + f", not a decimal number of at most {_MAX_DIGITS} digits"
+        )
+    return int(text)

@@ -71,6 +71,21 @@ _KINDS = (KIND_ZERO, KIND_COMPRESSED, KIND_RAW)
 
 #: The first read of a blob fetches this much of its tail: the trailer and, for most blobs, the index.
 TAIL_READ = 256 * 1024
+#: The longest index a reader accepts (and a writer writes). The trailer's ``index_length`` comes from
+#: the blob, so without a bound a hostile or damaged trailer makes a reader allocate whatever it
+#: declares before any digest could refuse the bytes. 256 MiB holds 7.2 million chunks (37 bytes each):
+#: a layer of 442 GiB at the default 64 KiB chunk, 27 GiB at 4 KiB, 6.9 TiB at 1 MiB — beyond any real
+#: image layer — while opening a blob with the largest index peaks at about 3.5 times this in memory
+#: (870 MB measured: the index, its parsed tables and the copy kept for `check_tail`).
+MAX_INDEX_SIZE = 256 * 1024 * 1024
+#: Index bytes per chunk: stored length (u32), kind (u8), SHA-256 of the stored bytes.
+INDEX_ENTRY_SIZE = 4 + 1 + 32
+#: Chunks in the longest index (no metadata): what MAX_INDEX_SIZE admits.
+MAX_CHUNKS = (MAX_INDEX_SIZE - INDEX_HEADER.size) // INDEX_ENTRY_SIZE
+#: The largest blob that can be valid: every chunk stored at the largest chunk size (a stored chunk is
+#: never longer than a chunk: one that does not compress is stored raw), plus the longest index.
+#: Callers that size something by a blob's declared size (a cache's presence bitmap) check it first.
+MAX_BLOB_SIZE = HEADER_SIZE + MAX_CHUNKS * (1 << MAX_CHUNK_SHIFT) + MAX_INDEX_SIZE + TRAILER_SIZE
 #: Upper bound on one coalesced read, so a large request does not buffer unbounded memory.
 MAX_COALESCED_READ = 8 * 1024 * 1024
 
@@ -216,6 +231,11 @@ class ChunkWriter:
             self._buf = bytearray(rest)
 
     def _put_chunk(self, chunk: bytes) -> None:
+        if len(self._lengths) >= MAX_CHUNKS:
+            raise InvalidArgumentError(
+                f"more than {MAX_CHUNKS} chunks of {self._chunk_size} bytes do not fit in an index of at "
+                f"most {MAX_INDEX_SIZE} bytes; use a larger chunk size"
+            )
         if chunk == _ZEROS[: len(chunk)]:
             self._lengths.append(0)
             self._kinds.append(KIND_ZERO)
@@ -239,6 +259,11 @@ class ChunkWriter:
             self._buf = bytearray()
         self._closed = True
         n = len(self._lengths)
+        if INDEX_HEADER.size + INDEX_ENTRY_SIZE * n + len(metadata) > MAX_INDEX_SIZE:
+            raise InvalidArgumentError(
+                f"an index of {n} chunks and {len(metadata)} bytes of metadata is longer than "
+                f"{MAX_INDEX_SIZE} bytes, the most a reader accepts"
+            )
         index_offset = self._offset
         ih = INDEX_HEADER.pack(
             INDEX_MAGIC, self._size, n, self._codec.id, self._shift, self._codec.level, len(metadata)
@@ -397,6 +422,14 @@ class ChunkReader:
                 f"index within {HEADER_SIZE}..{self._blob_size - TRAILER_SIZE}",
                 f"offset {index_offset} length {index_length}",
             )
+        if not INDEX_HEADER.size <= index_length <= MAX_INDEX_SIZE:
+            raise CorruptBlobError(
+                self.name,
+                at,
+                "trailer index length",
+                f"{INDEX_HEADER.size}..{MAX_INDEX_SIZE} bytes",
+                f"{index_length} bytes",
+            )
         return _Trailer(index_offset, index_length, index_digest, minor)
 
     def _load_tail(self, expected_index_digest: str | None) -> None:
@@ -408,6 +441,10 @@ class ChunkReader:
                 "blob",
                 f"at least {HEADER_SIZE + TRAILER_SIZE + INDEX_HEADER.size} bytes",
                 f"{size} bytes",
+            )
+        if size > MAX_BLOB_SIZE:
+            raise CorruptBlobError(
+                self.name, 0, "blob size", f"at most {MAX_BLOB_SIZE} bytes", f"{size} bytes"
             )
         tail_len = min(size, TAIL_READ)
         tail = self._read_exact(size - tail_len, tail_len, "tail")
@@ -424,11 +461,7 @@ class ChunkReader:
                     format_digest(t.index_digest),
                     "the blob is damaged or is not the layer the manifest names; fetch it again",
                 )
-        if t.index_offset >= size - tail_len:
-            start = t.index_offset - (size - tail_len)
-            index = tail[start : start + t.index_length]
-        else:
-            index = self._read_exact(t.index_offset, t.index_length, "index")
+        index = self._read_index(tail, t)
         got = hashlib.sha256(index).digest()
         if got != t.index_digest:
             raise CorruptBlobError(
@@ -438,17 +471,59 @@ class ChunkReader:
         self._tail = index + tail[-TRAILER_SIZE:]  # verified: index by digest, trailer by CRC
         self.index_digest = format_digest(t.index_digest)
         self.index_offset = t.index_offset
+        #: Where the index metadata starts in the blob (for messages about it).
+        self.metadata_offset = t.index_offset + t.index_length - len(self.metadata)
         self.format_minor = t.minor
+
+    def _read_index(self, tail: bytes, t: _Trailer) -> bytes:
+        """The index bytes (not yet verified), its header checked against the trailer first.
+
+        The trailer's length is bounded (MAX_INDEX_SIZE), but a reader still reads no index byte past
+        the tail before the index header agrees with it: one small read, then the rest. An index that
+        lies inside the tail (most blobs) costs no read at all.
+        """
+        tail_start = self._blob_size - len(tail)
+        in_tail = tail[max(t.index_offset - tail_start, 0) : len(tail) - TRAILER_SIZE]
+        if t.index_offset >= tail_start:
+            self._check_index_header(in_tail, t)
+            return in_tail
+        first = self._read_exact(t.index_offset, min(TAIL_READ, tail_start - t.index_offset), "index")
+        # `first` stops at the tail, so a header that straddles it ends in `in_tail`.
+        self._check_index_header(first[: INDEX_HEADER.size] + in_tail[: INDEX_HEADER.size], t)
+        rest_at = t.index_offset + len(first)
+        rest = self._read_exact(rest_at, tail_start - rest_at, "index") if rest_at < tail_start else b""
+        return b"".join((first, rest, in_tail))
+
+    def _check_index_header(self, head: bytes, t: _Trailer) -> None:
+        """Check the index header's geometry against the trailer's index length (docs/format.md §1.5).
+
+        Run before the index is read and verified: its fields say how long the index must be, and the
+        trailer's length was bounded, so this also bounds the chunk count and the metadata length."""
+        at = t.index_offset
+        magic, usize, n, _codec, shift, _level, meta_len = INDEX_HEADER.unpack_from(head)
+        if magic != INDEX_MAGIC:
+            raise CorruptBlobError(self.name, at, "index header", f"magic {INDEX_MAGIC!r}", repr(magic))
+        if not MIN_CHUNK_SHIFT <= shift <= MAX_CHUNK_SHIFT:
+            raise CorruptBlobError(self.name, at, "index chunk shift", "12..20", shift)
+        cs = 1 << shift
+        if n != (usize + cs - 1) // cs:
+            raise CorruptBlobError(self.name, at, "index chunk count", (usize + cs - 1) // cs, n)
+        want_len = INDEX_HEADER.size + INDEX_ENTRY_SIZE * n + meta_len
+        if want_len != t.index_length:
+            raise CorruptBlobError(
+                self.name,
+                at,
+                f"index length (header: {n} chunks, {meta_len} bytes of metadata)",
+                f"{want_len} bytes",
+                f"{t.index_length} bytes (the trailer's)",
+            )
 
     def _parse_index(self, index: bytes, t: _Trailer) -> None:
         # The index is covered by a digest the caller trusts, so a mismatch below is a writer bug or a
-        # hostile writer, not bit rot; still it is rejected with a precise message, never trusted.
+        # hostile writer, not bit rot; still it is rejected with a precise message, never trusted. Its
+        # header's geometry was checked by `_check_index_header` before it was read.
         at = t.index_offset
-        if len(index) < INDEX_HEADER.size:
-            raise CorruptBlobError(self.name, at, "index length", f">= {INDEX_HEADER.size}", len(index))
-        magic, usize, n, codec_id, shift, level, meta_len = INDEX_HEADER.unpack_from(index)
-        if magic != INDEX_MAGIC:
-            raise CorruptBlobError(self.name, at, "index header", f"magic {INDEX_MAGIC!r}", repr(magic))
+        _magic, usize, n, codec_id, shift, level, _meta_len = INDEX_HEADER.unpack_from(index)
         try:
             cid = CodecId(codec_id)
         except ValueError:
@@ -458,14 +533,7 @@ class ChunkReader:
         # The level only matters to compressors; a reader keeps it for `info` and never rejects it.
         self.codec = get_codec(cid)
         self.level: int = level
-        if not MIN_CHUNK_SHIFT <= shift <= MAX_CHUNK_SHIFT:
-            raise CorruptBlobError(self.name, at, "index chunk shift", "12..20", shift)
         cs = 1 << shift
-        if n != (usize + cs - 1) // cs:
-            raise CorruptBlobError(self.name, at, "index chunk count", (usize + cs - 1) // cs, n)
-        want_len = INDEX_HEADER.size + 4 * n + n + 32 * n + meta_len
-        if want_len != len(index):
-            raise CorruptBlobError(self.name, at, "index length", want_len, len(index))
         p = INDEX_HEADER.size
         lengths = array("I")
         lengths.frombytes(index[p : p + 4 * n])
@@ -479,6 +547,10 @@ class ChunkReader:
         self.metadata = index[p:]
         if any(k not in _KINDS for k in set(kinds)):
             raise CorruptBlobError(self.name, at, "index chunk kinds", "0, 1 or 2", sorted(set(kinds)))
+        # A stored chunk is never longer than a chunk (one that does not compress is stored raw), so
+        # no read of one chunk is larger than the chunk size, whatever the index says.
+        if n and max(lengths) > cs:
+            raise CorruptBlobError(self.name, at, "index chunk lengths", f"at most {cs}", max(lengths))
         offsets = array("Q", itertools.accumulate(lengths, initial=HEADER_SIZE))
         if offsets[-1] != t.index_offset:
             raise CorruptBlobError(

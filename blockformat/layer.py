@@ -142,7 +142,7 @@ class LayerReader:
         self.chunks = ChunkReader(source, expected_index_digest, cache_chunks, verified=verified)
         self.name = source.name
         self.vsize, self.extents = parse_layer_metadata(
-            self.chunks.metadata, self.chunks.size, self.name, self.chunks.index_offset
+            self.chunks.metadata, self.chunks.size, self.name, self.chunks.metadata_offset
         )
 
     @property
@@ -198,15 +198,24 @@ def parse_layer_metadata(meta: bytes, data_size: int, blob: str, at: int) -> tup
             f"{blob}: layer format {major}.{minor}; this damselfly reads major version(s) "
             f"{READABLE_LAYER_MAJORS}; upgrade damselfly"
         )
+    # The count is checked against the bytes present before any record is read, so a hostile count
+    # allocates nothing: the extent list never outgrows the (bounded, digest-checked) metadata.
     if len(meta) != LAYER_HEADER.size + count * EXTENT.size:
         raise CorruptBlobError(
-            blob, at, "layer extent table length", LAYER_HEADER.size + count * EXTENT.size, len(meta)
+            blob,
+            at,
+            f"layer extent table length ({count} extents)",
+            LAYER_HEADER.size + count * EXTENT.size,
+            len(meta),
         )
     if vsize <= 0 or vsize % ALIGNMENT or vsize > MAX_VSIZE:
-        raise CorruptBlobError(blob, at, "layer virtual size", f"multiple of {ALIGNMENT}", vsize)
+        raise CorruptBlobError(
+            blob, at, "layer virtual size", f"a multiple of {ALIGNMENT} up to {MAX_VSIZE}", vsize
+        )
     extents: list[Extent] = []
     pos = 0
-    for i, (off, length, doff) in enumerate(EXTENT.iter_unpack(meta[LAYER_HEADER.size :])):
+    records = EXTENT.iter_unpack(memoryview(meta)[LAYER_HEADER.size :])
+    for i, (off, length, doff) in enumerate(records):
         bad = None
         if off % SECTOR or length % SECTOR or length == 0:
             bad = "not sector-aligned or empty"

@@ -9,7 +9,7 @@ zeros. A real image's merged map is small (DADI reports <= 4.5K segments), so it
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Protocol
 
 from .chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo, Part, join_parts
@@ -115,6 +115,20 @@ class Stack:
                 parts.append(_zeros(stop - pos))
             pos = stop
         return parts
+
+    def layer_ranges(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(layer index, data offset, length) of every piece of layer data that [offset, offset+length)
+        of the device reads; holes and zeroed ranges read no layer and yield nothing."""
+        end = min(offset + length, self._vsize)
+        if offset < 0 or offset >= end:
+            return
+        starts, ends, srcs, doffs = self._starts, self._ends, self._srcs, self._doffs
+        i = max(0, bisect_right(starts, offset) - 1)
+        while i < len(starts) and starts[i] < end:
+            lo, hi = max(starts[i], offset), min(ends[i], end)
+            if lo < hi and srcs[i] >= 0:
+                yield srcs[i], doffs[i] + (lo - starts[i]), hi - lo
+            i += 1
 
     def chunk_window(self, offset: int, end: int) -> tuple[int, int]:
         """The device range around [offset, end) held by the same decoded chunks as [offset, end).

@@ -10,6 +10,12 @@ The flow (distribution's "Token Authentication Specification", and RFC 7235 for 
 3. It repeats the request with ``Authorization: Bearer <token>``, and caches the token per
    (realm, service, scopes) until shortly before it expires.
 
+Where credentials may go (`withholding_reason`): the realm is whatever URL the registry's challenge names,
+so the registry's credentials (basic header or refresh token) go to it only if it is served over HTTPS or
+from the registry endpoint's own origin (scheme, host and port; RFC 6454). Any other realm gets an
+anonymous token request. A token request that carries credentials never follows a redirect to another
+origin, and basic credentials go only to the endpoint's own origin (`p2p.session`).
+
 Credentials come from a `CredentialProvider`: a callable from registry host to `Credentials`. `DockerConfig`
 reads Docker's ``config.json`` (``auths`` with a base64 ``auth`` or ``username``/``password``, and
 ``identitytoken``; ``credHelpers``/``credsStore`` through ``docker-credential-*`` programs).
@@ -28,6 +34,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from .errors import AuthError, CredentialsError
 
@@ -278,6 +286,45 @@ def repository_scope(repository: str, actions: str) -> str:
     return f"repository:{repository}:{actions}"
 
 
+# -- where credentials may go --------------------------------------------------------------------
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """RFC 6454's origin of `url`: (scheme, host, port), with the scheme's default port filled in."""
+    return url.scheme, url.host, url.port if url.port is not None else _DEFAULT_PORTS.get(url.scheme)
+
+
+def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    return origin(a) == origin(b)
+
+
+def origin_text(url: httpx.URL) -> str:
+    """``scheme://host[:port]`` of `url`, for messages."""
+    return f"{url.scheme}://{url.netloc.decode('ascii')}"
+
+
+def withholding_reason(registry: httpx.URL, realm: httpx.URL) -> str | None:
+    """Why the registry's credentials must not be sent to the token `realm`, or None if they may.
+
+    A realm over HTTPS may have them whatever its host: the registry names its token service (Docker Hub's
+    is auth.docker.io), and TLS keeps them from everyone else on the way. So may the registry's own origin
+    (a loopback registry over plain HTTP that serves its tokens itself): they go there anyway. Anything
+    else would put them in clear text on a connection to a host only the challenge named.
+    """
+    if realm.scheme == "https" or same_origin(registry, realm):
+        return None
+    if realm.scheme != "http":
+        return f"the realm {str(realm)!r} is not an https:// URL"
+    if registry.scheme == "https":
+        return f"the realm is plain HTTP while the registry {origin_text(registry)} is HTTPS (a downgrade)"
+    return (
+        f"the realm is plain HTTP on another origin ({origin_text(realm)}) than the registry "
+        f"({origin_text(registry)})"
+    )
+
+
 # -- tokens --------------------------------------------------------------------------------------
 
 
@@ -285,6 +332,56 @@ def repository_scope(repository: str, actions: str) -> str:
 class Token:
     value: str = field(repr=False)
     expires_at: float  # on the client's monotonic clock
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """The request for a token: what is sent where (`url` includes the query)."""
+
+    method: str
+    url: httpx.URL
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content: bytes | None = field(default=None, repr=False)
+
+    @property
+    def carries_credentials(self) -> bool:
+        return "authorization" in self.headers or self.content is not None
+
+    def redirected(self, status: int, target: httpx.URL) -> TokenRequest:
+        """The request to repeat at `target` after a redirect `status`: RFC 9110 §15.4 as browsers (and
+        httpx) apply it — a 303, and a 301/302 after a POST, become a GET without the body."""
+        if (status == 303 and self.method != "HEAD") or (status in (301, 302) and self.method == "POST"):
+            headers = {k: v for k, v in self.headers.items() if k != "content-type"}
+            return TokenRequest("GET", target, headers)
+        return TokenRequest(self.method, target, self.headers, self.content)
+
+
+def token_request(
+    realm: httpx.URL, service: str, scopes: list[str], creds: Credentials | None
+) -> TokenRequest:
+    """A GET of ``realm?service=…&scope=…`` (with basic credentials, if any), or with an identity token the
+    OAuth2 refresh-token grant POST (distribution's "oauth" token spec; what ``docker login`` stores)."""
+    if creds is not None and creds.identity_token:
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": creds.identity_token,
+            "client_id": "damselfly",
+        }
+        if service:
+            form["service"] = service
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        url = realm.copy_merge_params({"service": service}) if service else realm
+        return TokenRequest(
+            "POST",
+            url,
+            {"content-type": "application/x-www-form-urlencoded"},
+            str(httpx.QueryParams(form)).encode(),
+        )
+    params: list[tuple[str, str | int | float | bool | None]] = [("service", service)] if service else []
+    params.extend(("scope", s) for s in scopes)
+    headers = {"authorization": creds.basic_header()} if creds is not None else {}
+    return TokenRequest("GET", realm.copy_merge_params(params), headers)
 
 
 def parse_token_response(body: bytes, url: str, now: float) -> Token:

@@ -1,6 +1,8 @@
 """Background full download: after a delay, fetch every missing unit of a cached blob at a bounded
 rate, check the whole blob's digest, and mark it complete — from then on no read of it needs the
-network (DADI's answer to containers that outlive their registry connection).
+network (DADI's answer to containers that outlive their registry connection). A blob found complete
+at open is re-verified the same way (`CachedBlob.verify_complete`), and units forgotten later because
+a read found them damaged on disk (`CachedBlob.repair`) are fetched again.
 
 One `BackgroundDownload` per blob owns its worker threads: `start` launches them, `stop` cancels and
 joins them, so no thread outlives its owner. Network failures are retried with capped exponential
@@ -107,9 +109,14 @@ class BackgroundDownload:
         self._done.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the download ended; True if the blob is complete."""
-        self._done.wait(timeout)
-        return self.blob.complete
+        """Wait until the blob is complete and verified, or the download ended; True if verified."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.blob.sealed() and not self._done.is_set():
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self._done.wait(0.05 if left is None else min(0.05, left))
+        return self.blob.sealed()
 
     def status(self) -> Status:
         with self._lock:
@@ -125,26 +132,43 @@ class BackgroundDownload:
 
     def _run(self) -> None:
         try:
-            if self.blob.complete or self._stop.wait(self.delay):
+            if self._stop.wait(self.delay):
                 return
-            for attempt in range(1, self.max_digest_attempts + 1):
-                self._set(State.DOWNLOADING)
-                if not self._fetch_all():
-                    return  # stopped
-                self._set(State.VERIFYING)
-                if self.blob.verify_complete():
-                    self._set(State.COMPLETE)
-                    log.info("%s: background download complete", self.blob.name)
-                    return
-                log.warning("%s: digest mismatch after full download (attempt %d)", self.blob.name, attempt)
-            self._set(State.FAILED, f"the whole-blob digest did not match {self.max_digest_attempts} times")
+            while True:
+                self.blob.changed.clear()
+                if not self._download_and_seal():
+                    return  # stopped, or failed for good
+                # Sealed. Nothing to do until a read finds damaged bytes in the cache and `repair`
+                # forgets their units: then they are fetched again and the blob sealed anew.
+                while not self.blob.changed.is_set():
+                    if self._stop.wait(0.5):
+                        return
+                log.info("%s: units were forgotten (damaged on disk); downloading them again", self.blob.name)
         except Exception as e:  # a local failure (disk full, ...): report it, never die silently
             log.exception("%s: background download failed", self.blob.name)
             self._set(State.FAILED, str(e))
         finally:
-            if self.blob.complete:
-                self._set(State.COMPLETE)
             self._done.set()
+
+    def _download_and_seal(self) -> bool:
+        """Fetch what is missing and check the whole blob (also a complete one: a ``complete`` marker
+        from an earlier process is re-verified); False if stopped or out of attempts."""
+        for attempt in range(1, self.max_digest_attempts + 1):
+            if self.blob.missing_units():
+                self._set(State.DOWNLOADING)
+                if not self._fetch_all():
+                    return False  # stopped
+            self._set(State.VERIFYING)
+            if self.blob.verify_complete():
+                self._set(State.COMPLETE)
+                log.info("%s: complete and verified", self.blob.name)
+                return True
+            if self._stop.is_set():
+                return False
+            if self.blob.missing_units():
+                log.warning("%s: digest mismatch after full download (attempt %d)", self.blob.name, attempt)
+        self._set(State.FAILED, f"the whole-blob digest did not match {self.max_digest_attempts} times")
+        return False
 
     def _fetch_all(self) -> bool:
         """Fetch every missing unit with `concurrency` workers; False if stopped."""

@@ -6,6 +6,9 @@ Per blob, in ``<root>/blobs/sha256/<hex>/``::
     bitmap     32 B header + one bit per fetch unit (1 = present: verified and durable)
     complete   exists once every unit is present and the whole file's SHA-256 equals the blob digest
 
+Everything is root's alone: the cache root and every directory below it are mode 0700 (forced at every
+start, whoever created them), the files 0600 — the cache holds the bytes of every image on the node.
+
     bitmap header: 0 magic "DFLYBMAP" | 8 u16 major | 10 u16 minor | 12 u32 unit size
                    | 16 u64 blob size | 24 4x | 28 u32 CRC32 of bytes 0..27
 
@@ -21,7 +24,18 @@ verified at open — and a unit is marked present only when every structure over
 A fetch therefore widens a run of missing units to whole chunks at its edges.
 
 Reads of present units never touch the network. Concurrent reads of the same missing unit make one
-upstream request: the first reader claims the unit, the others wait for it.
+upstream request: the first reader claims the unit, the others wait for it — each no longer than its
+own deadline (`p2p.deadline`). A fetch that fails puts its units in a cool-down: for `fail_cooldown`
+seconds a read that needs them fails at once (`CoolingDownError`) instead of waiting on the upstream
+again (the kernel retries a failed read at once, and a loop device serves its reads one by one).
+
+**Sealed.** A blob is *sealed* when this process has checked the whole file's SHA-256 against the blob
+digest; its readers then skip the per-chunk SHA-256 (`sealed` says why that is safe). A ``complete``
+marker found at open means "every unit was present and verified once" — it spares the network, not the
+checks: the blob is read locally with per-chunk checks until a re-verification of the whole file in
+this process (`verify_complete`, run by the background download) seals it, so bytes damaged on disk
+while the daemon was down are caught. A chunk that fails its check when read from the cache is
+`repair`ed: its units are forgotten and fetched again, verified, and the read is retried.
 """
 
 from __future__ import annotations
@@ -37,12 +51,14 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from blockformat.chunkfile import HEADER_SIZE, ChunkReader
+from blockformat.chunkfile import HEADER_SIZE, MAX_BLOB_SIZE, TAIL_READ, ChunkReader
+from blockformat.durable import PRIVATE_FILE_MODE, atomic_write, private_dir
 from blockformat.errors import CorruptBlobError, SourceError
 from blockformat.source import RangeSource
 
+from . import deadline
 from .digest import Digest, parse_digest
-from .errors import CacheError
+from .errors import CacheError, CoolingDownError, DeadlineExceededError
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +70,6 @@ BITMAP_HEADER_SIZE = BITMAP_HEADER.size + 4
 #: 64 KiB: a cold 4 KiB read moves 3-7x less than with 1 MiB units, and the background download
 #: still streams in ~4 MiB requests (scripts/bench_fetch.py, bench/results/fetch.md).
 DEFAULT_UNIT_SIZE = 64 << 10
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -137,12 +145,16 @@ class CachedBlob:
         self._flights: dict[int, _Flight] = {}
         self._geometry: ChunkReader | None = None
         self._geometry_lock = threading.Lock()
+        self._cooling: dict[int, float] = {}  # unit -> until when a read of it fails at once
         self.upstream_requests = 0
         self.upstream_bytes = 0
         self.local_bytes = 0
+        self.repairs = 0  # structures found damaged in the cache and fetched again
         self.refs = 0
-        os.makedirs(self.dir, exist_ok=True)
-        self._data_fd = os.open(os.path.join(self.dir, "data"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        #: Set when units are forgotten (`repair`, `discard`): a finished background download resumes.
+        self.changed = threading.Event()
+        private_dir(self.dir)
+        self._data_fd = _open_private(os.path.join(self.dir, "data"))
         try:
             if os.fstat(self._data_fd).st_size != size:
                 os.ftruncate(self._data_fd, size)
@@ -150,7 +162,10 @@ class CachedBlob:
         except BaseException:
             os.close(self._data_fd)
             raise
+        # The marker spares the network, not the checks: sealed only once re-verified in this process.
         self._complete = os.path.exists(os.path.join(self.dir, "complete"))
+        self._sealed = False
+        self._generation = 0  # counts `_drop_complete_marker`s: a seal checks nothing changed meanwhile
         if self._complete and self.present_count() != self.units:
             self._drop_complete_marker()
 
@@ -180,17 +195,20 @@ class CachedBlob:
         """True when every byte `read` returns was verified and the data file can no longer change.
 
         Readers (`ChunkReader(verified=...)`) then skip the per-chunk SHA-256. That is safe because:
-        - only this class writes ``data``, and only bytes that passed their checks (`_verify_and_store`:
-          each chunk's SHA-256 against the verified index, before the write);
-        - ``complete`` is set only after the whole file's SHA-256 equalled the blob digest
-          (`verify_complete`), or when this process found the marker written by such a check and every
-          unit present;
-        - once complete nothing writes ``data`` again: `ensure` returns at once, `discard` runs only for
-          an incomplete blob (`verify_complete` returns before it), and eviction never touches an open
-          blob (it unlinks files of blobs nobody holds; an open descriptor keeps the old file anyway).
+        - this process checked the whole file's SHA-256 against the blob digest (`verify_complete`),
+          after every unit was present — a ``complete`` marker left by an earlier process does not
+          count: the file may have been damaged while no daemon watched it;
+        - only this class writes ``data``, and only bytes that passed their checks (`_verify_and_store`);
+        - once sealed nothing writes ``data`` again: `ensure` returns at once, `discard` and `repair`
+          unseal first, and eviction never touches an open blob.
         What is left is storage damage after the check, or another root process writing our cache
-        directory — the trust every read from a local file system (e.g. an overlayfs layer) takes."""
-        return self._complete
+        directory (mode 0700) — the trust every read from a local file system takes."""
+        return self._sealed
+
+    @property
+    def verified(self) -> bool:
+        """Whether the whole blob was checked against its digest in this process (same as `sealed`)."""
+        return self._sealed
 
     def present_count(self) -> int:
         return sum(bin(b).count("1") for b in self._bits)
@@ -226,24 +244,19 @@ class CachedBlob:
         nbytes = (self.units + 7) // 8
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                raw = f.read(BITMAP_HEADER_SIZE + nbytes + 1)  # a longer file is not ours either
         except FileNotFoundError:
             raw = b""
         header = self._bitmap_header()
         if raw[:BITMAP_HEADER_SIZE] == header and len(raw) == BITMAP_HEADER_SIZE + nbytes:
-            self._bitmap_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self._bitmap_fd = _open_private(path, create=False)
             return bytearray(raw[BITMAP_HEADER_SIZE:])
         if raw:
             log.warning("%s: bitmap does not match (size, unit or damage); starting the blob afresh", path)
         # A new (or unusable) bitmap: written whole to a temp file and renamed, so it is never torn.
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(path, PRIVATE_FILE_MODE) as f:
             f.write(header + bytes(nbytes))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.dir)
-        self._bitmap_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._bitmap_fd = _open_private(path, create=False)
         return bytearray(nbytes)
 
     def _mark_present(self, first: int, last: int) -> None:
@@ -277,7 +290,14 @@ class CachedBlob:
 
     def geometry(self) -> ChunkReader:
         """The blob's verified trailer and index (fetched once; its tail units are stored)."""
-        with self._geometry_lock:
+        if self._geometry is not None:
+            return self._geometry
+        left = deadline.remaining()
+        if not self._geometry_lock.acquire(timeout=-1 if left is None else left):
+            raise SourceError(self.name, 0, 0, "waiting for the blob's index") from DeadlineExceededError(
+                f"{self.name}: index"
+            )
+        try:
             if self._geometry is None:
                 view = _RawView(self)
                 g = self._geometry = ChunkReader(view, self.index_digest, cache_chunks=0)
@@ -297,6 +317,8 @@ class CachedBlob:
                             self.name, start, len(data), f"upstream sent wrong bytes: {e}"
                         ) from e
             return self._geometry
+        finally:
+            self._geometry_lock.release()
 
     def _verified_span(self, g: ChunkReader, a: int, data: bytes | memoryview) -> tuple[int, int]:
         """Check every whole structure in [a, a+len(data)); return the span [v0, v1) they cover.
@@ -369,13 +391,16 @@ class CachedBlob:
     # -- fetching --------------------------------------------------------------------------------
 
     def ensure(self, offset: int, length: int) -> None:
-        """Make every unit of [offset, offset+length) present, fetching missing ones from upstream."""
+        """Make every unit of [offset, offset+length) present, fetching missing ones from upstream.
+
+        Bounded by this thread's deadline (`p2p.deadline`); units that failed a moment ago fail at once."""
         if length <= 0 or self._complete:
             return
         u = self.unit_size
         first, last = offset // u, (offset + length - 1) // u
         if all(self.is_present(x) for x in range(first, last + 1)):
             return
+        self._check_cooling(first, last, offset, length)
         g = self.geometry()
         while True:
             mine: list[int] = []
@@ -397,6 +422,8 @@ class CachedBlob:
                         self._fetch_units(g, run_first, run_last)
                 except BaseException as e:
                     flight.error = e
+                    if not isinstance(_cause(e), DeadlineExceededError):  # our own time, not its fault
+                        self._cool(mine)
                     raise
                 finally:
                     with self._lock:
@@ -404,14 +431,42 @@ class CachedBlob:
                             self._flights.pop(x, None)
                     flight.done.set()
             for w in waits:
-                w.done.wait()
+                if not w.done.wait(deadline.remaining()):
+                    raise SourceError(
+                        self.name, offset, length, "waiting for a concurrent fetch of the same units"
+                    ) from DeadlineExceededError(f"{self.name}: {offset}+{length}")
                 if w.error is not None:
-                    raise SourceError(self.name, offset, length, f"a concurrent fetch failed: {w.error}")
+                    raise SourceError(
+                        self.name, offset, length, f"a concurrent fetch failed: {w.error}"
+                    ) from w.error
             if not waits:
                 return
             # Units another reader fetched are present now; loop once more for any it could not mark.
             if all(self.is_present(x) for x in range(first, last + 1)):
                 return
+
+    def _check_cooling(self, first: int, last: int, offset: int, length: int) -> None:
+        """Raise at once if a missing unit of first..last failed less than `fail_cooldown` ago."""
+        if not self._cooling:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for x in [x for x, until in self._cooling.items() if until <= now]:
+                del self._cooling[x]
+            until = max(
+                (self._cooling.get(x, 0.0) for x in range(first, last + 1) if not self.is_present(x)),
+                default=0.0,
+            )
+        if until > now:
+            raise SourceError(self.name, offset, length, "its units failed to fetch a moment ago") from (
+                CoolingDownError(f"{self.name}: {offset}+{length}", "the last fetch failed", until - now)
+            )
+
+    def _cool(self, units: list[int]) -> None:
+        until = time.monotonic() + self.cache.fail_cooldown
+        with self._lock:
+            for x in units:
+                self._cooling[x] = until
 
     def _fetch_units(self, g: ChunkReader, first: int, last: int) -> None:
         u = self.unit_size
@@ -424,14 +479,56 @@ class CachedBlob:
             raise SourceError(self.name, a, b - a, f"upstream sent wrong bytes: {e}") from e
         if not all(self.is_present(x) for x in range(first, last + 1)):
             raise CacheError(f"{self.name}: units {first}..{last} could not be verified after fetching")
+        if self._cooling:
+            with self._lock:
+                for x in range(first, last + 1):
+                    self._cooling.pop(x, None)
+
+    def repair(self, offset: int) -> None:
+        """A structure at blob offset `offset`, read from this cache, failed its check: the bytes on
+        disk are damaged. Forget the units that hold it, so the next read fetches them again (verified),
+        and unseal the blob. The background download, if it finished, resumes (`changed`)."""
+        g = self._geometry
+        if g is None and offset >= HEADER_SIZE:
+            try:
+                g = self.geometry()  # the index, from the cache when its bytes there are sound
+            except (CorruptBlobError, SourceError):
+                g = None
+        if g is not None and HEADER_SIZE <= offset < g.index_offset:
+            start, n = g.chunk_range(g.chunk_at(offset))
+            end = start + max(n, 1)
+        elif offset < HEADER_SIZE:
+            start, end = 0, HEADER_SIZE
+        else:  # the index or the trailer (or a geometry not known yet): the whole tail
+            start, end = min(offset, max(0, self._size - TAIL_READ)), self._size
+        u = self.unit_size
+        first, last = start // u, (max(end, start + 1) - 1) // u
+        with self._lock:
+            for x in range(first, min(last, self.units - 1) + 1):
+                self._bits[x >> 3] &= ~(1 << (x & 7)) & 0xFF
+            lo, hi = first >> 3, (min(last, self.units - 1) >> 3) + 1
+            os.pwrite(self._bitmap_fd, bytes(self._bits[lo:hi]), BITMAP_HEADER_SIZE + lo)
+            self._drop_complete_marker()
+            self.repairs += 1
+        os.fdatasync(self._bitmap_fd)
+        self.changed.set()
+        log.warning(
+            "%s: damaged bytes in the cache at offset %d (units %d..%d); they are fetched again",
+            self.name,
+            offset,
+            first,
+            last,
+        )
 
     # -- completion ------------------------------------------------------------------------------
 
     def verify_complete(self) -> bool:
-        """If every unit is present, check the whole file's SHA-256 against the digest; on a match
-        write the ``complete`` marker. On a mismatch, clear the bitmap so everything is fetched again."""
-        if self._complete:
+        """Seal the blob: if every unit is present, check the whole file's SHA-256 against the digest —
+        in this process, even when a ``complete`` marker says an earlier one did — and on a match write
+        the marker (if missing) and seal. On a mismatch forget every unit so all is fetched again."""
+        if self._sealed:
             return True
+        generation = self._generation
         if self.present_count() != self.units:
             return False
         algo, _, want = self.digest.partition(":")
@@ -453,29 +550,32 @@ class CachedBlob:
             self.discard()
             return False
         marker = os.path.join(self.dir, "complete")
-        with open(marker + ".tmp", "wb") as f:
-            f.write(self.digest.encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(marker + ".tmp", marker)
-        _fsync_dir(self.dir)
-        self._complete = True
+        if not os.path.exists(marker):
+            with atomic_write(marker, PRIVATE_FILE_MODE) as f:
+                f.write(self.digest.encode() + b"\n")
+        with self._lock:
+            if generation != self._generation:  # a repair forgot units while we hashed: not sealed
+                return False
+            self._complete = self._sealed = True
         return True
 
     def discard(self) -> None:
         """Forget every unit (the bytes are refetched on demand)."""
         with self._lock:
+            self._drop_complete_marker()
             self._bits = bytearray(len(self._bits))
             os.pwrite(self._bitmap_fd, bytes(self._bits), BITMAP_HEADER_SIZE)
             os.fdatasync(self._bitmap_fd)
-            self._drop_complete_marker()
             os.ftruncate(self._data_fd, 0)
             os.ftruncate(self._data_fd, self._size)
+        self.changed.set()
 
     def _drop_complete_marker(self) -> None:
+        """Unseal and forget completeness (first, before any byte or bit changes)."""
+        self._sealed = self._complete = False
+        self._generation += 1
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.dir, "complete"))
-        self._complete = False
 
     def close(self) -> None:
         for fd in (self._data_fd, self._bitmap_fd):
@@ -498,20 +598,31 @@ def _runs(units: list[int]) -> Iterator[tuple[int, int]]:
 class BlobCache:
     """All cached blobs of a node under one root, with size accounting and LRU eviction.
 
+    `fail_cooldown`: seconds a read needing units whose fetch just failed fails at once (0: never;
+    the device daemon sets it, see the module docstring).
+
     `open` returns the blob (shared by every user of the same digest) and counts a reference; `release`
     drops it. Only complete blobs with no reference are ever evicted.
     """
 
-    def __init__(self, root: str, unit_size: int = DEFAULT_UNIT_SIZE, limit_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        root: str,
+        unit_size: int = DEFAULT_UNIT_SIZE,
+        limit_bytes: int = 0,
+        fail_cooldown: float = 0.0,
+    ) -> None:
         if unit_size <= 0 or unit_size & (unit_size - 1) or unit_size < 4096:
             raise CacheError(f"fetch unit {unit_size} must be a power of two of at least 4096 bytes")
         self.root = root
         self.unit_size = unit_size
         self.limit_bytes = limit_bytes
+        self.fail_cooldown = fail_cooldown
         self._lock = threading.Lock()
         self._open: dict[Digest, CachedBlob] = {}
         self._last_use: dict[Digest, float] = {}
-        os.makedirs(os.path.join(root, "blobs", "sha256"), exist_ok=True)
+        for d in (root, os.path.join(root, "blobs"), os.path.join(root, "blobs", "sha256")):
+            private_dir(d)
 
     def blob_dir(self, digest: Digest) -> str:
         algo, _, hexpart = digest.partition(":")
@@ -525,6 +636,12 @@ class BlobCache:
         index_digest: str | None = None,
     ) -> CachedBlob:
         d = parse_digest(digest)
+        if not 0 < size <= MAX_BLOB_SIZE:
+            # The size comes from outside (a descriptor, a label, a HEAD): the bitmap is sized by it.
+            raise CacheError(
+                f"blob {d}: declared size {size} is outside 1..{MAX_BLOB_SIZE} bytes (the largest chunk "
+                "container a reader accepts); the image or its labels are wrong"
+            )
         with self._lock:
             blob = self._open.get(d)
             if blob is None:
@@ -599,3 +716,23 @@ class BlobCache:
             if on_evict is not None:
                 on_evict(d)
         return evicted
+
+
+def _open_private(path: str, create: bool = True) -> int:
+    """Open a cache file read-write, mode 0600 (also one an older version made 0644)."""
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != PRIVATE_FILE_MODE:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The innermost explicit cause of `e` (its ``__cause__`` chain), or `e` itself."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e

@@ -7,7 +7,10 @@ Every failure this package reports is a `P2PError`. Foreign exceptions (``httpx`
      ├── InvalidReferenceError        an image reference or digest string that does not parse (ValueError)
      ├── CredentialsError             a Docker config.json or credential helper that cannot be used
      ├── DigestMismatchError          downloaded bytes whose digest is not the one asked for
- ├── CacheError                   the node blob cache cannot do what was asked (settings, local write)
+     ├── CacheError                   the node blob cache cannot do what was asked (settings, local write)
+     ├── UnavailableError             bytes cannot be had now; ask again later
+     │    ├── DeadlineExceededError       the caller's deadline (`p2p.deadline`) passed first
+     │    └── CoolingDownError            the unit or the upstream failed a moment ago: not asked again yet
      └── RegistryError                talking to a registry failed; `url` says where
           ├── RegistryUnavailableError    connect errors, timeouts, 5xx or 429 outlasted the retry budget
           ├── AuthError                   401/403: no, wrong or insufficient credentials, or no token
@@ -178,3 +181,30 @@ class NoMatchingPlatformError(RegistryError):
 
 class CacheError(P2PError):
     """The node cache cannot do what was asked (bad settings, a failed local write)."""
+
+
+class UnavailableError(P2PError):
+    """The bytes cannot be had now (no answer in time, or a source that just failed); a later try may
+    succeed. Never a statement about the bytes themselves."""
+
+
+class DeadlineExceededError(UnavailableError):
+    """The deadline of the read in progress (`p2p.deadline`) passed before `what` could be done."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(f"{what}: the read's deadline passed; the data may come later, ask again")
+
+
+class CoolingDownError(UnavailableError):
+    """A fetch of the same unit, or from the same upstream, failed less than a cool-down ago, so this
+    one fails at once instead of waiting out another timeout (the remedy is time, or the upstream)."""
+
+    def __init__(self, what: str, why: str, seconds: float) -> None:
+        self.what = what
+        self.why = why
+        self.seconds = seconds
+        super().__init__(
+            f"{what}: not asked again for {seconds:.1f}s after a failure ({why}); "
+            "check the registry or peer, reads are tried again after the cool-down"
+        )

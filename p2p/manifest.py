@@ -45,8 +45,13 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 #: The Accept header for manifest GETs, most preferred first.
 ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
-#: Manifests larger than this are refused (the distribution spec asks registries to take at least 4 MiB).
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+#: The largest manifest, index or image config read into memory, wherever it comes from (a registry, an
+#: OCI layout, an archive): a larger descriptor or body is refused before anything is allocated for it.
+#: The distribution spec asks registries to accept manifests of at least 4 MiB; real manifests and
+#: configs are a few KiB.
+MAX_DOCUMENT_SIZE = 4 * 1024 * 1024
+#: Descriptor sizes are int64 (image-spec v1.1, descriptor.md).
+MAX_DESCRIPTOR_SIZE = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,7 @@ def parse_descriptor(where: str, value: object, what: str) -> Descriptor:
         parsed = parse_digest(digest)
     except InvalidReferenceError:
         raise InvalidManifestError(where, f"{what} has a malformed digest {digest!r}") from None
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_DESCRIPTOR_SIZE:
         raise InvalidManifestError(where, f"{what} has no valid size")
     platform = None
     raw_platform = value.get("platform")

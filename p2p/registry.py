@@ -40,7 +40,7 @@ from .errors import (
     RegistryProtocolError,
     RegistryUnavailableError,
 )
-from .manifest import ACCEPT, DEFAULT_PLATFORM, MAX_MANIFEST_SIZE, Index, Manifest, Platform, parse_manifest
+from .manifest import ACCEPT, DEFAULT_PLATFORM, MAX_DOCUMENT_SIZE, Index, Manifest, Platform, parse_manifest
 from .reference import DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback, parse_reference
 from .retry import Deadline, RetryPolicy, Timeouts
 from .session import Endpoint, Session, iter_body, read_body
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Blobs fetched whole into memory (configs) are refused past this size.
+#: Blobs fetched whole into memory (`get_blob`) are refused past this size; image configs past
+#: MAX_DOCUMENT_SIZE.
 MAX_IN_MEMORY_BLOB = 64 * 1024 * 1024
 #: If a server ignores ``Range`` and sends the whole blob (200), we accept and slice it up to this size;
 #: beyond, downloading the whole blob for one range would be a silent performance disaster, so we refuse.
@@ -231,7 +232,7 @@ class RegistryClient:
 
         def consume(resp: httpx.Response, deadline: Deadline) -> Manifest | Index:
             where = str(resp.url)
-            raw = read_body(resp, deadline, MAX_MANIFEST_SIZE, where)
+            raw = read_body(resp, deadline, MAX_DOCUMENT_SIZE, where)
             if want is not None:
                 got = digest_of(raw, want.partition(":")[0])
                 if got != want:
@@ -327,7 +328,15 @@ class RegistryClient:
 
     def get_config(self, repository: str, manifest: Manifest) -> bytes:
         """The image config blob a manifest points to, verified."""
-        return self.get_blob(repository, manifest.config.digest, manifest.config.size)
+        desc = manifest.config
+        if desc.size > MAX_DOCUMENT_SIZE:
+            raise RegistryProtocolError(
+                f"{self.origin.base_url}/v2/{repository}/blobs/{desc.digest}",
+                f"the manifest declares an image config of {desc.size} bytes, more than the "
+                f"{MAX_DOCUMENT_SIZE}-byte limit",
+                remedy="the manifest is damaged or not an image manifest; fix or re-push the image",
+            )
+        return self.get_blob(repository, desc.digest, desc.size, MAX_DOCUMENT_SIZE)
 
     def download_blob(self, repository: str, digest: Digest, out: BinaryIO, size: int | None = None) -> int:
         """Stream a blob into `out` (seekable; written from its current position), verified; return its size.
@@ -555,7 +564,9 @@ class RegistryClient:
 
 def _content_length(resp: httpx.Response, deadline: Deadline) -> int:
     value = resp.headers.get("content-length", "")
-    if not value.isdigit():
+    # At most 19 ASCII digits (any int64, which is how HTTP stacks hold it): `int` is never handed a
+    # number it would refuse (Unicode digits, thousands of digits) or a size no blob can have.
+    if not (value.isascii() and value.isdigit() and len(value) <= 19):
         raise RegistryProtocolError(str(resp.url), f"HEAD of a blob without a Content-Length (got {value!r})")
     return int(value)
 

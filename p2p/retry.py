@@ -14,6 +14,10 @@ Timeouts: every request has httpx connect/read/write/pool timeouts, so no single
 block longer than `Timeouts.read`; and a body is read against a deadline of ``total + bytes received /
 min_rate`` seconds, checked at every network read, so a server that trickles bytes cannot stretch a
 request past that plus one `Timeouts.read` either.
+
+A caller's deadline (`p2p.deadline`: the device daemon's read timeout) bounds all of it: each socket
+timeout is cut to what is left of it, a body is cut off at it, and no retry starts (nor backoff sleeps)
+past it. Then the call fails with `RegistryUnavailableError` naming the last cause.
 """
 
 from __future__ import annotations
@@ -44,24 +48,38 @@ class Timeouts:
     total: float = 60.0
     min_rate: float = 256 * 1024
 
-    def httpx(self) -> httpx.Timeout:
-        return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
+    def httpx(self, cap: float | None = None) -> httpx.Timeout:
+        """The socket timeouts, each at most `cap` seconds when given (what is left of a deadline)."""
+        if cap is None:
+            return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
+        return httpx.Timeout(
+            connect=min(self.connect, cap),
+            read=min(self.read, cap),
+            write=min(self.write, cap),
+            pool=min(self.pool, cap),
+        )
 
 
 @dataclass(frozen=True)
 class Deadline:
-    """When the body of one response must be complete (see `Timeouts`)."""
+    """When the body of one response must be complete (see `Timeouts`), and at the latest `hard`: the
+    caller's own deadline (`p2p.deadline`, a `time.monotonic()` value), when it has one."""
 
     clock: Callable[[], float]
     start: float
     total: float
     min_rate: float
+    hard: float | None = None
 
     @classmethod
-    def starting_now(cls, timeouts: Timeouts, clock: Callable[[], float]) -> Deadline:
-        return cls(clock, clock(), timeouts.total, timeouts.min_rate)
+    def starting_now(
+        cls, timeouts: Timeouts, clock: Callable[[], float], hard: float | None = None
+    ) -> Deadline:
+        return cls(clock, clock(), timeouts.total, timeouts.min_rate, hard)
 
     def expired(self, received: int) -> bool:
+        if self.hard is not None and time.monotonic() > self.hard:
+            return True
         return self.clock() > self.start + self.total + received / self.min_rate
 
 

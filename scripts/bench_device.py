@@ -103,6 +103,7 @@ from blockformat.source import FileSource  # noqa: E402
 from blockformat.stack import Stack  # noqa: E402
 from p2p.cache import BlobCache  # noqa: E402
 from snapshotter.blockimage import build_layer_from_dir, write_device_file, write_oci_layout  # noqa: E402
+from snapshotter.config import DeviceSection  # noqa: E402
 from snapshotter.device import control  # noqa: E402
 from snapshotter.device import daemon as daemon_mod  # noqa: E402
 from snapshotter.device import fuse as fuse_mod  # noqa: E402
@@ -953,7 +954,7 @@ def daemon_main(argv: Sequence[str]) -> int:
     if sampler is not None:
         sampler.start()
     try:
-        daemon_mod.run(a.state_dir, manager_mod.Settings())
+        daemon_mod.run(a.state_dir, DeviceSection(state_dir=a.state_dir))
     finally:
         if sampler is not None and a.sample_out:
             sampler.stopped.set()

@@ -63,6 +63,7 @@ from .ocilayout import (
     put_blob_bytes,
     put_blob_file,
     read_blob,
+    read_document,
     read_index,
     write_atomic,
 )
@@ -390,8 +391,8 @@ def read_oci_layout(layout_dir: str | os.PathLike[str], ref: str | None = None) 
     """
     layout = os.fspath(layout_dir)
     try:
-        with open(os.path.join(layout, OCI_LAYOUT_FILE), "rb") as f:
-            version = json.loads(f.read()).get("imageLayoutVersion")
+        raw = read_document(os.path.join(layout, OCI_LAYOUT_FILE), "the oci-layout file")
+        version = json.loads(raw).get("imageLayoutVersion")
     except (OSError, ValueError, AttributeError) as e:
         raise ImageError(layout, f"is not an OCI image layout ({e})", "pass a layout directory") from e
     if version != OCI_LAYOUT_VERSION:

@@ -14,9 +14,11 @@ effective config (`to_toml`), which is itself a valid config file::
     [device]
     state_dir = "/run/damselfly"                      # the device daemon's state (cache, FUSE, control)
     read_timeout = 30.0                               # seconds before a device read fails with EIO
+    fail_cooldown = 5.0                               # a unit or registry that failed fails reads at once
     background_delay = 5.0                            # seconds before a blob's full download starts
     background_rate = 0                               # bytes/s per blob for it (0: unlimited)
     cache_limit = 0                                   # evict complete unused blobs above this (0: never)
+    unit_size = 65536                                 # the node cache's fetch unit (power of two, >= 4096)
 
     [remote]
     enabled = true                # converted layers become remote snapshots (false: containerd unpacks)
@@ -34,10 +36,14 @@ checks follow from the dataclass.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from p2p.cache import DEFAULT_UNIT_SIZE
+from p2p.health import DEFAULT_COOLDOWN
 
 from .errors import ConfigError
 
@@ -53,11 +59,31 @@ class SnapshotterSection:
 
 @dataclass(frozen=True)
 class DeviceSection:
+    """The device daemon's settings: the ``[device]`` table, what `damselfly device-daemon` runs with,
+    and what `serve` hands a daemon it starts (`to_json`/`from_json`). The one place of their defaults."""
+
     state_dir: str = "/run/damselfly"
     read_timeout: float = 30.0
+    fail_cooldown: float = DEFAULT_COOLDOWN
     background_delay: float = 5.0
     background_rate: int = 0
     cache_limit: int = 0
+    unit_size: int = DEFAULT_UNIT_SIZE
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "--settings") -> DeviceSection:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(where, f"not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(where, "the device settings are a JSON object")
+        section: DeviceSection = _build(cls, data, "device.", where)
+        _check(Config(device=section), where)
+        return section
 
 
 @dataclass(frozen=True)
@@ -118,6 +144,7 @@ def _check(config: Config, path: str) -> Config:
             raise ConfigError(path, f"{name} must be an absolute path, not {value!r}")
     for name, number in (
         ("device.read_timeout", config.device.read_timeout),
+        ("device.fail_cooldown", config.device.fail_cooldown),
         ("device.background_delay", config.device.background_delay),
         ("device.background_rate", config.device.background_rate),
         ("device.cache_limit", config.device.cache_limit),
@@ -128,6 +155,9 @@ def _check(config: Config, path: str) -> Config:
             raise ConfigError(path, f"{name} must not be negative, not {number!r}")
     if config.device.read_timeout == 0 or config.remote.check_timeout == 0:
         raise ConfigError(path, "device.read_timeout and remote.check_timeout must be positive")
+    unit = config.device.unit_size
+    if unit < 4096 or unit & (unit - 1):
+        raise ConfigError(path, f"device.unit_size must be a power of two of at least 4096, not {unit}")
     address = config.metrics.address
     if address:
         host, sep, port = address.rpartition(":")

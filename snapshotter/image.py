@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+from blockformat.chunkfile import MAX_BLOB_SIZE
 from p2p.manifest import Platform
 from p2p.reference import parse_reference
 from p2p.registry import RegistryClient
@@ -65,8 +66,18 @@ def device_spec_for(
     vsizes = set()
     for i, desc in enumerate(manifest.layers):
         ann = layer_annotations(src, i, desc)
+        # The device daemon sizes a layer's cache (a presence bit per fetch unit) by this size.
+        if desc.size > MAX_BLOB_SIZE:
+            raise ImageError(
+                src,
+                f"layer {i} ({desc.digest}) declares {desc.size} bytes, more than a damselfly layer "
+                f"blob can hold ({MAX_BLOB_SIZE})",
+                "the manifest is damaged; re-convert the image",
+            )
         vsizes.add(ann.vsize)
-        layers.append(LayerSpec(desc.digest, desc.size, ann.index_digest, source(desc.digest)))
+        layers.append(
+            LayerSpec(desc.digest, desc.size, ann.index_digest, source(desc.digest), ann.vsize, ann.fstype)
+        )
     if not layers:
         raise ImageError(src, "the image has no layers")
     if len(vsizes) != 1:

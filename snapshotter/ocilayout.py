@@ -18,7 +18,7 @@ import tempfile
 
 from p2p.digest import Digest, digest_of
 from p2p.errors import P2PError
-from p2p.manifest import OCI_INDEX, Descriptor, Index, Manifest, parse_manifest
+from p2p.manifest import MAX_DOCUMENT_SIZE, OCI_INDEX, Descriptor, Index, Manifest, parse_manifest
 
 from .errors import ImageError
 
@@ -101,11 +101,21 @@ def file_digest(path: str) -> Digest:
     return Digest("sha256:" + h.hexdigest())
 
 
+def read_document(path: str, what: str, limit: int = MAX_DOCUMENT_SIZE) -> bytes:
+    """A small JSON file of a layout (``index.json``, ``oci-layout``), refused past `limit` bytes.
+
+    Reads at most ``limit + 1`` bytes, so the file's size never decides what is allocated."""
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ImageError(path, f"{what} is larger than {limit} bytes", "the layout is damaged")
+    return raw
+
+
 def read_index(layout: str) -> tuple[Descriptor, ...]:
     path = os.path.join(layout, INDEX_FILE)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_document(path, "the image index")
     except FileNotFoundError:
         return ()
     doc = parse_doc(raw, path, OCI_INDEX)
@@ -122,7 +132,18 @@ def parse_doc(raw: bytes, where: str, media_type: str) -> Manifest | Index:
 
 
 def read_blob(layout: str, desc: Descriptor, what: str) -> bytes:
+    """A manifest, index or config blob, checked against its descriptor.
+
+    The descriptor's size is checked against MAX_DOCUMENT_SIZE before it sizes any read: it comes from
+    the layout (or a manifest in it), not from us."""
     path = blob_path(layout, desc.digest)
+    if desc.size > MAX_DOCUMENT_SIZE:
+        raise ImageError(
+            path,
+            f"{what} blob: its descriptor declares {desc.size} bytes, more than the "
+            f"{MAX_DOCUMENT_SIZE}-byte limit for manifests, indexes and configs",
+            "the layout is damaged; rebuild it",
+        )
     try:
         with open(path, "rb") as f:
             data = f.read(desc.size + 1)

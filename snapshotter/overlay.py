@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockformat.durable import private_dir
+
 from .metadata import Kind, Snapshot, Usage
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,8 @@ class OverlayDriver:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.snapshots_dir = root / "snapshots"
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
+        private_dir(root)  # forced on every start: snapshots hold every container's files
+        private_dir(self.snapshots_dir)
         self.index_off = _OVERLAY_INDEX_PARAM.exists()
 
     def dir_path(self, snapshot_id: int) -> Path:

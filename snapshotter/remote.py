@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockformat.annotations import KEY_FSTYPE, PREFIX, LayerAnnotations
+from blockformat.durable import private_dir
 from blockformat.errors import InvalidArgumentError
 from blockformat.stack import MAX_LAYERS
 from p2p.digest import Digest, parse_digest
@@ -84,9 +85,13 @@ LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 LABEL_SOURCE = PREFIX + "source"
 LABEL_BLOB_SIZE = PREFIX + "blob-size"
 
-#: Mount options of a chain's ext4: read-only, and no journal replay (the image has no journal; a
-#: read-only device could not take a replay anyway).
-CHAIN_MOUNT_OPTIONS = ("ro", "noload")
+#: Mount options of a chain's ext4: read-only, no journal replay (the image has no journal; a read-only
+#: device could not take a replay anyway), and ``nosuid,nodev``. The chain mount is a lowerdir, not
+#: what a container sees: an exec or an open through the container's overlayfs is checked against the
+#: *overlay* mount's flags (as with containerd's overlayfs snapshotter, whose lowerdirs are plain
+#: directories), so setuid binaries and device nodes still work in the container, while at the chain's
+#: own path (under a 0700 directory anyway) they do not (docs/security.md; tested both ways).
+CHAIN_MOUNT_OPTIONS = ("ro", "noload", "nosuid", "nodev")
 
 
 @dataclass(frozen=True)
@@ -220,7 +225,8 @@ class RemoteLayer:
 
     def spec(self, plain_http: bool) -> LayerSpec:
         source = SourceSpec(registry=self.registry, repository=self.repository, plain_http=plain_http or None)
-        return LayerSpec(self.digest, self.size, self.annotations.index_digest, source)
+        ann = self.annotations
+        return LayerSpec(self.digest, self.size, ann.index_digest, source, ann.vsize, ann.fstype)
 
 
 @dataclass(frozen=True)
@@ -371,7 +377,7 @@ class RemoteSnapshots:
         self._checked = threading.local()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
-        self.mounts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.mounts_dir)
 
     def close(self) -> None:
         self.blobs.close()

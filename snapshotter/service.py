@@ -43,6 +43,7 @@ from .errors import (
     SnapshotterError,
     UnavailableError,
 )
+from .host.sockets import bind_privately
 from .metadata import Info, Kind
 from .overlay import Mount
 from .snapshots import Snapshots
@@ -257,15 +258,18 @@ _add_servicer = cast(
 
 
 def build_server(snapshots: Snapshots, address: str, workers: int = 16) -> grpc.Server:
-    """A gRPC server (not yet started) for `snapshots`, bound to the unix socket `address` (a path)."""
+    """A gRPC server (not yet started) for `snapshots`, bound to the unix socket `address` (a path),
+    mode 0600 from the start (`host.sockets.bind_privately`)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"))
     _add_servicer(SnapshotsServicer(snapshots), server)
     try:
-        port = server.add_insecure_port(f"unix:{address}")
-    except RuntimeError as e:  # grpcio raises this when it cannot bind
+        # Bound 0600 before it is reachable: containerd runs as root, nobody else may drive our mounts.
+        with bind_privately(address) as private:
+            port = server.add_insecure_port(f"unix:{private}")
+            if port == 0:
+                raise RuntimeError("bind failed")
+    except (RuntimeError, OSError) as e:  # grpcio raises RuntimeError when it cannot bind
         port, why = 0, str(e)
-    else:
-        why = "bind failed"
     if port == 0:
         raise SnapshotterError(
             f"cannot listen on unix socket {address}: {why}; check that its directory exists and is writable"

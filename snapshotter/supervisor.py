@@ -23,9 +23,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from blockformat.durable import private_dir
+
+from .config import DeviceSection
 from .device import control
 from .device.daemon import Paths
 from .device.manager import DeviceSpec
@@ -39,34 +41,12 @@ START_TIMEOUT = 30.0
 WATCH_INTERVAL = 5.0
 
 
-@dataclass(frozen=True)
-class DaemonSettings:
-    """The command-line settings a started daemon gets (see `damselfly device-daemon --help`)."""
-
-    read_timeout: float = 30.0
-    background_delay: float = 5.0
-    background_rate: int = 0
-    cache_limit: int = 0
-
-    def argv(self) -> list[str]:
-        return [
-            "--read-timeout",
-            repr(self.read_timeout),
-            "--background-delay",
-            repr(self.background_delay),
-            "--background-rate",
-            str(self.background_rate),
-            "--cache-limit",
-            str(self.cache_limit),
-        ]
-
-
 class DeviceDaemon:
     """The control-socket client of the device daemon at `state_dir`, starting it when needed."""
 
-    def __init__(self, state_dir: str, settings: DaemonSettings | None = None) -> None:
+    def __init__(self, state_dir: str, settings: DeviceSection | None = None) -> None:
         self.paths = Paths(state_dir)
-        self.settings = settings or DaemonSettings()
+        self.settings = settings or DeviceSection(state_dir=state_dir)
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -127,9 +107,9 @@ class DeviceDaemon:
 
     def _start(self) -> int:
         state = self.paths.state
-        os.makedirs(state, mode=0o700, exist_ok=True)
+        private_dir(state)
         argv = [sys.executable, "-m", "snapshotter.cli", "device-daemon", "--state-dir", state]
-        argv += [*self.settings.argv(), "-v"]
+        argv += ["--settings", self.settings.to_json(), "-v"]
         logfile = os.path.join(state, "devd.log")
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(

@@ -255,6 +255,7 @@ class Image:
     #: History lines of instructions that made no layer (``ENV``...), inserted after the first layer.
     empty_history: tuple[str, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
+    user: str = ""  # the config's User ("uid:gid"); empty: root
     os: str = "linux"
     architecture: str = field(default_factory=host_arch)
 
@@ -420,6 +421,8 @@ def write_layout(image: Image, layout: Path, ref: str = "latest") -> BuiltImage:
     }
     if image.labels:
         runtime["Labels"] = dict(image.labels)
+    if image.user:
+        runtime["User"] = image.user
     config = canonical_json(
         {
             "architecture": image.architecture,

@@ -61,7 +61,7 @@ from rich.progress import (
 from p2p.auth import CredentialProvider, Credentials, static_credentials
 from p2p.digest import Digest, Verifier
 from p2p.errors import InvalidReferenceError, P2PError
-from p2p.manifest import DEFAULT_PLATFORM, OCI_INDEX, Descriptor, Platform
+from p2p.manifest import DEFAULT_PLATFORM, MAX_DOCUMENT_SIZE, OCI_INDEX, Descriptor, Platform
 from p2p.reference import Reference, parse_reference
 from p2p.registry import RegistryClient, Resolved
 
@@ -159,6 +159,16 @@ def _ignore(n: int) -> None:
     pass
 
 
+def _read_document(path: Path) -> bytes:
+    """A layout's ``oci-layout`` or ``index.json``, refused past MAX_DOCUMENT_SIZE (the file's size never
+    sizes a read: at most one byte more than the limit is read)."""
+    with path.open("rb") as f:
+        raw = f.read(MAX_DOCUMENT_SIZE + 1)
+    if len(raw) > MAX_DOCUMENT_SIZE:
+        raise LayoutError(path, f"is larger than {MAX_DOCUMENT_SIZE} bytes", "repair or remove it")
+    return raw
+
+
 def _remove_stale_partials(directory: Path) -> None:
     """Unlink ``.partial`` files that processes which no longer exist left behind (a crash, SIGKILL)."""
     if not directory.is_dir():
@@ -196,7 +206,7 @@ class Layout:
         _remove_stale_partials(self.root)
         if marker.exists():
             try:
-                doc = json.loads(marker.read_bytes())
+                doc = json.loads(_read_document(marker))
                 version = doc.get("imageLayoutVersion") if isinstance(doc, dict) else None
             except (json.JSONDecodeError, UnicodeDecodeError):
                 version = None
@@ -281,7 +291,7 @@ class Layout:
     @staticmethod
     def _load_index(path: Path) -> dict[str, Any]:
         try:
-            raw = path.read_bytes()
+            raw = _read_document(path)
         except FileNotFoundError:
             return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import socket
 import stat
@@ -22,7 +21,7 @@ from ..overlay import OverlayDriver
 from ..remote import RemoteOptions, RemoteSnapshots
 from ..service import build_server
 from ..snapshots import Snapshots
-from ..supervisor import DaemonSettings, DeviceDaemon
+from ..supervisor import DeviceDaemon
 from .errors import reports_errors
 
 log = logging.getLogger("damselfly.serve")
@@ -41,7 +40,7 @@ STOP_GRACE = 10.0
 
 def _claim_socket(path: Path) -> None:
     """Make `path` free for our socket: remove a stale socket, refuse a live one or a non-socket."""
-    path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -118,7 +117,7 @@ def serve(
     dev = cfg.device
     daemon = DeviceDaemon(
         dev.state_dir,
-        DaemonSettings(dev.read_timeout, dev.background_delay, dev.background_rate, dev.cache_limit),
+        dev,
     )
     rc = cfg.remote
     remote = RemoteSnapshots(
@@ -147,7 +146,6 @@ def serve(
         signal.signal(signal.SIGINT, on_signal)
         server.start()
         try:
-            os.chmod(sock, 0o600)  # containerd runs as root; nobody else may drive our mounts
             log.info("serving containerd.services.snapshots.v1 on %s (root %s)", sock, root_dir)
             while not stop.wait(1.0):
                 pass

@@ -105,7 +105,7 @@ CHUNK = 1 << 20
 #: -> 256 MiB worst case; real layers: a few hundred KiB).
 _ZSTD_IN = 8 << 10
 #: PAX and GNU long-name headers are read whole into memory by tarfile; real ones are a few KiB.
-_MAX_EXTENDED_HEADER = 1 << 20
+MAX_EXTENDED_HEADER = 1 << 20
 #: utimensat and ext4 hold times from the epoch to 2262 (int64 nanoseconds); containerd clamps the same.
 _MAX_NS = (1 << 63) - 1
 
@@ -377,9 +377,9 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise _TarCorruptError(offset, "truncated: the stream ends inside a tar header") from None
         except tarfile.HeaderError as e:
             raise _TarCorruptError(offset, f"not a valid tar header ({e})") from None
-        if obj.type in _EXTENDED_TYPES and obj.size > _MAX_EXTENDED_HEADER:
+        if obj.type in _EXTENDED_TYPES and obj.size > MAX_EXTENDED_HEADER:
             raise _TarCorruptError(
-                offset, f"an extended header of {obj.size} bytes (at most {_MAX_EXTENDED_HEADER})"
+                offset, f"an extended header of {obj.size} bytes (at most {MAX_EXTENDED_HEADER})"
             )
         obj.offset = offset
         try:

@@ -36,6 +36,7 @@ from typing import Any
 
 from blockformat.annotations import MEDIA_TYPE_LAYER, LayerAnnotations
 from blockformat.chunkfile import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT, BlobInfo
+from blockformat.durable import private_dir
 from blockformat.layer import LAYER_MAJOR
 from p2p.digest import Digest
 from p2p.manifest import (
@@ -166,8 +167,10 @@ class LayerCache:
         self.root = root
         self.blobs = os.path.join(root, "blobs")
         self.layers = os.path.join(root, "layers")
-        os.makedirs(self.blobs, exist_ok=True)
-        os.makedirs(self.layers, exist_ok=True)
+        # Root's alone: converted layers are images' files, and the work directories under it hold
+        # the layer being built, mounted.
+        for d in (root, self.blobs, self.layers):
+            private_dir(d)
 
     @staticmethod
     def key(chain: list[str], options: ConvertOptions) -> str:

@@ -83,7 +83,18 @@ DEBUGFS = "debugfs"
 #: mkfs and debugfs time: ext4's superblock and the first inodes carry it. 1, not 0: libext2fs reads a
 #: zero E2FSPROGS_FAKE_TIME as "not set".
 FAKE_TIME = 1
-MOUNT_OPTIONS = ("rw", "noatime", "nodelalloc", "noinit_itable", "nombcache", "no_prefetch_block_bitmaps")
+#: The layer being built is mounted where only root can reach it (a 0700 work directory), and still
+#: ``nosuid,nodev``: its setuid binaries and device nodes are the image's, not this host's.
+MOUNT_OPTIONS = (
+    "rw",
+    "nosuid",
+    "nodev",
+    "noatime",
+    "nodelalloc",
+    "noinit_itable",
+    "nombcache",
+    "no_prefetch_block_bitmaps",
+)
 #: ext4's reserved inodes below this are not files (bad blocks, quota, resize, journal...).
 _FIRST_INO = 11
 #: The primary superblock, and its ``s_last_mounted`` field (ext4 disk layout: 0x88, char[64]).
@@ -150,10 +161,10 @@ class PrivateDaemon:
         deadline = time.monotonic() + _DAEMON_START
         while True:
             if self._proc.poll() is not None:
+                status = self._proc.returncode
                 self.stop()  # it may have mounted its FUSE filesystem before it failed
                 raise ConvertError(
-                    f"the conversion's device daemon exited at start (status {self._proc.returncode}): "
-                    + self._log_tail(),
+                    f"the conversion's device daemon exited at start (status {status}): " + self._log_tail(),
                     "check /dev/fuse and that the FUSE module is loaded",
                 )
             try:

@@ -26,7 +26,7 @@ import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol, cast
 
 from p2p.digest import Digest, digest_of, parse_digest
 from p2p.errors import P2PError
@@ -34,6 +34,7 @@ from p2p.manifest import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     MANIFEST_TYPES,
+    MAX_DOCUMENT_SIZE,
     Descriptor,
     Index,
     Manifest,
@@ -45,9 +46,8 @@ from p2p.registry import RegistryClient
 
 from ..errors import ImageError, LayerError
 from ..ocilayout import INDEX_FILE, OCI_LAYOUT_FILE, REF_NAME
+from .applytar import MAX_EXTENDED_HEADER  # tarfile reads such headers whole, also while listing
 
-#: Manifests and configs are read whole; real ones are a few KiB.
-MAX_DOCUMENT = 4 << 20
 _PIECE = 1 << 20
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 
@@ -72,8 +72,13 @@ class VerifiedReader:
         self.verified = False
 
     def read(self, n: int = -1) -> bytes:
-        want = self._desc.size - self._got + 1 if n is None or n < 0 else n
-        data = self._raw.read(want)
+        if n is None or n < 0:
+            # To the end, in pieces: the descriptor's size (from the image) never sizes a buffer.
+            parts = []
+            while piece := self.read(_PIECE):
+                parts.append(piece)
+            return b"".join(parts)
+        data = self._raw.read(n)
         if data:
             self._got += len(data)
             self._hash.update(data)
@@ -146,6 +151,18 @@ def _parse(raw: bytes, media_type: str | None, where: str, digest: Digest | None
         raise ImageError(where, f"the manifest does not parse: {e}", "fix or rebuild the image") from e
 
 
+def _check_small(desc: Descriptor, where: str, what: str) -> None:
+    """Refuse a manifest or config whose descriptor declares more than MAX_DOCUMENT_SIZE bytes, before
+    the declared size sizes any read."""
+    if desc.size > MAX_DOCUMENT_SIZE:
+        raise ImageError(
+            where,
+            f"{what}: its descriptor declares {desc.size} bytes, more than the {MAX_DOCUMENT_SIZE}-byte "
+            "limit for manifests, indexes and configs",
+            "the image is damaged; fix or rebuild it",
+        )
+
+
 def _check(data: bytes, desc: Descriptor, where: str, what: str) -> bytes:
     if len(data) != desc.size or digest_of(data, desc.digest.partition(":")[0]) != desc.digest:
         raise ImageError(
@@ -170,7 +187,10 @@ class _Files:
         if os.path.isfile(path):
             self._tar = open(path, "rb")  # noqa: SIM115 - closed by close()
             try:
-                with tarfile.open(fileobj=self._tar, mode="r:") as tf:
+                # tarfile checks that each member's data lies inside the file (it reads the byte before
+                # the next header), so the sizes kept here are bounded by the archive itself.
+                headers = cast(IO[bytes], _HeaderReads(self._tar, path))  # tarfile only reads, seeks, tells
+                with tarfile.open(fileobj=headers, mode="r:") as tf:
                     for m in tf:
                         if m.isreg():
                             self._members[os.path.normpath(m.name)] = (m.offset_data, m.size)
@@ -181,6 +201,9 @@ class _Files:
                     f"is not an uncompressed tar archive ({e})",
                     "pass `docker save` or OCI archive output",
                 ) from None
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         if self._tar is not None:
@@ -212,12 +235,40 @@ class _Files:
         offset, size = entry
         yield _Slice(self._tar, offset, size)
 
-    def read(self, name: str, limit: int = MAX_DOCUMENT) -> bytes:
+    def read(self, name: str, limit: int = MAX_DOCUMENT_SIZE) -> bytes:
+        """The whole file, refused past `limit` bytes (at most ``limit + 1`` are read)."""
         with self.open(name) as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise ImageError(f"{self.path}:{name}", f"is larger than {limit} bytes", "this is not a manifest")
+            raise ImageError(
+                f"{self.path}:{name}", f"is larger than {limit} bytes", "the image is damaged or not an image"
+            )
         return data
+
+
+class _HeaderReads:
+    """The archive file as tarfile sees it while listing members: it only seeks and reads headers, so a
+    read larger than a header can be is a hostile size (a PAX or GNU long-name header declaring GiBs)
+    and is refused before tarfile allocates for it."""
+
+    def __init__(self, f: BinaryIO, path: str) -> None:
+        self._f = f
+        self._path = path
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > MAX_EXTENDED_HEADER:
+            raise ImageError(
+                f"{self._path} (at byte {self._f.tell()})",
+                f"a tar header declares {n} bytes of extended header (at most {MAX_EXTENDED_HEADER})",
+                "the archive is damaged or hostile; pass `docker save` or OCI archive output",
+            )
+        return self._f.read(n)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
 
 
 class _Slice:
@@ -268,7 +319,9 @@ class LayoutSource(ImageSource):
 
     def read_small(self, desc: Descriptor, what: str) -> bytes:
         name = _blob_name(desc)
-        return _check(self.files.read(name, max(desc.size, 0) + 1), desc, f"{self.files.path}:{name}", what)
+        where = f"{self.files.path}:{name}"
+        _check_small(desc, where, what)
+        return _check(self.files.read(name, desc.size + 1), desc, where, what)
 
     @contextlib.contextmanager
     def open_layer(self, desc: Descriptor, layer: str) -> Iterator[VerifiedReader]:
@@ -342,7 +395,9 @@ class DockerArchiveSource(ImageSource):
 
     def read_small(self, desc: Descriptor, what: str) -> bytes:
         name = self._by_digest.get(desc.digest) or _blob_name(desc)
-        return _check(self.files.read(name, max(desc.size, 0) + 1), desc, f"{self.name}:{name}", what)
+        where = f"{self.name}:{name}"
+        _check_small(desc, where, what)
+        return _check(self.files.read(name, desc.size + 1), desc, where, what)
 
     @contextlib.contextmanager
     def open_layer(self, desc: Descriptor, layer: str) -> Iterator[VerifiedReader]:
@@ -370,10 +425,12 @@ class RegistrySource(ImageSource):
         return TopDocument(doc, f"{self.ref}")
 
     def read_small(self, desc: Descriptor, what: str) -> bytes:
+        where = f"{self.ref.repository}@{desc.digest}"
+        _check_small(desc, where, what)
         if desc.media_type in MANIFEST_TYPES:
             doc = self.client.get_manifest(self.ref.repository, desc.digest)
-            return _check(doc.raw, desc, f"{self.ref.repository}@{desc.digest}", what)
-        return self.client.get_blob(self.ref.repository, desc.digest, desc.size)
+            return _check(doc.raw, desc, where, what)
+        return self.client.get_blob(self.ref.repository, desc.digest, desc.size, MAX_DOCUMENT_SIZE)
 
     def spool_path(self, desc: Descriptor) -> str:
         return os.path.join(self.spool_dir, desc.digest.replace(":", "-"))

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ControlError, SnapshotterError
+from ..host.sockets import bind_privately
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,9 @@ class ControlServer:
         self.path = path
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        old = os.umask(0o177)
-        try:
-            self._server = _Server(path, _RequestHandler)
-        finally:
-            os.umask(old)
+        # Bound 0600 before anyone can connect (no process-wide umask change in a threaded daemon).
+        with bind_privately(path) as private:
+            self._server = _Server(private, _RequestHandler)
         self._server.handler = handler
         self._thread = threading.Thread(target=self._server.serve_forever, name="control", daemon=True)
 

@@ -4,9 +4,10 @@ It mounts the FUSE device filesystem, serves the control socket, and runs until 
 ``shutdown`` request. It is meant to outlive the gRPC service (DESIGN §6) so containers keep working
 while the snapshotter restarts. Layout of its state directory::
 
-    <state>/cache/        node blob cache (p2p.cache)
-    <state>/dev/          FUSE mount: one file per attached device
-    <state>/devd.sock     control socket
+    <state>/              mode 0700, root's (forced at every start)
+    <state>/cache/        node blob cache (p2p.cache), 0700
+    <state>/dev/          FUSE mount: one file per attached device (root dir 0700, files 0400/0600)
+    <state>/devd.sock     control socket, 0600
     <state>/devd.pid      pid of the running daemon
 """
 
@@ -21,9 +22,12 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+from blockformat.durable import private_dir, write_file_atomic
+
+from ..config import DeviceSection
 from .control import ControlServer
 from .fuse import MNT_DETACH, unmount_path
-from .manager import DeviceManager, DeviceSpec, Settings
+from .manager import DeviceManager, DeviceSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +49,10 @@ class Paths:
         return os.path.join(self.state, "devd.pid")
 
 
-def run(state_dir: str, settings: Settings) -> None:
+def run(state_dir: str, settings: DeviceSection) -> None:
     paths = Paths(state_dir)
-    os.makedirs(state_dir, exist_ok=True)
+    # Root's alone, whoever made it and however: the cache and the devices hold every image's bytes.
+    private_dir(state_dir)
     manager = DeviceManager(state_dir, settings)
     stop = threading.Event()
 
@@ -82,13 +87,12 @@ def run(state_dir: str, settings: Settings) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     _unmount_stale(paths.mountpoint)
+    private_dir(paths.mountpoint)  # hidden under the mount too: the FUSE root is 0700 as well
     manager.start(paths.mountpoint)
     server = ControlServer(paths.socket, handle)
     try:
         server.start()
-        with open(paths.pidfile + ".tmp", "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(paths.pidfile + ".tmp", paths.pidfile)
+        write_file_atomic(paths.pidfile, f"{os.getpid()}\n".encode())
         log.info("device daemon %d serving %s on %s", os.getpid(), paths.mountpoint, paths.socket)
         while not stop.wait(1.0):
             pass

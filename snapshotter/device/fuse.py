@@ -2,26 +2,37 @@
 
 The filesystem is flat: the root directory holds one regular file per attached device, whose bytes are
 the device's (a stack of layers, perhaps with a writable upper). A loop device is then attached to such
-a file. Requests are served by a few threads, each reading one request from /dev/fuse and writing its
-reply; device reads run in a separate pool so a read that cannot complete (a dead network) is answered
-with EIO after `read_timeout` seconds instead of hanging the caller in D state.
+a file. Structures and opcodes: `fuseabi` (checked against <linux/fuse.h> by a test).
+
+Who may use it: the daemon runs as root and the files are root's, mode 0400 (read-only devices) or
+0600 (writable ones), in a root directory of mode 0700. The mount has ``default_permissions``, so the
+kernel checks those modes for every process (``allow_other`` only lets root processes other than the
+daemon in: loop devices, losetup, the snapshotter), and OPEN refuses any uid but root's and the
+daemon's on top of that. So no local user can read an image's bytes or write a writable device, even
+through a path to the files that someone else opened up.
+
+Threads: a few *request threads* each read one request from /dev/fuse and answer it. A read whose
+bytes are all on this node is answered right there. A read that needs the network goes to the *I/O
+pool* and the request thread takes the next request at once, so reads of local data never wait behind
+reads of missing data. The pool's worker answers with the data, or the watchdog (`watchdog`) answers
+EIO when the read's deadline — its arrival plus `read_timeout` — passes first; the worker passes that
+deadline down (`p2p.deadline`), so a worker is free again shortly after it. A kernel request is
+therefore answered within `read_timeout` (plus scheduling), however many readers wait. Reads that
+fail because their unit or upstream failed a moment ago (the blob cache's cool-down) fail at once.
 
 Why not pyfuse3: it does not expose FUSE_FALLOCATE, which is how a loop device passes discards (trims)
-to its backing file, and the writable upper needs them; it also ties every request to one trio thread.
-The protocol subset a flat file server needs is small (structures from <linux/fuse.h>, protocol 7.x).
+to its backing file, and the writable upper needs them; its `read` must return bytes (no vectored
+zero-copy replies); it ties every request to one trio thread.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
-import ctypes.util
 import errno
 import logging
 import mmap
 import os
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -29,62 +40,82 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from blockformat.chunkfile import Part
+from p2p import deadline
+from p2p.errors import CoolingDownError, DeadlineExceededError, UnavailableError
 
+from ..host.syscalls import MNT_DETACH, MS_NODEV, MS_NOSUID, mount, unmount_path
 from ..mounts import parse_mountinfo
+from .fuseabi import (
+    ACCESS,
+    ASYNC_DIO,
+    ASYNC_READ,
+    ATTR,
+    ATTR_OUT_HEAD,
+    BATCH_FORGET,
+    BIG_WRITES,
+    DESTROY,
+    DIRENT_HEAD,
+    ENTRY_OUT_HEAD,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    FALLOCATE,
+    FALLOCATE_IN,
+    FATTR_SIZE,
+    FLUSH,
+    FOPEN_KEEP_CACHE,
+    FORGET,
+    FSYNC,
+    FSYNCDIR,
+    GETATTR,
+    IN_HEADER,
+    INIT,
+    INIT_IN,
+    INIT_OUT,
+    INTERRUPT,
+    KERNEL_MAJOR,
+    KERNEL_MINOR,
+    KSTATFS,
+    LOOKUP,
+    LSEEK,
+    LSEEK_IN,
+    LSEEK_OUT,
+    MAX_PAGES,
+    NOTIFY_STORE,
+    NOTIFY_STORE_OUT,
+    OPEN,
+    OPEN_IN,
+    OPEN_OUT,
+    OPENDIR,
+    OUT_HEADER,
+    PARALLEL_DIROPS,
+    READ,
+    READ_IN,
+    READDIR,
+    RELEASE,
+    RELEASEDIR,
+    ROOT_INODE,
+    SETATTR,
+    SETATTR_IN,
+    STATFS,
+    WRITE,
+    WRITE_IN,
+    WRITE_OUT,
+)
+from .watchdog import Pending, Watchdog
+
+__all__ = ["MNT_DETACH", "BlockDevice", "BlockFS", "FuseError", "unmount_path"]
 
 log = logging.getLogger(__name__)
 
-# -- protocol (linux/fuse.h) ---------------------------------------------------------------------
-
-KERNEL_MAJOR = 7
-KERNEL_MINOR = 31  # what we speak; the kernel accepts an older minor and adapts
-
-LOOKUP, FORGET, GETATTR, SETATTR = 1, 2, 3, 4
-OPEN, READ, WRITE, STATFS, RELEASE = 14, 15, 16, 17, 18
-FSYNC, GETXATTR, LISTXATTR, FLUSH, INIT = 20, 22, 23, 25, 26
-OPENDIR, READDIR, RELEASEDIR, FSYNCDIR = 27, 28, 29, 30
-ACCESS, INTERRUPT, DESTROY, BATCH_FORGET, FALLOCATE, LSEEK = 34, 36, 38, 42, 43, 46
-
-IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, extlen, pad
-OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
-INIT_IN = struct.Struct("<IIII")  # major, minor, max_readahead, flags
-INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # 64 bytes
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr, 88 bytes
-ENTRY_OUT_HEAD = struct.Struct("<QQQQII")
-ATTR_OUT_HEAD = struct.Struct("<QII")
-OPEN_OUT = struct.Struct("<QII")
-READ_IN = struct.Struct("<QQIIQII")
-WRITE_IN = struct.Struct("<QQIIQII")
-WRITE_OUT = struct.Struct("<II")
-FALLOCATE_IN = struct.Struct("<QQQII")
-DIRENT_HEAD = struct.Struct("<QQII")
-KSTATFS = struct.Struct("<QQQQQIIII24x")
-SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
-LSEEK_IN = struct.Struct("<QQII")
-LSEEK_OUT = struct.Struct("<Q")
-NOTIFY_STORE_OUT = struct.Struct("<QQII")  # nodeid, offset, size, padding
-NOTIFY_STORE = 4  # fuse_notify_code: sent as the error field of a header with unique 0
-
-ASYNC_READ = 1 << 0
-BIG_WRITES = 1 << 5
-AUTO_INVAL_DATA = 1 << 12
-ASYNC_DIO = 1 << 15
-PARALLEL_DIROPS = 1 << 18
-MAX_PAGES = 1 << 22
-FOPEN_KEEP_CACHE = 1 << 1
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-ROOT_INODE = 1
 MAX_WRITE = 1 << 20  # 1 MiB requests (FUSE_MAX_PAGES = 256)
 BUFFER_SIZE = MAX_WRITE + 4096
-
-MS_NOSUID = 2
-MS_NODEV = 4
-MNT_DETACH = 2
 PAGE = mmap.PAGESIZE  # the page cache's unit: only whole pages are stored
+
+#: Modes of the root directory and of the device files (owned by the daemon's uid: root).
+ROOT_MODE = 0o700
+READ_ONLY_MODE = 0o400
+WRITABLE_MODE = 0o600
 
 #: Readahead of the device files (KiB): how far ahead the kernel asks when a device file is read
 #: sequentially (the loop device reads it so for ext4's readahead). The kernel's default, 128 KiB, made
@@ -95,12 +126,8 @@ DEFAULT_READAHEAD_KB = 8192
 #: Reads smaller than this hand the rest of their decoded chunks to the kernel (FUSE_NOTIFY_STORE).
 #: Larger ones are readahead, which asks for the neighbours itself.
 STORE_BELOW = 256 * 1024
-
-#: How long a read overlapping a range that just failed may take before it fails too (seconds). Data
-#: that is already local comes back well within it; a read that needs the network again does not.
-FAIL_FAST_WAIT = 0.25
-#: At most this many failed ranges are remembered per device (the oldest are forgotten first).
-MAX_FAILED_RANGES = 256
+#: A read that fails this close to its deadline failed for want of time (counted as a timeout).
+LATE = 1.0
 
 
 class BlockDevice(Protocol):
@@ -112,9 +139,8 @@ class BlockDevice(Protocol):
     @property
     def writable(self) -> bool: ...
 
-    @property
-    def local(self) -> bool:
-        """True when no read can wait on the network (every byte is on this node)."""
+    def is_local(self, offset: int, length: int) -> bool:
+        """True when reading [offset, offset+length) cannot wait on the network (its bytes are here)."""
         ...
 
     def read(self, offset: int, length: int) -> bytes: ...
@@ -159,22 +185,6 @@ class FuseError(Exception):
         self.errno = err
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc  # noqa: PLW0603 - one handle per process
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    return _libc
-
-
-def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    if _lib().mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}", target)
-
-
 def _split(parts: list[Part], start: int, length: int) -> tuple[list[Part], list[Part], list[Part]]:
     """Cut a list of pieces into the bytes before `start`, the `length` bytes from it, and the rest."""
     out: tuple[list[Part], list[Part], list[Part]] = ([], [], [])
@@ -194,11 +204,14 @@ def _split(parts: list[Part], start: int, length: int) -> tuple[list[Part], list
     return out
 
 
-def unmount_path(target: str, flags: int = 0) -> None:
-    if _lib().umount2(target.encode(), flags) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
-            raise OSError(err, f"umount {target}: {os.strerror(err)}", target)
+def _unavailable(e: BaseException) -> UnavailableError | None:
+    """The "not now" error (a cool-down, a deadline) that `e` is or was caused by; None for breakage."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, UnavailableError):
+            return seen
+        seen = seen.__cause__
+    return None
 
 
 class BlockFS:
@@ -223,6 +236,7 @@ class BlockFS:
         self.stores = 0  # FUSE_NOTIFY_STORE messages the kernel accepted
         self.stores_skipped = 0  # windows not stored: every other request thread was storing
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="fuse-io")
+        self._watchdog: Watchdog | None = None
         self._lock = threading.Lock()
         self._by_name: dict[str, _Entry] = {}
         self._by_inode: dict[int, _Entry] = {}
@@ -232,13 +246,13 @@ class BlockFS:
         self._workers: list[threading.Thread] = []
         self._uid = os.getuid()
         self._gid = os.getgid()
+        self._allowed_uids = frozenset({0, self._uid})
         self._started = time.time()
-        self.timeouts = 0  # reads answered with EIO because they outlasted read_timeout
+        self._stats_lock = threading.Lock()
+        self.timeouts = 0  # reads answered with EIO by the watchdog: their deadline passed
         self.errors = 0  # reads answered with EIO because the device failed
-        self.fast_failures = 0  # reads answered with EIO after FAIL_FAST_WAIT (a range that just failed)
-        # nodeid -> [(until, start, end)]: ranges whose last read failed, remembered for read_timeout s.
-        self._failed: dict[int, list[tuple[float, int, int]]] = {}
-        self._failed_lock = threading.Lock()
+        self.fast_failures = 0  # reads answered with EIO at once: their unit or upstream is cooling down
+        self.refused_opens = 0  # OPENs refused because the caller is not root (nor the daemon's uid)
         self.on_error: Callable[[str, BaseException], None] | None = None
 
     # -- devices ---------------------------------------------------------------------------------
@@ -259,8 +273,6 @@ class BlockFS:
         with self._lock:
             entry = self._by_name.pop(name)
             del self._by_inode[entry.inode]
-        with self._failed_lock:
-            self._failed.pop(entry.inode, None)
         return entry.device
 
     def devices(self) -> dict[str, BlockDevice]:
@@ -275,14 +287,16 @@ class BlockFS:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def mount(self, mountpoint: str) -> None:
-        os.makedirs(mountpoint, exist_ok=True)
+        os.makedirs(mountpoint, mode=ROOT_MODE, exist_ok=True)
         # Canonical before mounting (resolving it afterwards would ask the not-yet-served filesystem).
         mountpoint = os.path.realpath(mountpoint)
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        opts = f"fd={fd},rootmode=40000,user_id={self._uid},group_id={self._gid},allow_other"
-        opts += f",max_read={MAX_WRITE}"
+        # default_permissions: the kernel checks the modes of our files (root's, 0400/0600) for every
+        # caller; allow_other lets root processes other than this one in (loop devices, losetup).
+        opts = f"fd={fd},rootmode=40000,user_id={self._uid},group_id={self._gid}"
+        opts += f",default_permissions,allow_other,max_read={MAX_WRITE}"
         try:
-            _mount("damselfly", mountpoint, "fuse.damselfly", MS_NOSUID | MS_NODEV, opts)
+            mount("damselfly", mountpoint, "fuse.damselfly", MS_NOSUID | MS_NODEV, opts)
         except BaseException:
             os.close(fd)
             raise
@@ -317,18 +331,26 @@ class BlockFS:
 
     def serve(self) -> None:
         """Start the request threads (returns at once; `unmount` stops them)."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog(self._expired)
         for i in range(self.threads):
             t = threading.Thread(target=self._loop, name=f"fuse-{i}", daemon=True)
             t.start()
             self._workers.append(t)
 
     def unmount(self) -> None:
-        """Unmount (lazily, so open loop devices keep working until detached) and stop the threads."""
+        """Unmount (lazily, so open loop devices keep working until detached) and stop the threads.
+
+        Workers still waiting on the network are not joined: they hold nothing but their own read,
+        and each gives up at that read's deadline."""
         if self.mountpoint is not None:
             unmount_path(self.mountpoint, MNT_DETACH)
         for t in self._workers:
             t.join(10)
         self._workers.clear()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -351,10 +373,10 @@ class BlockFS:
                 return
             if n < IN_HEADER.size:
                 continue
-            _len, opcode, unique, nodeid, _uid, _gid, _pid, _ext, _pad = IN_HEADER.unpack_from(buf)
+            _len, opcode, unique, nodeid, uid, _gid, _pid, _ext, _pad = IN_HEADER.unpack_from(buf)
             body = mv[IN_HEADER.size : n]
             try:
-                reply = self._dispatch(opcode, nodeid, body)
+                reply = self._dispatch(opcode, unique, nodeid, uid, body)
             except FuseError as e:
                 self._reply(unique, -e.errno)
                 continue
@@ -363,7 +385,7 @@ class BlockFS:
                 self._reply(unique, -errno.EIO)
                 continue
             if reply is None:
-                continue  # FORGET, INTERRUPT: no reply
+                continue  # FORGET, INTERRUPT, or a READ the I/O pool answers
             self._reply(unique, 0, reply)
             if opcode == DESTROY:
                 return
@@ -382,6 +404,10 @@ class BlockFS:
             if e.errno != errno.ENOENT:
                 log.warning("FUSE reply to %d failed: %s", unique, e)
 
+    def _count(self, counter: str) -> None:
+        with self._stats_lock:
+            setattr(self, counter, getattr(self, counter) + 1)
+
     # -- handlers --------------------------------------------------------------------------------
 
     def _entry(self, nodeid: int) -> _Entry:
@@ -392,23 +418,23 @@ class BlockFS:
         return entry
 
     def _attr(self, nodeid: int) -> bytes:
+        uid, gid = self._uid, self._gid
         if nodeid == ROOT_INODE:
             t = int(self._started)
-            return ATTR.pack(
-                ROOT_INODE, 0, 0, t, t, t, 0, 0, 0, stat.S_IFDIR | 0o755, 2, self._uid, self._gid, 0, 4096, 0
-            )
+            mode = stat.S_IFDIR | ROOT_MODE
+            return ATTR.pack(ROOT_INODE, 0, 0, t, t, t, 0, 0, 0, mode, 2, uid, gid, 0, 4096, 0)
         e = self._entry(nodeid)
         size = e.device.size
-        mode = stat.S_IFREG | (0o644 if e.device.writable else 0o444)
+        mode = stat.S_IFREG | (WRITABLE_MODE if e.device.writable else READ_ONLY_MODE)
         t = int(e.mtime)
-        return ATTR.pack(
-            e.inode, size, (size + 511) // 512, t, t, t, 0, 0, 0, mode, 1, self._uid, self._gid, 0, 4096, 0
-        )
+        return ATTR.pack(e.inode, size, (size + 511) // 512, t, t, t, 0, 0, 0, mode, 1, uid, gid, 0, 4096, 0)
 
-    def _dispatch(self, opcode: int, nodeid: int, body: memoryview) -> bytes | list[Part] | None:
+    def _dispatch(
+        self, opcode: int, unique: int, nodeid: int, uid: int, body: memoryview
+    ) -> bytes | list[Part] | None:
         if opcode == READ:
             _fh, offset, size, *_ = READ_IN.unpack_from(body)
-            return self._read(nodeid, offset, size)
+            return self._read(unique, nodeid, offset, size)
         if opcode == WRITE:
             _fh, offset, size, *_ = WRITE_IN.unpack_from(body)
             data = bytes(body[WRITE_IN.size : WRITE_IN.size + size])
@@ -425,12 +451,19 @@ class BlockFS:
             return ATTR_OUT_HEAD.pack(0, 0, 0) + self._attr(nodeid)
         if opcode == SETATTR:
             valid, _p, _fh, size, *_ = SETATTR_IN.unpack_from(body)
-            if valid & (1 << 3) and nodeid != ROOT_INODE and size != self._entry(nodeid).device.size:
+            if valid & FATTR_SIZE and nodeid != ROOT_INODE and size != self._entry(nodeid).device.size:
                 raise FuseError(errno.EPERM)  # devices have a fixed size
+            if valid & ~FATTR_SIZE:
+                raise FuseError(errno.EPERM)  # modes, owners and times are ours to say
             return ATTR_OUT_HEAD.pack(0, 0, 0) + self._attr(nodeid)
         if opcode == OPEN:
             entry = self._entry(nodeid)
-            flags = struct.unpack_from("<I", body)[0]
+            flags, _open_flags = OPEN_IN.unpack_from(body)
+            if uid not in self._allowed_uids:
+                # default_permissions has the kernel check our modes first; this holds even if it did
+                # not (an older kernel, a mount made by other means).
+                self._count("refused_opens")
+                raise FuseError(errno.EACCES)
             if flags & os.O_ACCMODE != os.O_RDONLY and not entry.device.writable:
                 raise FuseError(errno.EROFS)
             return OPEN_OUT.pack(nodeid, FOPEN_KEEP_CACHE, 0)
@@ -451,6 +484,9 @@ class BlockFS:
         if opcode == OPENDIR:
             if nodeid != ROOT_INODE:
                 raise FuseError(errno.ENOTDIR)
+            if uid not in self._allowed_uids:
+                self._count("refused_opens")
+                raise FuseError(errno.EACCES)
             return OPEN_OUT.pack(0, 0, 0)
         if opcode == READDIR:
             _fh, offset, size, *_ = READ_IN.unpack_from(body)
@@ -459,11 +495,11 @@ class BlockFS:
             return KSTATFS.pack(0, 0, 0, len(self._by_name), 0, 4096, 255, 4096, 0)
         if opcode == LSEEK:
             _fh, offset, whence, _p = LSEEK_IN.unpack_from(body)
-            if whence in (3, 4):  # SEEK_DATA / SEEK_HOLE: the whole device counts as data
+            if whence in (os.SEEK_DATA, os.SEEK_HOLE):  # the whole device counts as data
                 size = self._entry(nodeid).device.size
                 if offset >= size:
                     raise FuseError(errno.ENXIO)
-                return LSEEK_OUT.pack(offset if whence == 3 else size)
+                return LSEEK_OUT.pack(offset if whence == os.SEEK_DATA else size)
             raise FuseError(errno.EINVAL)
         if opcode in (FORGET, BATCH_FORGET, INTERRUPT):
             return None
@@ -506,59 +542,78 @@ class BlockFS:
             out += rec
         return bytes(out)
 
-    def _read(self, nodeid: int, offset: int, size: int) -> list[Part]:
-        # The kernel retries a failed read at once: the FUSE page cache re-reads the first page of a
-        # failed readahead, and the filesystem on the loop device does the same one level up. So one
-        # read(2) of a missing chunk became three device reads in a row, each waiting out the whole
-        # bound (measured: EIO after 3 x the bound with the registry stopped). A read overlapping a
-        # range that failed less than `read_timeout` ago therefore gets only FAIL_FAST_WAIT: local data
-        # still reads, a fetch that needs the network fails fast, and read(2) returns EIO after about
-        # one bound. After that the range is tried with the full bound again (the registry may be back).
+    # -- reads -----------------------------------------------------------------------------------
+
+    def _read(self, unique: int, nodeid: int, offset: int, size: int) -> list[Part] | None:
+        """Answer a READ here when its bytes are local; else hand it to the I/O pool (returns None)."""
         device = self._entry(nodeid).device
         end = offset + size
+        arrived = time.monotonic()
+        if not device.is_local(offset, size):
+            p = Pending(unique, nodeid, offset, size, arrived + self.read_timeout)
+            assert self._watchdog is not None, "serve() starts the watchdog"
+            self._watchdog.watch(p)
+            try:
+                self._io.submit(self._read_remote, p, device)
+            except RuntimeError:  # the pool is shut down: we are unmounting
+                if p.claim():
+                    raise FuseError(errno.EIO) from None
+            return None
         lo, hi = offset, end
         if self.store and size < STORE_BELOW and not device.writable:
             lo, hi = self._store_window(device, offset, end)
-        if device.local:
-            # Nothing to wait for on the network: serve it on this thread. Handing it to the pool costs
-            # more than the read (scripts/bench_device.py measured ~100 us of wake-ups per request).
-            try:
-                parts = device.read_parts(lo, hi - lo)
-            except (ValueError, OverflowError):
-                raise FuseError(errno.EINVAL) from None
-            except Exception as e:
-                self.errors += 1
-                log.error("read of %d bytes at %d failed: %s", size, offset, e)
-                if self.on_error is not None:
-                    self.on_error("error", e)
-                raise FuseError(errno.EIO) from None
-            return self._handed_out(nodeid, lo, offset, end, parts)
-        fast = self._recently_failed(nodeid, offset, end)
-        future = self._io.submit(device.read_parts, lo, hi - lo)
         try:
-            parts = future.result(timeout=FAIL_FAST_WAIT if fast else self.read_timeout)
-        except concurrent.futures.TimeoutError:
-            self._note_failure(nodeid, offset, end)
-            if fast:
-                self.fast_failures += 1
-                raise FuseError(errno.EIO) from None
-            self.timeouts += 1
-            log.error("read of %d bytes at %d timed out after %.1fs: EIO", size, offset, self.read_timeout)
-            if self.on_error is not None:
-                self.on_error("timeout", TimeoutError(f"read at {offset} outlasted {self.read_timeout}s"))
-            raise FuseError(errno.EIO) from None
+            # Local bytes need no network, but a bound costs nothing and covers a blob that lost its
+            # bytes between the check and the read (a corrupt chunk found, refetched).
+            with deadline.scope(arrived + self.read_timeout):
+                parts = device.read_parts(lo, hi - lo)
         except (ValueError, OverflowError):
             raise FuseError(errno.EINVAL) from None
         except Exception as e:
-            self._note_failure(nodeid, offset, end)
-            self.errors += 1
-            log.error("read of %d bytes at %d failed: %s", size, offset, e)
-            if self.on_error is not None:
-                self.on_error("error", e)
+            self._failed(offset, size, e, arrived + self.read_timeout)
             raise FuseError(errno.EIO) from None
-        if fast:
-            self._forget_failures(nodeid, offset, end)
         return self._handed_out(nodeid, lo, offset, end, parts)
+
+    def _read_remote(self, p: Pending, device: BlockDevice) -> None:
+        """On the I/O pool: read, and answer unless the watchdog did already."""
+        if p.answered:
+            return  # waited in the queue past its deadline
+        try:
+            with deadline.scope(p.deadline):
+                parts = device.read_parts(p.offset, p.size)
+        except (ValueError, OverflowError):
+            if p.claim():
+                self._reply(p.unique, -errno.EINVAL)
+            return
+        except Exception as e:
+            if p.claim():
+                self._failed(p.offset, p.size, e, p.deadline)
+                self._reply(p.unique, -errno.EIO)
+            return
+        if p.claim():
+            self._reply(p.unique, 0, parts)
+
+    def _failed(self, offset: int, size: int, e: BaseException, deadline_at: float) -> None:
+        why = _unavailable(e)
+        if isinstance(why, CoolingDownError):  # failed at once: the unit or upstream failed just now
+            self._count("fast_failures")
+            log.info("read of %d bytes at %d: EIO at once (%s)", size, offset, why)
+            return
+        # Out of time: the deadline passed, or the fetch gave up just before it (it ends a little early
+        # to say why: `p2p.session.DEADLINE_MARGIN`).
+        late = isinstance(why, DeadlineExceededError) or time.monotonic() >= deadline_at - LATE
+        self._count("timeouts" if late else "errors")
+        log.error("read of %d bytes at %d failed: %s", size, offset, e)
+        if self.on_error is not None:
+            self.on_error("timeout" if late else "error", e)
+
+    def _expired(self, p: Pending) -> None:
+        """The watchdog's answer to a read still unanswered at its deadline."""
+        self._count("timeouts")
+        log.error("read of %d bytes at %d timed out after %.1fs: EIO", p.size, p.offset, self.read_timeout)
+        if self.on_error is not None:
+            self.on_error("timeout", TimeoutError(f"read at {p.offset} outlasted {self.read_timeout}s"))
+        self._reply(p.unique, -errno.EIO)
 
     # -- FUSE_NOTIFY_STORE -----------------------------------------------------------------------
     #
@@ -620,29 +675,7 @@ class BlockFS:
             if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
                 log.debug("FUSE_NOTIFY_STORE of %d bytes at %d failed: %s", size, offset, e)
 
-    def _recently_failed(self, nodeid: int, start: int, end: int) -> bool:
-        now = time.monotonic()
-        with self._failed_lock:
-            spans = self._failed.get(nodeid)
-            if not spans:
-                return False
-            spans[:] = [s for s in spans if s[0] > now]
-            if not spans:
-                del self._failed[nodeid]
-                return False
-            return any(a < end and start < b for _, a, b in spans)
-
-    def _note_failure(self, nodeid: int, start: int, end: int) -> None:
-        with self._failed_lock:
-            spans = self._failed.setdefault(nodeid, [])
-            spans.append((time.monotonic() + self.read_timeout, start, end))
-            del spans[:-MAX_FAILED_RANGES]
-
-    def _forget_failures(self, nodeid: int, start: int, end: int) -> None:
-        with self._failed_lock:
-            spans = self._failed.get(nodeid)
-            if spans:
-                spans[:] = [s for s in spans if not (s[1] < end and start < s[2])]
+    # -- writes ----------------------------------------------------------------------------------
 
     def _write(self, nodeid: int, offset: int, data: bytes) -> None:
         device = self._entry(nodeid).device

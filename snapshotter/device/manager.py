@@ -12,20 +12,25 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from blockformat.chunkfile import Part
+from blockformat.chunkfile import Part, join_parts
+from blockformat.errors import CorruptBlobError
 from blockformat.layer import LayerReader
 from blockformat.source import FileSource, RangeSource
 from blockformat.stack import Stack
 from blockformat.upper import WritableUpper
+from p2p import deadline
 from p2p.background import BackgroundDownload, Status
 from p2p.blobsource import RegistryBlobSource
-from p2p.cache import DEFAULT_UNIT_SIZE, BlobCache, CachedBlob
+from p2p.cache import BlobCache, CachedBlob
 from p2p.digest import Digest, parse_digest
+from p2p.health import Breaker
 from p2p.registry import RegistryClient
 
+from ..config import DeviceSection
 from ..errors import DeviceError
 from .fuse import BlockFS
 
@@ -52,6 +57,9 @@ class LayerSpec:
     size: int
     index_digest: str
     source: SourceSpec
+    #: What the image's annotations say of the layer; checked against the layer itself at attach.
+    vsize: int | None = None
+    fstype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,14 @@ class DeviceSpec:
     def from_json(cls, d: dict[str, Any]) -> DeviceSpec:
         try:
             layers = [
-                LayerSpec(x["digest"], int(x["size"]), x["index_digest"], SourceSpec(**x["source"]))
+                LayerSpec(
+                    x["digest"],
+                    int(x["size"]),
+                    x["index_digest"],
+                    SourceSpec(**x["source"]),
+                    None if x.get("vsize") is None else int(x["vsize"]),
+                    None if x.get("fstype") is None else str(x["fstype"]),
+                )
                 for x in d.get("layers", [])
             ]
             return cls(d["name"], layers, d.get("vsize"), d.get("upper"))
@@ -76,25 +91,25 @@ class DeviceSpec:
             raise DeviceError(f"malformed device spec: {e}") from None
 
 
-@dataclass(frozen=True)
-class Settings:
-    read_timeout: float = 30.0
-    unit_size: int = DEFAULT_UNIT_SIZE
-    cache_limit_bytes: int = 0
-    background_delay: float = 5.0
-    background_rate: float = 0.0  # bytes/s, 0 = unlimited
-    background_concurrency: int = 2
+#: Background download streams per blob.
+BACKGROUND_CONCURRENCY = 2
 
 
 class ImageDevice:
-    """A stack of layers with an optional writable upper, as the FUSE filesystem sees it."""
+    """A stack of layers with an optional writable upper, as the FUSE filesystem sees it.
+
+    `cached` holds, per layer of the stack (bottom to top), the node-cache blob it reads through, or
+    None for a layer read from a local file."""
 
     def __init__(
-        self, stack: Stack, upper: WritableUpper | None, cached: list[CachedBlob] | None = None
+        self, stack: Stack, upper: WritableUpper | None, cached: list[CachedBlob | None] | None = None
     ) -> None:
         self.stack = stack
         self.upper = upper
-        self._cached = cached or []  # the layers that come through the node cache (not local files)
+        self._cached = cached if cached is not None else [None] * len(stack.layers)
+        if len(self._cached) != len(stack.layers):
+            raise DeviceError(f"{len(self._cached)} cache entries for {len(stack.layers)} layers")
+        self._remote = [c for c in self._cached if c is not None]
 
     @property
     def size(self) -> int:
@@ -104,17 +119,44 @@ class ImageDevice:
     def writable(self) -> bool:
         return self.upper is not None
 
-    @property
-    def local(self) -> bool:
-        return all(c.complete for c in self._cached)
+    def is_local(self, offset: int, length: int) -> bool:
+        """Whether reading the range cannot wait on the network: every stored chunk it needs is present
+        in the node cache (or its layer is a local file). A writable device answers for the whole
+        device (its upper decides per read which layer bytes it needs)."""
+        if all(c.complete for c in self._remote):
+            return True
+        if self.upper is not None:
+            return False
+        layers = self.stack.layers
+        for i, doff, n in self.stack.layer_ranges(offset, length):
+            cached = self._cached[i]
+            if cached is None or cached.complete:
+                continue
+            chunks = cast(LayerReader, layers[i]).chunks
+            shift = chunks.chunk_shift
+            start, stored = chunks.stored_range(doff >> shift, (doff + n - 1) >> shift)
+            if not cached.units_present(start, stored):
+                return False
+        return True
 
     def read(self, offset: int, length: int) -> bytes:
-        if self.upper is not None:
-            return self.upper.read(offset, length)
-        return self.stack.read(offset, length)
+        return join_parts(self.read_parts(offset, length))
 
     def read_parts(self, offset: int, length: int) -> list[Part]:
-        """`read` as read-only pieces that share memory with decoded chunks (for a vectored reply)."""
+        """`read` as read-only pieces that share memory with decoded chunks (for a vectored reply).
+
+        A chunk that fails its check when it comes from the node cache was damaged on disk: the cache
+        forgets it (`CachedBlob.repair`) and the read is tried once more, which fetches it again."""
+        try:
+            return self._read_parts(offset, length)
+        except CorruptBlobError as e:
+            cached = next((c for c in self._remote if c.name == e.blob), None)
+            if cached is None:
+                raise
+            cached.repair(e.offset)
+        return self._read_parts(offset, length)
+
+    def _read_parts(self, offset: int, length: int) -> list[Part]:
         if self.upper is not None:
             return [self.upper.read(offset, length)]
         return self.stack.read_parts(offset, length)
@@ -150,17 +192,17 @@ class _Blob:
 
 
 class DeviceManager:
-    def __init__(self, state_dir: str, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, state_dir: str, settings: DeviceSection | None = None) -> None:
+        self.settings = settings or DeviceSection(state_dir=state_dir)
         self.state_dir = state_dir
-        self.cache = BlobCache(
-            os.path.join(state_dir, "cache"), self.settings.unit_size, self.settings.cache_limit_bytes
-        )
-        self.fs = BlockFS(read_timeout=self.settings.read_timeout)
+        s = self.settings
+        self.cache = BlobCache(os.path.join(state_dir, "cache"), s.unit_size, s.cache_limit, s.fail_cooldown)
+        self.fs = BlockFS(read_timeout=s.read_timeout)
         self._lock = threading.Lock()
         self._blobs: dict[str, _Blob] = {}
         self._devices: dict[str, tuple[DeviceSpec, ImageDevice]] = {}
         self._clients: dict[tuple[str, bool | None], RegistryClient] = {}
+        self._breakers: dict[str, Breaker] = {}  # one per registry: its health, shared by its blobs
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -197,24 +239,49 @@ class DeviceManager:
                 source = FileSource(src.path)
             else:
                 assert src.registry is not None and src.repository is not None
+                breaker = self._breakers.setdefault(
+                    src.registry, Breaker(f"registry {src.registry}", self.settings.fail_cooldown)
+                )
                 upstream = RegistryBlobSource(
-                    self._client(src.registry, src.plain_http), src.repository, Digest(spec.digest), spec.size
+                    self._client(src.registry, src.plain_http),
+                    src.repository,
+                    Digest(spec.digest),
+                    spec.size,
+                    breaker,
                 )
                 cached = self.cache.open(spec.digest, spec.size, upstream, spec.index_digest)
                 source = cached
-            # A sealed cache blob (complete, whole-blob verified, written only by the cache) needs no
-            # per-chunk SHA-256 on every read: `CachedBlob.sealed` says why. A local file is not ours
-            # and may change under us, so its chunks are checked on every read.
-            layer = LayerReader(source, spec.index_digest, verified=cached.sealed if cached else None)
-            if cached is not None and not cached.complete:
+            try:
+                layer = self._open_layer(source, cached, spec.index_digest)
+            except BaseException:
+                if cached is not None:
+                    self.cache.release(cached)
+                elif isinstance(source, FileSource):
+                    source.close()
+                raise
+            if cached is not None:  # also a complete one: it is re-verified, and repaired if need be
                 s = self.settings
                 background = BackgroundDownload(
-                    cached, s.background_delay, s.background_rate, s.background_concurrency
+                    cached, s.background_delay, float(s.background_rate), BACKGROUND_CONCURRENCY
                 ).start()
             blob = _Blob(cached, source, layer, background)
             self._blobs[spec.digest] = blob
         blob.refs += 1
         return blob
+
+    @staticmethod
+    def _open_layer(source: RangeSource, cached: CachedBlob | None, index_digest: str) -> LayerReader:
+        # A sealed cache blob (complete, whole-blob verified in this process, written only by the
+        # cache) needs no per-chunk SHA-256 on every read: `CachedBlob.sealed` says why. A local file
+        # is not ours and may change under us, so its chunks are checked on every read.
+        verified = cached.sealed if cached is not None else None
+        try:
+            return LayerReader(source, index_digest, verified=verified)
+        except CorruptBlobError as e:
+            if cached is None or e.blob != cached.name:
+                raise
+            cached.repair(e.offset)  # its index or trailer was damaged on disk: fetch them again
+            return LayerReader(source, index_digest, verified=verified)
 
     def _release_blob(self, digest: str) -> None:
         blob = self._blobs[digest]
@@ -247,6 +314,7 @@ class DeviceManager:
                     self._open_blob(layer)
                     opened.append(layer.digest)
                 layers = [self._blobs[d].layer for d in opened]
+                _check_annotations(spec, layers)
                 stack = Stack(layers, spec.vsize if not layers else None)
                 upper = None
                 if spec.upper is not None:
@@ -254,8 +322,11 @@ class DeviceManager:
                         upper = WritableUpper.open(spec.upper, stack)
                     else:
                         upper = WritableUpper.create(spec.upper, stack.vsize, stack)
-                cached = [c for c in (self._blobs[d].cached for d in opened) if c is not None]
+                cached = [self._blobs[d].cached for d in opened]
                 device = ImageDevice(stack, upper, cached)
+                if upper is None and any(x.fstype is not None for x in spec.layers):
+                    with deadline.scope(time.monotonic() + self.settings.read_timeout):
+                        _check_filesystem(spec, device)
                 path = self.fs.attach(spec.name, device)
             except BaseException:
                 for d in opened:
@@ -322,6 +393,8 @@ class DeviceManager:
                     total_units=p.total_units,
                     complete=p.complete,
                     upstream_bytes=blob.cached.upstream_bytes,
+                    verified=blob.cached.verified,
+                    repairs=blob.cached.repairs,
                 )
             if st is not None:
                 entry.update(background=st.state.value, failures=st.failures, error=st.error)
@@ -332,6 +405,40 @@ class DeviceManager:
             "read_timeouts": self.fs.timeouts,
             "read_errors": self.fs.errors,
             "read_fast_failures": self.fs.fast_failures,
+            "refused_opens": self.fs.refused_opens,
             "read_stores": self.fs.stores,
             "read_stores_skipped": self.fs.stores_skipped,
         }
+
+
+#: ext4's superblock magic (struct ext4_super_block.s_magic): 0xEF53 at byte 1024 + 56 of the device.
+EXT4_MAGIC_AT = 1024 + 56
+EXT4_MAGIC = b"\x53\xef"
+
+
+def _check_annotations(spec: DeviceSpec, layers: list[LayerReader]) -> None:
+    """The annotations' virtual size must be the layer's own (the layer blob is what the index digest
+    vouches for; the annotation is what the chain checks at Prepare trusted)."""
+    for i, (want, layer) in enumerate(zip(spec.layers, layers, strict=True)):
+        if want.vsize is not None and want.vsize != layer.vsize:
+            raise DeviceError(
+                f"device {spec.name}: layer {i} ({want.digest}) is annotated with a virtual size of "
+                f"{want.vsize} bytes, but the layer itself is {layer.vsize} bytes; the image's "
+                "annotations are wrong: convert it again"
+            )
+        if want.fstype is not None and want.fstype != "ext4":
+            raise DeviceError(
+                f"device {spec.name}: layer {i} ({want.digest}) is annotated as a {want.fstype!r} "
+                "filesystem; damselfly mounts ext4 only"
+            )
+
+
+def _check_filesystem(spec: DeviceSpec, device: ImageDevice) -> None:
+    """A read-only device whose layers say ext4 must hold an ext4 superblock."""
+    magic = device.read(EXT4_MAGIC_AT, len(EXT4_MAGIC))
+    if magic != EXT4_MAGIC:
+        raise DeviceError(
+            f"device {spec.name}: the layers are annotated as ext4 but hold no ext4 superblock "
+            f"(bytes {magic.hex()} at offset {EXT4_MAGIC_AT}, not {EXT4_MAGIC.hex()}); the image is "
+            "not what its annotations say"
+        )

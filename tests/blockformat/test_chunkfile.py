@@ -281,12 +281,14 @@ def test_open_reads_only_the_tail() -> None:
 def test_open_reads_the_index_separately_when_the_tail_read_misses_it(
     sample_blob: SampleBlob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The index's first piece (its header) is read and checked before the rest; no byte is read twice.
     monkeypatch.setattr(chunkfile, "TAIL_READ", 128)
     src = BytesSource(sample_blob.blob)
     r = ChunkReader(src)
     size = len(sample_blob.blob)
-    index_length = size - TRAILER_SIZE - r.index_offset
-    assert src.reads == [(size - 128, 128), (r.index_offset, index_length)]
+    tail_start = size - 128
+    first_end = r.index_offset + 128
+    assert src.reads == [(tail_start, 128), (r.index_offset, 128), (first_end, tail_start - first_end)]
     assert consume(r) == sample_blob.data
 
 

@@ -18,6 +18,7 @@ the detached device daemon) and fails the module if anything else was left.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import re
@@ -38,6 +39,7 @@ from snapshotter.cli.errors import EXIT_OK
 from snapshotter.mounts import find_mount
 from tests import oci_images as oi
 from tests.p2p.registry_server import RegistryServer
+from tests.programs import euid_program
 from tests.snapshotter import serving
 from tests.snapshotter.devd import CountingProxy
 from tests.snapshotter.remote_lab import (
@@ -312,6 +314,51 @@ def test_ten_containers_started_at_once_share_one_device(stack: Stack, images: I
     assert outputs == {i: f"ok-{i}\n" for i in range(10)}
     wait_released(stack)
     remove_image(stack, images.shared)
+
+
+# -- what the container sees -------------------------------------------------------------------------
+
+
+def test_a_setuid_binary_of_a_converted_image_runs_setuid_in_its_container(
+    stack: Stack, registry: RegistryServer, tmp_path: Path
+) -> None:
+    """The chain mount under the container is nosuid,nodev; the container's own overlay decides what
+    runs in it, so `su`, `ping` and `sudo` keep working (docs/security.md)."""
+    layer = oi.Layer(
+        (
+            oi.file("euid", euid_program(tmp_path / "programs"), mode=0o4755),
+            oi.char_device("devnull", 1, 3, mode=0o666),
+        ),
+        created_by="ADD euid devnull /",
+    )
+    image = dataclasses.replace(oi.busybox_image(layer), user="65534:65534")
+    src = oi.push_image(registry.host, oi.write_layout(image, tmp_path / "suid"), "e2e-remote/suid", "src")
+    ref = f"{registry.host}/e2e-remote/suid:damselfly"
+    convert(src, ref, tmp_path / "cache")
+    c = stack.containerd
+    rpull(c, ref)
+    c.run(
+        ref,
+        ["/bin/sh", "-c", "sleep 60"],
+        container_id="suid",
+        snapshotter=SNAPSHOTTER,
+        detach=True,
+        extra=["--null-io"],
+    )
+    try:
+        wait_task(c, "suid", "RUNNING")
+        (chain,) = chain_mounts(stack.root)
+        info = find_mount(chain)
+        assert info is not None and {"ro", "nosuid", "nodev"} <= set(info.options), info
+    finally:
+        remove_container(c, "suid")
+    # ctr's default spec sets no_new_privs; a Kubernetes pod's default (allowPrivilegeEscalation) does not.
+    out = c.run(ref, ["/euid"], snapshotter=SNAPSHOTTER, extra=["--allow-new-privs"]).stdout
+    assert out == "euid=0 uid=65534\n", out
+    wrote = c.run(ref, ["/bin/sh", "-c", "echo x > /devnull && echo wrote"], snapshotter=SNAPSHOTTER)
+    assert wrote.stdout == "wrote\n", wrote
+    wait_released(stack)
+    remove_image(stack, ref)
 
 
 # -- restarts --------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Fixtures: real docker-registry processes on loopback (no auth, htpasswd, token) and client factories."""
+"""Fixtures: real docker-registry processes on loopback (no auth, htpasswd, token) and client factories.
+
+The token registry's token server speaks HTTPS on another port (Docker Hub's shape): credentials go only
+to an HTTPS realm or to the registry's own origin. Its clients trust the test CA (`token_client`).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from p2p.auth import CredentialProvider, Credentials, static_credentials
 from p2p.registry import RegistryClient
 from p2p.retry import RetryPolicy, Timeouts
 
-from .registry_server import RegistryServer, TokenKey, TokenServer, htpasswd_line, token_auth_config
+from .registry_server import (
+    LoopbackTLS,
+    RegistryServer,
+    TokenKey,
+    TokenServer,
+    htpasswd_line,
+    token_auth_config,
+)
 
 ALICE = Credentials("alice", "wonderland")  # may pull and push everywhere
 BOB = Credentials("bob", "builder")  # may only pull
@@ -66,6 +78,17 @@ def _acl(user: str | None, repository: str) -> set[str]:
     return set()
 
 
+@pytest.fixture(scope="session")
+def loopback_tls(tmp_path_factory: pytest.TempPathFactory) -> LoopbackTLS:
+    """A test CA and a certificate for 127.0.0.1 signed by it."""
+    return LoopbackTLS.generate(tmp_path_factory.mktemp("tls"))
+
+
+def trusting(tls: LoopbackTLS) -> httpx.HTTPTransport:
+    """A transport for `RegistryClient(transport=…)` that verifies HTTPS servers against the test CA."""
+    return httpx.HTTPTransport(verify=tls.client_context())
+
+
 @dataclass
 class TokenRegistry:
     registry: RegistryServer
@@ -76,32 +99,57 @@ class TokenRegistry:
         return self.registry.host
 
 
-@pytest.fixture(scope="session")
-def _token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
-    key = TokenKey.generate()
-    cert = tmp_path_factory.mktemp("token") / "token-signer.pem"
-    cert.write_bytes(key.cert_pem())
-    tokens = TokenServer(
-        key,
+def _token_server(tls: LoopbackTLS | None) -> TokenServer:
+    return TokenServer(
+        TokenKey.generate(),
         {ALICE.username: ALICE.password, BOB.username: BOB.password},
         _acl,
         {ALICE_REFRESH_TOKEN: "alice"},
+        tls=tls.server_context() if tls is not None else None,
     )
+
+
+def _serve_token_registry(tokens: TokenServer, directory: Path, name: str) -> Iterator[TokenRegistry]:
+    cert = directory / "token-signer.pem"
+    cert.write_bytes(tokens.key.cert_pem())
     tokens.start()
     try:
-        for server in _start(RegistryServer(auth=token_auth_config(tokens, cert), name="token")):
+        for server in _start(RegistryServer(auth=token_auth_config(tokens, cert), name=name)):
             yield TokenRegistry(server, tokens)
     finally:
         tokens.stop()
 
 
+@pytest.fixture(scope="session")
+def _token_registry(
+    tmp_path_factory: pytest.TempPathFactory, loopback_tls: LoopbackTLS
+) -> Iterator[TokenRegistry]:
+    yield from _serve_token_registry(_token_server(loopback_tls), tmp_path_factory.mktemp("token"), "token")
+
+
+def _reset(registry: TokenRegistry) -> Iterator[TokenRegistry]:
+    t = registry.tokens
+    t.requests.clear()
+    t.seen.clear()
+    yield registry
+    t.expires_in, t.bad_signer = 300, None
+
+
 @pytest.fixture
 def token_registry(_token_registry: TokenRegistry) -> Iterator[TokenRegistry]:
-    """The token-auth registry; the token server's knobs are reset after each test."""
-    t = _token_registry.tokens
-    t.requests.clear()
-    yield _token_registry
-    t.expires_in, t.bad_signer = 300, None
+    """The token-auth registry, its realm over HTTPS; the token server's knobs are reset after each test."""
+    yield from _reset(_token_registry)
+
+
+@pytest.fixture(scope="session")
+def _http_realm_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
+    yield from _serve_token_registry(_token_server(None), tmp_path_factory.mktemp("token-http"), "token-http")
+
+
+@pytest.fixture
+def http_realm_registry(_http_realm_registry: TokenRegistry) -> Iterator[TokenRegistry]:
+    """A token-auth registry whose realm is plain HTTP on another port: it may not have credentials."""
+    yield from _reset(_http_realm_registry)
 
 
 _counter = itertools.count()
@@ -134,6 +182,19 @@ def make_client() -> Iterator[ClientFactory]:
     yield factory
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def token_client(
+    token_registry: TokenRegistry, make_client: ClientFactory, loopback_tls: LoopbackTLS
+) -> ClientFactory:
+    """``token_client(**kwargs)``: a client for the token registry that trusts its token server's CA."""
+
+    def factory(**kwargs: Any) -> RegistryClient:
+        kwargs.setdefault("transport", trusting(loopback_tls))
+        return make_client(token_registry.host, **kwargs)
+
+    return factory
 
 
 @pytest.fixture

@@ -5,18 +5,22 @@ which is YAML). `stop` ends exactly the process it started, by pid, and removes 
 
 Token auth follows distribution's token spec: the registry trusts a self-signed certificate
 (``rootcertbundle``), and `TokenServer` issues RS256 JWTs signed by its key, carrying the certificate in
-the ``x5c`` header, with the ``access`` claim granting what its ACL allows.
+the ``x5c`` header, with the ``access`` claim granting what its ACL allows. It serves plain HTTP, or HTTPS
+with a `LoopbackTLS` certificate (what a registry with a token service elsewhere, like Docker Hub, looks
+like: credentials go only to an HTTPS realm or the registry's own origin).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import ipaddress
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -108,10 +112,96 @@ class TokenKey:
 
 
 @dataclass
+class LoopbackTLS:
+    """A throwaway CA and a certificate for 127.0.0.1 it signed; files in `directory` (ssl wants paths)."""
+
+    ca_pem: bytes
+    cert_path: Path
+    key_path: Path
+
+    @classmethod
+    def generate(cls, directory: Path) -> LoopbackTLS:
+        now = dt.datetime.now(dt.UTC)
+        ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "damselfly test CA")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=7))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        cert_path, key_path = directory / "server.pem", directory / "server.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+        return cls(ca.public_bytes(serialization.Encoding.PEM), cert_path, key_path)
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert_path, self.key_path)
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """Verifies servers against this CA only (hostname checks included)."""
+        return ssl.create_default_context(cadata=self.ca_pem.decode("ascii"))
+
+
+def serve_tls(server: ThreadingHTTPServer, context: ssl.SSLContext) -> None:
+    """Make `server` speak HTTPS. The handshake happens on the first read, in the request's own thread,
+    so a client that stalls in it does not hold up accept()."""
+    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+
+
+@dataclass
+class SeenTokenRequest:
+    """What reached the token server, before any check: to prove what was (not) sent to it."""
+
+    method: str
+    path: str
+    authorization: str | None
+    body: bytes
+
+
+@dataclass
 class TokenServer:
     """Issues registry tokens. `users` maps user → password; `acl(user, repo)` → allowed actions.
 
     ``user`` is ``None`` for anonymous requests. Identity tokens (``refresh_tokens``) map to users.
+    `requests` lists the tokens issued; `seen`, every request as it arrived. With `tls`, it serves HTTPS.
     """
 
     key: TokenKey
@@ -121,12 +211,15 @@ class TokenServer:
     expires_in: int = 300
     requests: list[dict[str, Any]] = field(default_factory=list)
     bad_signer: TokenKey | None = None  # when set, tokens are signed by this untrusted key
+    tls: ssl.SSLContext | None = None
+    seen: list[SeenTokenRequest] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
 
     @property
     def realm(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/token"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}/token"
 
     def start(self) -> None:
         owner = self
@@ -136,6 +229,7 @@ class TokenServer:
                 pass
 
             def do_GET(self) -> None:
+                owner.seen.append(SeenTokenRequest("GET", self.path, self.headers.get("Authorization"), b""))
                 url = urllib.parse.urlsplit(self.path)
                 q = urllib.parse.parse_qs(url.query)
                 user: str | None = None
@@ -151,7 +245,11 @@ class TokenServer:
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
-                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                body = self.rfile.read(length)
+                owner.seen.append(
+                    SeenTokenRequest("POST", self.path, self.headers.get("Authorization"), body)
+                )
+                form = urllib.parse.parse_qs(body.decode())
                 if form.get("grant_type") != ["refresh_token"]:
                     self._send(400, {"error": "unsupported_grant_type"})
                     return
@@ -197,6 +295,8 @@ class TokenServer:
                 self.wfile.write(raw)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            serve_tls(self._server, self.tls)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
 

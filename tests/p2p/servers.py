@@ -4,18 +4,26 @@
   registry whose blobs live behind a CDN).
 - `ForwardProxy`: a plain HTTP forward proxy (absolute-form request lines), counting what it forwards.
 - `RawServer`: a socket server whose connection handler is a plain function, for stalls and trickles.
+- `AuthProbe`: a registry stand-in that wants credentials and is its own token server, over HTTP or
+  HTTPS, recording every request — to prove where credentials go (and where they do not).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
+import json
 import socket
+import ssl
 import threading
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
+
+from .registry_server import serve_tls
 
 _HOP_BY_HOP = {
     "connection",
@@ -32,6 +40,7 @@ class _Background:
     """Run a ThreadingHTTPServer in a daemon thread for the duration of a ``with`` block."""
 
     server: ThreadingHTTPServer
+    scheme = "http"
 
     @property
     def host(self) -> str:
@@ -39,7 +48,7 @@ class _Background:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.scheme}://{self.host}"
 
     def __enter__(self) -> Any:
         self.server.daemon_threads = True
@@ -202,3 +211,166 @@ def read_request_head(conn: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+@dataclass
+class Seen:
+    """One request as it reached an `AuthProbe`."""
+
+    method: str
+    path: str
+    authorization: str | None
+    body: bytes
+
+
+class AuthProbe(_Background):
+    """A registry that wants credentials, and a token server, in one loopback server (HTTPS with `tls`).
+
+    Registry side, for ``/v2/<name>/blobs/<digest>``:
+
+    - `auth` ``"bearer"``: a request with ``Bearer user:<name>`` (a token some probe issued to a user in
+      `users`; ``Bearer anonymous`` too when `public`) is served; any other gets ``401`` with
+      ``WWW-Authenticate: Bearer realm="<realm>"``. `realm` is this server's own ``/token`` unless a test
+      points it elsewhere. ``"basic"``: ``Basic`` with a password from `users`, else ``401 Basic``.
+      ``"none"``: no authentication asked (a storage backend).
+    - Served means: ``GET`` → `blob` (or ``307`` to ``blob_redirect + path`` when set), ``HEAD`` → ``404``,
+      ``POST …/blobs/uploads/`` → ``202`` with ``Location: upload_location``, ``PUT`` → ``201``.
+
+    Token side, ``/token`` and ``/token-moved``: a GET with ``Basic`` credentials from `users`, or a POST with
+    a refresh-token form whose token is in `refresh_tokens`, gets ``user:<name>``; anything else gets
+    ``anonymous``. With `token_redirect` set, ``/token`` answers ``307`` there instead.
+
+    `seen` records every request before it is looked at.
+    """
+
+    def __init__(
+        self,
+        auth: Literal["bearer", "basic", "none"] = "bearer",
+        *,
+        users: dict[str, str] | None = None,
+        refresh_tokens: dict[str, str] | None = None,
+        blob: bytes = b"",
+        public: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.auth = auth
+        self.users = users or {}
+        self.refresh_tokens = refresh_tokens or {}
+        self.blob = blob
+        self.public = public
+        self.seen: list[Seen] = []
+        self.token_redirect: str | None = None
+        self.blob_redirect: str | None = None
+        self.upload_location: str | None = None
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _record(self) -> bytes:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length) if length else b""
+                owner.seen.append(Seen(self.command, self.path, self.headers.get("Authorization"), body))
+                return body
+
+            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _basic_user(self) -> str | None:
+                auth = self.headers.get("Authorization", "")
+                if not auth.startswith("Basic "):
+                    return None
+                name, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+                return name if name in owner.users and owner.users[name] == password else None
+
+            def _token(self, body: bytes) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/token" and owner.token_redirect is not None:
+                    self._send(307, headers={"Location": owner.token_redirect})
+                    return
+                if path not in ("/token", "/token-moved"):
+                    self._send(404)
+                    return
+                if self.command == "POST":
+                    form = urllib.parse.parse_qs(body.decode())
+                    user = owner.refresh_tokens.get(form.get("refresh_token", [""])[0])
+                else:
+                    user = self._basic_user()
+                token = f"user:{user}" if user else "anonymous"
+                doc = json.dumps({"token": token, "access_token": token, "expires_in": 300}).encode()
+                self._send(200, doc, {"Content-Type": "application/json"})
+
+            def _authorized(self) -> bool:
+                if owner.auth == "none":
+                    return True
+                auth = self.headers.get("Authorization", "")
+                if owner.auth == "basic":
+                    return self._basic_user() is not None
+                token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
+                if token == "anonymous":
+                    return owner.public
+                return token is not None and token.removeprefix("user:") in owner.users
+
+            def _registry(self) -> None:
+                if not self._authorized():
+                    challenge = (
+                        'Basic realm="probe"' if owner.auth == "basic" else f'Bearer realm="{owner.realm}"'
+                    )
+                    error = {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}
+                    self._send(401, json.dumps(error).encode(), {"WWW-Authenticate": challenge})
+                elif self.command == "GET" and owner.blob_redirect is not None:
+                    self._send(307, headers={"Location": owner.blob_redirect + self.path})
+                elif self.command == "GET":
+                    self._send(200, owner.blob, {"Content-Type": "application/octet-stream"})
+                elif self.command == "POST" and owner.upload_location is not None:
+                    self._send(202, headers={"Location": owner.upload_location})
+                elif self.command == "PUT":
+                    self._send(201)
+                else:
+                    self._send(404)
+
+            def _handle(self) -> None:
+                body = self._record()
+                if self.path.startswith("/token"):
+                    self._token(body)
+                else:
+                    self._registry()
+
+            def do_GET(self) -> None:
+                self._handle()
+
+            def do_HEAD(self) -> None:
+                self._handle()
+
+            def do_POST(self) -> None:
+                self._handle()
+
+            def do_PUT(self) -> None:
+                self._handle()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            serve_tls(self.server, tls)
+            self.scheme = "https"
+        self.realm = f"{self.url}/token"
+
+    def __enter__(self) -> AuthProbe:
+        super().__enter__()
+        return self
+
+    def credentials_seen(self, secrets: list[str]) -> list[Seen]:
+        """The requests that carried credentials: an Authorization header other than an anonymous token
+        (a user's token is as good as a password), or any of `secrets` in their body or URL."""
+        return [
+            r
+            for r in self.seen
+            if r.authorization not in (None, "Bearer anonymous")
+            or any(x.encode() in r.body or x in r.path for x in secrets)
+        ]

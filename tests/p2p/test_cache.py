@@ -17,8 +17,10 @@ import pytest
 
 from blockformat.chunkfile import ChunkReader, pack_file
 from blockformat.errors import BlockFormatError, SourceError
+from p2p import deadline
 from p2p.background import BackgroundDownload, State
 from p2p.cache import BlobCache
+from p2p.errors import CoolingDownError, DeadlineExceededError
 
 UNIT = 64 * 1024
 
@@ -251,3 +253,50 @@ def test_stopping_a_background_download_joins_its_threads(tmp_path: Path) -> Non
     bg.stop(timeout=5)
     assert bg.status().state is State.STOPPED
     assert threading.active_count() == before
+
+
+# -- bounded reads: cool-down after a failure, deadlines -------------------------------------------
+
+
+def test_a_unit_whose_fetch_failed_fails_again_at_once_until_its_cooldown_ends(tmp_path: Path) -> None:
+    data, blob, digest, idx = make_blob()
+    up = Upstream(blob)
+    cache = BlobCache(str(tmp_path), unit_size=UNIT, fail_cooldown=0.5)
+    r = open_reader(cache, up, digest, idx)
+    assert r.read(0, 4096) == data[:4096]
+    up.fail = True
+    with pytest.raises(SourceError):
+        r.read(3_000_000, 4096)
+    up.fail = False  # the upstream is back, but the unit cools down: no request, an error at once
+    asked = len(up.requests)
+    t0 = time.monotonic()
+    with pytest.raises(SourceError) as caught:
+        r.read(3_000_000, 4096)
+    assert time.monotonic() - t0 < 0.1
+    assert isinstance(caught.value.__cause__, CoolingDownError)
+    assert len(up.requests) == asked
+    assert r.read(0, 4096) == data[:4096]  # present units read as ever
+    time.sleep(0.6)
+    assert r.read(3_000_000, 4096) == data[3_000_000:3_004_096]
+
+
+def test_a_reader_waiting_for_another_readers_fetch_gives_up_at_its_own_deadline(tmp_path: Path) -> None:
+    _data, blob, digest, idx = make_blob()
+    cache = BlobCache(str(tmp_path), unit_size=UNIT)
+    cb = cache.open(digest, len(blob), Upstream(blob), idx)
+    cb.geometry()
+    cb.upstream = slow = Upstream(blob, delay=2.0)  # the next fetch takes 2 s
+    first = threading.Thread(target=cb.ensure, args=(1_000_000, 4096))
+    first.start()
+    try:
+        while not slow.requests:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        with deadline.scope(t0 + 0.3), pytest.raises(SourceError) as caught:
+            cb.ensure(1_000_000, 4096)  # the same unit: it waits for the first reader's fetch...
+        waited = time.monotonic() - t0
+        assert 0.25 < waited < 1.0, waited  # ... but only until its own deadline
+        assert isinstance(caught.value.__cause__, DeadlineExceededError)
+    finally:
+        first.join()
+    assert cb.units_present(1_000_000, 4096)  # the first reader's fetch completed all the same

@@ -92,9 +92,9 @@ def test_default_client_reads_docker_config(
 
 
 def test_token_auth_push_and_pull(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
 ) -> None:
-    client = make_client(token_registry.host, credentials=static_credentials({token_registry.host: ALICE}))
+    client = token_client(credentials=static_credentials({token_registry.host: ALICE}))
     image = make_image([os.urandom(64)])
     push_image(client, repo, image, "v1")
     resolved = client.resolve(f"{token_registry.host}/{repo}:v1")
@@ -107,9 +107,9 @@ def test_token_auth_push_and_pull(
 
 
 def test_token_is_cached_per_scope(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
 ) -> None:
-    client = make_client(token_registry.host, credentials=static_credentials({token_registry.host: ALICE}))
+    client = token_client(credentials=static_credentials({token_registry.host: ALICE}))
     digest = client.push_blob(repo, os.urandom(100)).digest
     before = client.session.token_requests
 
@@ -123,14 +123,10 @@ def test_token_is_cached_per_scope(
 
 
 def test_expired_token_is_renewed(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
 ) -> None:
     now = [1000.0]
-    client = make_client(
-        token_registry.host,
-        credentials=static_credentials({token_registry.host: ALICE}),
-        clock=lambda: now[0],
-    )
+    client = token_client(credentials=static_credentials({token_registry.host: ALICE}), clock=lambda: now[0])
     digest = client.push_blob(repo, b"expiry").digest
     client.read_blob_range(repo, digest, 0, 3)
     count = client.session.token_requests
@@ -145,9 +141,9 @@ def test_expired_token_is_renewed(
 
 
 def test_refused_cached_token_is_renewed_once(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
 ) -> None:
-    client = make_client(token_registry.host, credentials=static_credentials({token_registry.host: ALICE}))
+    client = token_client(credentials=static_credentials({token_registry.host: ALICE}))
     digest = client.push_blob(repo, b"renewal").digest
     client.read_blob_range(repo, digest, 0, 3)
     # The registry stops accepting the cached token (e.g. a key rotation): poison it in the cache.
@@ -161,10 +157,10 @@ def test_refused_cached_token_is_renewed_once(
 
 
 def test_token_the_registry_never_accepts_fails_after_one_renewal(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
 ) -> None:
     token_registry.tokens.bad_signer = TokenKey.generate("an untrusted signer")
-    client = make_client(token_registry.host, credentials=static_credentials({token_registry.host: ALICE}))
+    client = token_client(credentials=static_credentials({token_registry.host: ALICE}))
     with pytest.raises(AuthError) as e:
         client.get_manifest(repo, "latest")
     assert "refused the credentials" in str(e.value)
@@ -172,10 +168,10 @@ def test_token_the_registry_never_accepts_fails_after_one_renewal(
 
 
 def test_token_server_refuses_a_wrong_password(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
 ) -> None:
     creds = static_credentials({token_registry.host: Credentials("alice", "wrong")})
-    client = make_client(token_registry.host, credentials=creds)
+    client = token_client(credentials=creds)
     with pytest.raises(AuthError) as e:
         client.get_manifest(repo, "latest")
     assert "token server refused the credentials of alice" in str(e.value)
@@ -183,23 +179,23 @@ def test_token_server_refuses_a_wrong_password(
 
 
 def test_pull_only_user_cannot_push(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
 ) -> None:
-    client = make_client(token_registry.host, credentials=static_credentials({token_registry.host: BOB}))
+    client = token_client(credentials=static_credentials({token_registry.host: BOB}))
     with pytest.raises(AuthError) as e:
         client.push_blob(repo, b"bob may not push")
     assert "refused" in str(e.value)
 
 
 def test_anonymous_pull_of_a_public_repository(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
 ) -> None:
     public = "public/" + repo.replace("/", "-")
-    writer = make_client(token_registry.host, credentials=static_credentials({token_registry.host: ALICE}))
+    writer = token_client(credentials=static_credentials({token_registry.host: ALICE}))
     image = make_image([os.urandom(32)])
     push_image(writer, public, image)
 
-    anonymous = make_client(token_registry.host)
+    anonymous = token_client()
     assert anonymous.resolve(f"{token_registry.host}/{public}").manifest.digest == image.manifest_digest
     assert token_registry.tokens.requests[-1]["user"] is None
     with pytest.raises(AuthError) as e:
@@ -208,19 +204,19 @@ def test_anonymous_pull_of_a_public_repository(
 
 
 def test_identity_token_from_docker_config_uses_the_oauth_refresh_grant(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str, docker_config_dir: Path
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str, docker_config_dir: Path
 ) -> None:
     _write_config(docker_config_dir, {token_registry.host: {"identitytoken": ALICE_REFRESH_TOKEN}})
-    client = make_client(token_registry.host, credentials=DockerConfig.load())
+    client = token_client(credentials=DockerConfig.load())
     assert client.push_blob(repo, b"oauth").how == "uploaded"
     assert token_registry.tokens.requests[-1]["method"] == "POST"
     assert token_registry.tokens.requests[-1]["user"] == "alice"
 
 
 def test_cross_repository_mount_with_tokens_asks_for_both_scopes(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
 ) -> None:
-    client = make_client(token_registry.host, credentials=static_credentials({token_registry.host: ALICE}))
+    client = token_client(credentials=static_credentials({token_registry.host: ALICE}))
     data = os.urandom(300)
     client.push_blob(repo + "-src", data)
     assert client.push_blob(repo, data, mount_from=repo + "-src").how == "mounted"
@@ -228,9 +224,9 @@ def test_cross_repository_mount_with_tokens_asks_for_both_scopes(
 
 
 def test_one_client_shared_by_many_threads(
-    token_registry: TokenRegistry, make_client: ClientFactory, repo: str
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
 ) -> None:
-    client = make_client(token_registry.host, credentials=static_credentials({token_registry.host: ALICE}))
+    client = token_client(credentials=static_credentials({token_registry.host: ALICE}))
     data = os.urandom(256 * 1024)
     digest = client.push_blob(repo, data).digest
     errors: list[BaseException] = []

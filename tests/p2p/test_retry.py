@@ -15,9 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
+from p2p import deadline
 from p2p.digest import digest_of
 from p2p.errors import (
     AuthError,
+    DeadlineExceededError,
     DigestMismatchError,
     NotFoundError,
     RangeResponseError,
@@ -374,3 +376,35 @@ def test_trickling_body_is_cut_off_by_the_total_time_limit(make_client: ClientFa
         elapsed = time.monotonic() - start
     assert "too slow" in str(e.value)
     assert elapsed < 2 * (1.0 + 0.5) + 1.0
+
+
+# -- the caller's deadline bounds everything -------------------------------------------------------
+
+SLOW_TIMEOUTS = Timeouts(connect=30.0, read=30.0, write=30.0, pool=30.0, total=60.0)
+PATIENT_RETRY = RetryPolicy(attempts=5, budget=60.0, base_delay=0.05)
+
+
+def test_a_callers_deadline_cuts_timeouts_and_retries_short(make_client: ClientFactory) -> None:
+    def silent(conn: socket.socket) -> None:
+        read_request_head(conn)
+        server.stopping.wait(10)
+
+    with RawServer(silent) as server:
+        client = make_client(server.host, timeouts=SLOW_TIMEOUTS, retry=PATIENT_RETRY)
+        start = time.monotonic()
+        with deadline.scope(start + 1.0), pytest.raises(RegistryUnavailableError) as e:
+            client.read_blob_range("a/b", BLOB_DIGEST, 0, 4096)  # 5 x 30 s without the deadline
+        elapsed = time.monotonic() - start
+    assert "timed out waiting for data" in str(e.value)
+    assert 0.6 < elapsed < 1.0, elapsed  # it ends just before the caller's deadline, saying why
+
+
+def test_a_call_with_no_time_left_is_not_sent(make_client: ClientFactory) -> None:
+    def answer(conn: socket.socket) -> None:
+        read_request_head(conn)
+
+    with RawServer(answer) as server:
+        client = make_client(server.host)
+        with deadline.scope(time.monotonic() - 1), pytest.raises(DeadlineExceededError):
+            client.read_blob_range("a/b", BLOB_DIGEST, 0, 4096)
+    assert server.connections == 0

@@ -62,6 +62,12 @@ class KernelResources:
         self._mounts.append(os.path.abspath(path))
         return path
 
+    def file_mount_point(self, path: Path) -> Path:
+        """Register file `path` (which must exist) as a mount point to clean up (a bind mount of a file)."""
+        assert path.is_file(), path
+        self._mounts.append(os.path.abspath(path))
+        return path
+
     def loop(self, dev: str) -> str:
         """Note a device the test attached itself (teardown finds it by its backing file anyway)."""
         backing = _attached_loops().get(dev, "")

@@ -31,7 +31,7 @@ from p2p.reference import parse_reference
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.api.containerd.types import mount_pb2
-from snapshotter.config import Config, parse
+from snapshotter.config import Config, DeviceSection, parse
 from snapshotter.errors import (
     AlreadyExistsError,
     ConfigError,
@@ -56,7 +56,7 @@ from snapshotter.remote import (
     chain_of,
 )
 from snapshotter.snapshots import Snapshots
-from snapshotter.supervisor import DaemonSettings, DeviceDaemon
+from snapshotter.supervisor import DeviceDaemon
 from tests import oci_images as oi
 from tests.p2p.registry_server import RegistryServer, free_port
 
@@ -138,7 +138,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceDaemon]:
     if os.geteuid() != 0:
         pytest.fail("needs root: loop devices, mounts, FUSE")
     state = tmp_path_factory.mktemp("state")
-    d = DeviceDaemon(str(state), DaemonSettings(read_timeout=20.0, background_delay=3600.0))
+    d = DeviceDaemon(
+        str(state), DeviceSection(state_dir=str(state), read_timeout=20.0, background_delay=3600.0)
+    )
     try:
         yield d
     finally:
