@@ -102,7 +102,6 @@ from blockformat.layer import LayerReader  # noqa: E402
 from blockformat.source import FileSource  # noqa: E402
 from blockformat.stack import Stack  # noqa: E402
 from p2p.cache import BlobCache  # noqa: E402
-from snapshotter.blockimage import build_layer_from_dir, write_device_file, write_oci_layout  # noqa: E402
 from snapshotter.config import DeviceSection  # noqa: E402
 from snapshotter.device import control  # noqa: E402
 from snapshotter.device import daemon as daemon_mod  # noqa: E402
@@ -111,8 +110,9 @@ from snapshotter.device import manager as manager_mod  # noqa: E402
 from snapshotter.device.daemon import Paths  # noqa: E402
 from snapshotter.device.fuse import MNT_DETACH, unmount_path  # noqa: E402
 from snapshotter.errors import ControlError, MountError  # noqa: E402
-from snapshotter.image import device_spec_for  # noqa: E402
-from snapshotter.mounts import find_mount, loop_info, mount_loop, umount_loop  # noqa: E402
+from snapshotter.host.mounts import find_mount, loop_info, mount_loop, umount_loop  # noqa: E402
+from snapshotter.image.blockimage import build_layer_from_dir, write_device_file, write_oci_layout  # noqa: E402
+from snapshotter.image.spec import device_spec_for  # noqa: E402
 
 KIB = 1024
 MIB = 1024 * KIB

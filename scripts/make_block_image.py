@@ -20,8 +20,8 @@ import time
 
 from blockformat.chunkfile import DEFAULT_CHUNK_SIZE
 from blockformat.codecs import CODEC_NAMES
-from snapshotter.blockimage import build_layer_from_dir, write_oci_layout
 from snapshotter.errors import SnapshotterError
+from snapshotter.image.blockimage import build_layer_from_dir, write_oci_layout
 
 PROG = "make_block_image"
 

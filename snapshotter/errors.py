@@ -21,7 +21,7 @@ specific class here::
      ├── ContainerdError   a call to containerd's API failed (`damselfly rpull`); `call` names it,
      │                     `code` is the gRPC status, `remedy` what to do
      └── SnapshotRequestError   a Snapshots request refused; one gRPC code per subclass (the table
-          │                     `snapshotter.service.GRPC_CODES`); `namespace`, `key`
+          │                     `snapshotter.service.server.GRPC_CODES`); `namespace`, `key`
           ├── NotFoundError             the key, name or parent does not exist in the namespace
           ├── AlreadyExistsError        the key or name is taken in the namespace
           ├── FailedPreconditionError   the snapshot is in the wrong state (has children, not active),

@@ -19,9 +19,9 @@ from ..device import control
 from ..device.daemon import Paths, run
 from ..device.manager import DeviceSpec
 from ..errors import ControlError, SnapshotterError
+from ..host.mounts import find_mount, loop_info, loops_for, mount, mount_loop, umount_loop
 from ..host.syscalls import MNT_DETACH, unmount_path
-from ..image import device_spec_for
-from ..mounts import find_mount, loop_info, loops_for, mount, mount_loop, umount_loop
+from ..image.spec import device_spec_for
 from .blob import SizeType
 from .errors import reports_errors
 

@@ -1,5 +1,5 @@
 """`damselfly rpull`: pull an image into containerd, letting the snapshotter take converted layers
-lazily (`snapshotter.rpull`)."""
+lazily (`snapshotter.remote.rpull`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from p2p.manifest import Platform
 from p2p.reference import parse_reference
 from p2p.registry import RegistryClient
 
-from ..containerd_client import DEFAULT_ADDRESS, ContainerdClient
-from ..rpull import Puller, host_platform
+from ..remote.containerd import DEFAULT_ADDRESS, ContainerdClient
+from ..remote.rpull import Puller, host_platform
 from .errors import reports_errors
 
 

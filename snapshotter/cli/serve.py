@@ -14,14 +14,14 @@ from types import FrameType
 import click
 
 from ..config import LOG_LEVELS, Config, load, to_toml
+from ..device.supervisor import DeviceDaemon
 from ..errors import SnapshotterError
-from ..metadata import MetaStore
 from ..metrics import MetricsServer
-from ..overlay import OverlayDriver
-from ..remote import RemoteOptions, RemoteSnapshots
-from ..service import build_server
-from ..snapshots import Snapshots
-from ..supervisor import DeviceDaemon
+from ..remote.snapshots import RemoteOptions, RemoteSnapshots
+from ..service.metadata import MetaStore
+from ..service.overlay import OverlayDriver
+from ..service.server import build_server
+from ..service.snapshots import Snapshots
 from .errors import reports_errors
 
 log = logging.getLogger("damselfly.serve")

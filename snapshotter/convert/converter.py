@@ -53,7 +53,7 @@ from p2p.manifest import (
 )
 
 from ..errors import ConvertError, ImageError, LayerError
-from ..ocilayout import write_atomic
+from ..image.ocilayout import write_atomic
 from .applytar import LAYER_MEDIA_TYPES, open_layer_stream
 from .ext4layer import (
     Ext4LayerBuilder,

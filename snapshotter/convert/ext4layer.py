@@ -64,7 +64,7 @@ from ..device.daemon import Paths
 from ..device.fuse import MNT_DETACH, unmount_path
 from ..device.manager import DeviceSpec, LayerSpec, SourceSpec
 from ..errors import ControlError, ConvertError, LayerError, MountError
-from ..mounts import (
+from ..host.mounts import (
     find_mount,
     loop_detach,
     loop_devices,

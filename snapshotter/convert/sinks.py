@@ -18,7 +18,7 @@ from p2p.reference import Reference, parse_reference
 from p2p.registry import RegistryClient
 
 from ..errors import ImageError
-from ..ocilayout import (
+from ..image.ocilayout import (
     INDEX_FILE,
     OCI_LAYOUT_FILE,
     OCI_LAYOUT_VERSION,

@@ -45,7 +45,7 @@ from p2p.reference import Reference, parse_reference
 from p2p.registry import RegistryClient
 
 from ..errors import ImageError, LayerError
-from ..ocilayout import INDEX_FILE, OCI_LAYOUT_FILE, REF_NAME
+from ..image.ocilayout import INDEX_FILE, OCI_LAYOUT_FILE, REF_NAME
 from .applytar import MAX_EXTENDED_HEADER  # tarfile reads such headers whole, also while listing
 
 _PIECE = 1 << 20

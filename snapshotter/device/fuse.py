@@ -43,8 +43,8 @@ from blockformat.chunkfile import Part
 from p2p import deadline
 from p2p.errors import CoolingDownError, DeadlineExceededError, UnavailableError
 
+from ..host.mounts import parse_mountinfo
 from ..host.syscalls import MNT_DETACH, MS_NODEV, MS_NOSUID, mount, unmount_path
-from ..mounts import parse_mountinfo
 from .fuseabi import (
     ACCESS,
     ASYNC_DIO,

@@ -36,7 +36,7 @@ from click.testing import CliRunner
 
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_OK
-from snapshotter.mounts import find_mount
+from snapshotter.host.mounts import find_mount
 from tests import oci_images as oi
 from tests.p2p.registry_server import RegistryServer
 from tests.programs import euid_program

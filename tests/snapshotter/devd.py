@@ -27,9 +27,9 @@ from blockformat.chunkfile import BlobInfo
 from p2p.digest import Digest
 from p2p.manifest import OCI_MANIFEST
 from p2p.registry import RegistryClient
-from snapshotter.blockimage import build_layer_from_dir, write_oci_layout
 from snapshotter.device import control
 from snapshotter.errors import ControlError
+from snapshotter.image.blockimage import build_layer_from_dir, write_oci_layout
 from tests.p2p.registry_server import REGISTRY_BIN, RegistryServer
 
 from .conftest import KernelResources, _attached_loops, _mount_points

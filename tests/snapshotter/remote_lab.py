@@ -24,7 +24,7 @@ from snapshotter.cli.errors import EXIT_OK
 from snapshotter.device import control
 from snapshotter.device.daemon import Paths
 from snapshotter.errors import ControlError
-from snapshotter.remote import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_REF
+from snapshotter.remote.snapshots import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_REF
 from tests.oci_images import chain_ids
 
 from .conftest import _attached_loops, _mount_points

@@ -24,7 +24,7 @@ import zstandard
 from snapshotter.convert import applytar
 from snapshotter.convert.applytar import ApplyStats, LayerStream, apply_layer, detect_codec, open_layer_stream
 from snapshotter.errors import LayerError
-from snapshotter.mounts import mkfs_ext4, mount_loop, umount_loop
+from snapshotter.host.mounts import mkfs_ext4, mount_loop, umount_loop
 
 from .conftest import KernelResources
 

@@ -21,7 +21,9 @@ from blockformat.errors import CorruptBlobError
 from blockformat.layer import LayerReader
 from blockformat.source import FileSource
 from blockformat.stack import Stack
-from snapshotter.blockimage import (
+from snapshotter.errors import ImageError, MountError
+from snapshotter.host.mounts import loops_for, mount_loop, umount_loop
+from snapshotter.image.blockimage import (
     MIN_VSIZE,
     build_layer_from_dir,
     measure_tree,
@@ -29,8 +31,6 @@ from snapshotter.blockimage import (
     write_device_file,
     write_oci_layout,
 )
-from snapshotter.errors import ImageError, MountError
-from snapshotter.mounts import loops_for, mount_loop, umount_loop
 from tests import trees
 
 from .conftest import KernelResources

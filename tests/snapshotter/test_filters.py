@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from snapshotter.errors import InvalidRequestError
-from snapshotter.filters import (
+from snapshotter.service.filters import (
     FieldLookup,
     FilterSyntaxError,
     Op,

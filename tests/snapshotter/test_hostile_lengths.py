@@ -23,14 +23,14 @@ from blockformat.chunkfile import CRC, MAX_BLOB_SIZE, MAX_INDEX_SIZE, TRAILER, T
 from blockformat.layer import LayerWriter
 from p2p.digest import Digest, digest_of
 from p2p.manifest import MAX_DOCUMENT_SIZE, OCI_MANIFEST, Descriptor, Manifest, parse_manifest
-from snapshotter import image
-from snapshotter.blockimage import write_oci_layout
 from snapshotter.cli.errors import EXIT_CORRUPT, EXIT_ERROR
 from snapshotter.cli.fetch import Layout, LayoutError
 from snapshotter.convert.sources import VerifiedReader, open_source
 from snapshotter.errors import ImageError, LayerError
-from snapshotter.image import device_spec_for
-from snapshotter.ocilayout import read_index
+from snapshotter.image import spec
+from snapshotter.image.blockimage import write_oci_layout
+from snapshotter.image.ocilayout import read_index
+from snapshotter.image.spec import device_spec_for
 from tests.conftest import SampleBlob
 
 DAMSELFLY = Path(sys.executable).with_name("damselfly")
@@ -205,7 +205,7 @@ def test_a_registry_manifest_with_a_layer_larger_than_any_blob_is_refused(
         def resolve(self, ref: object, platform: object) -> Any:
             return type("Resolved", (), {"manifest": hostile})
 
-    monkeypatch.setattr(image, "RegistryClient", FakeRegistry)
+    monkeypatch.setattr(spec, "RegistryClient", FakeRegistry)
     with pytest.raises(ImageError, match=f"declares {MAX_BLOB_SIZE + 1} bytes"):
         device_spec_for("registry.test/app:1")
 

@@ -16,8 +16,8 @@ from snapshotter.errors import (
     NotFoundError,
     UnavailableError,
 )
-from snapshotter.filters import parse_all
-from snapshotter.metadata import MAX_LABEL_BYTES, Kind, MetaStore, Snapshot, Usage
+from snapshotter.service.filters import parse_all
+from snapshotter.service.metadata import MAX_LABEL_BYTES, Kind, MetaStore, Snapshot, Usage
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter import mounts
 from snapshotter.errors import MountError
-from snapshotter.mounts import (
+from snapshotter.host import mounts
+from snapshotter.host.mounts import (
     find_mount,
     is_mounted,
     loop_attach,

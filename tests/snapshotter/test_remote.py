@@ -32,6 +32,7 @@ from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.api.containerd.types import mount_pb2
 from snapshotter.config import Config, DeviceSection, parse
+from snapshotter.device.supervisor import DeviceDaemon
 from snapshotter.errors import (
     AlreadyExistsError,
     ConfigError,
@@ -39,11 +40,9 @@ from snapshotter.errors import (
     ImageError,
     NotFoundError,
 )
-from snapshotter.metadata import Kind, Layer, MetaStore
+from snapshotter.host.mounts import find_mount
 from snapshotter.metrics import REGISTRY
-from snapshotter.mounts import find_mount
-from snapshotter.overlay import Mount, OverlayDriver
-from snapshotter.remote import (
+from snapshotter.remote.snapshots import (
     LABEL_BLOB_SIZE,
     LABEL_IMAGE_REF,
     LABEL_LAYER_DIGEST,
@@ -55,8 +54,9 @@ from snapshotter.remote import (
     candidate,
     chain_of,
 )
-from snapshotter.snapshots import Snapshots
-from snapshotter.supervisor import DeviceDaemon
+from snapshotter.service.metadata import Kind, Layer, MetaStore
+from snapshotter.service.overlay import Mount, OverlayDriver
+from snapshotter.service.snapshots import Snapshots
 from tests import oci_images as oi
 from tests.p2p.registry_server import RegistryServer, free_port
 
@@ -336,7 +336,7 @@ def test_fallbacks_are_logged_counted_and_prepare_goes_on(
     lab: Lab, converted: Converted, caplog: pytest.LogCaptureFixture
 ) -> None:
     bottom, top = converted.layers
-    caplog.set_level(logging.WARNING, logger="snapshotter.remote")
+    caplog.set_level(logging.WARNING, logger="snapshotter.remote.snapshots")
 
     # Bad labels: a normal active snapshot comes back (containerd then unpacks the layer itself).
     before = fallbacks("labels")
@@ -660,7 +660,7 @@ def test_serve_answers_already_exists_logs_fallbacks_exposes_metrics_and_restart
         # The container's chain, and the fallback's: its parent is the bottom converted layer.
         assert "damselfly_chain_mounts 2.0" in metrics
         log = served.log_text()
-        assert f"WARNING snapshotter.remote: converted layer {top.chain_id}" in log
+        assert f"WARNING snapshotter.remote.snapshots: converted layer {top.chain_id}" in log
         assert "falls back to a normal pull" in log and "version 8" in log
 
         # A clean stop leaves the device daemon and the chains to the snapshots that use them ...

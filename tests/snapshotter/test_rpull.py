@@ -1,4 +1,4 @@
-"""`snapshotter.rpull` and `damselfly rpull` without containerd: names and labels (chain IDs,
+"""`snapshotter.remote.rpull` and `damselfly rpull` without containerd: names and labels (chain IDs,
 extraction keys, GC and snapshot labels), the decisions of `Puller` against a recording stand-in for
 containerd's API — a layer the snapshotter takes (ALREADY_EXISTS) is never fetched, an active snapshot
 is applied and committed or removed on failure, the lease is always deleted — and the command's exit
@@ -35,9 +35,9 @@ from p2p.registry import Resolved
 from snapshotter.api.containerd.types import descriptor_pb2
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE
-from snapshotter.containerd_client import lease_expiry
 from snapshotter.errors import ContainerdError, ImageError
-from snapshotter.rpull import (
+from snapshotter.remote.containerd import lease_expiry
+from snapshotter.remote.rpull import (
     LABEL_IMAGE_LAYERS,
     MAX_LABEL_SIZE,
     Puller,

@@ -28,8 +28,8 @@ from blockformat.layer import LayerWriter
 from blockformat.source import FileSource
 from p2p.auth import static_credentials
 from p2p.registry import RegistryClient
-from snapshotter.blockimage import write_oci_layout
-from snapshotter.mounts import find_mount, loops_for
+from snapshotter.host.mounts import find_mount, loops_for
+from snapshotter.image.blockimage import write_oci_layout
 from tests.p2p.conftest import FAST_RETRY, FAST_TIMEOUTS
 from tests.p2p.registry_server import RegistryServer
 from tests.programs import euid_program

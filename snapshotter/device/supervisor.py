@@ -27,11 +27,11 @@ from typing import Any
 
 from blockformat.durable import private_dir
 
-from .config import DeviceSection
-from .device import control
-from .device.daemon import Paths
-from .device.manager import DeviceSpec
-from .errors import ControlError, DeviceError
+from ..config import DeviceSection
+from ..errors import ControlError, DeviceError
+from . import control
+from .daemon import Paths
+from .manager import DeviceSpec
 
 log = logging.getLogger(__name__)
 

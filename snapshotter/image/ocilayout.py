@@ -20,7 +20,7 @@ from p2p.digest import Digest, digest_of
 from p2p.errors import P2PError
 from p2p.manifest import MAX_DOCUMENT_SIZE, OCI_INDEX, Descriptor, Index, Manifest, parse_manifest
 
-from .errors import ImageError
+from ..errors import ImageError
 
 OCI_LAYOUT_FILE = "oci-layout"
 OCI_LAYOUT_VERSION = "1.0.0"

@@ -48,9 +48,9 @@ from p2p.manifest import Descriptor, Index, Manifest, Platform
 from p2p.reference import Reference
 from p2p.registry import RegistryClient
 
-from .api.containerd.types import descriptor_pb2
-from .containerd_client import WRITE_CHUNK, ContainerdClient, Mount
-from .errors import ContainerdError, ImageError
+from ..api.containerd.types import descriptor_pb2
+from ..errors import ContainerdError, ImageError
+from .containerd import WRITE_CHUNK, ContainerdClient, Mount
 
 LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
 #: Descriptor annotations under this prefix reach the snapshotter as labels (snapshots.FilterInheritedLabels).

@@ -44,7 +44,7 @@ import uuid as uuidlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import MountError
+from ..errors import MountError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ Vocabulary and rules are containerd's (``snapshots/storage`` of containerd 1.6):
   a label set to "" is not stored.
 
 Each snapshot has a numeric `id`, unique across namespaces and never reused (AUTOINCREMENT), that
-names its directory; the driver (`snapshotter.overlay`) owns those directories, this module owns no
+names its directory; the driver (`snapshotter.service.overlay`) owns those directories, this module owns no
 file but the database. Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
 
     snapshots(id INTEGER PRIMARY KEY AUTOINCREMENT, namespace, key, kind, parent_id -> snapshots.id,
@@ -39,7 +39,7 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import (
+from ..errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidRequestError,

@@ -49,8 +49,8 @@ from p2p.manifest import (
     build_manifest,
 )
 
-from .errors import ImageError
-from .mounts import mkfs_ext4
+from ..errors import ImageError
+from ..host.mounts import mkfs_ext4
 from .ocilayout import (
     INDEX_FILE,
     OCI_LAYOUT_FILE,

@@ -1,6 +1,6 @@
 """The gRPC face of the snapshotter: ``containerd.services.snapshots.v1.Snapshots`` on a unix socket.
 
-`SnapshotsServicer` turns each RPC into one call of `snapshotter.snapshots.Snapshots` and maps our
+`SnapshotsServicer` turns each RPC into one call of `snapshotter.service.snapshots.Snapshots` and maps our
 exceptions to status codes through one table, `GRPC_CODES`; containerd's ``errdefs.FromGRPC`` turns
 those codes back into its own errors (``errdefs.IsNotFound`` ...), so the codes are the contract.
 
@@ -32,10 +32,10 @@ from typing import NoReturn, TypeVar, cast
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from .api.containerd.types import mount_pb2
-from .errors import (
+from ..api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from ..api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from ..api.containerd.types import mount_pb2
+from ..errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidRequestError,
@@ -43,7 +43,7 @@ from .errors import (
     SnapshotterError,
     UnavailableError,
 )
-from .host.sockets import bind_privately
+from ..host.sockets import bind_privately
 from .metadata import Info, Kind
 from .overlay import Mount
 from .snapshots import Snapshots

@@ -1,6 +1,6 @@
 """The snapshotter itself: containerd's Snapshots operations over the metadata store and the driver.
 
-`Snapshots` holds the containerd semantics of every call, free of gRPC (`snapshotter.service` adapts
+`Snapshots` holds the containerd semantics of every call, free of gRPC (`snapshotter.service.server` adapts
 it to the wire). Each call is one metadata transaction; the order of effects is the one containerd's
 overlayfs snapshotter uses, so a crash at any point leaves at worst an orphan directory that
 `cleanup` removes, never a record without its directory:
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from .errors import AlreadyExistsError
+from ..errors import AlreadyExistsError
 from .filters import parse_all
 from .metadata import Info, Kind, MetaStore, Snapshot, Tx, Usage
 from .overlay import Mount, OverlayDriver

@@ -27,7 +27,7 @@ then stops with the puller's error — `damselfly rpull` names the media type an
 rather than ever running a container on a half-made snapshot.)
 
 **Chains.** An active snapshot or view whose ancestors include remote layers gets one shared block
-device for the chain of remote layers under it (bottom to top, named by `snapshotter.image.device_name`
+device for the chain of remote layers under it (bottom to top, named by `snapshotter.image.spec.device_name`
 of their digests), attached through the device daemon, loop-mounted ext4 ``ro,noload`` at
 ``<root>/remote/<device name>``; that mount is its lowest lowerdir, under the ``fs`` directories of
 any plain layers above the chain (a ``ctr snapshots commit`` of a container on a converted image).
@@ -68,14 +68,14 @@ from p2p.reference import parse_reference
 from p2p.registry import RegistryClient
 from p2p.retry import RetryPolicy, Timeouts
 
-from .device.manager import DeviceSpec, LayerSpec, SourceSpec
-from .errors import ImageError, SnapshotterError
-from .image import device_name
-from .metadata import Kind, Layer, MetaStore, Snapshot, Tx
-from .metrics import CHAIN_MOUNT_SECONDS, CHAIN_MOUNTS, CHAIN_RELEASES, REMOTE_FALLBACKS, REMOTE_LAYERS
-from .mounts import find_mount, loop_attach, loop_detach, loops_for, mount, mountinfo, umount_loop
-from .overlay import OverlayDriver
-from .supervisor import DeviceDaemon
+from ..device.manager import DeviceSpec, LayerSpec, SourceSpec
+from ..device.supervisor import DeviceDaemon
+from ..errors import ImageError, SnapshotterError
+from ..host.mounts import find_mount, loop_attach, loop_detach, loops_for, mount, mountinfo, umount_loop
+from ..image.spec import device_name
+from ..metrics import CHAIN_MOUNT_SECONDS, CHAIN_MOUNTS, CHAIN_RELEASES, REMOTE_FALLBACKS, REMOTE_LAYERS
+from ..service.metadata import Kind, Layer, MetaStore, Snapshot, Tx
+from ..service.overlay import OverlayDriver
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ class _Checked:
 
 
 class RemoteSnapshots:
-    """`snapshotter.snapshots.RemoteLayers` for converted images (see the module docstring)."""
+    """`snapshotter.service.snapshots.RemoteLayers` for converted images (see the module docstring)."""
 
     def __init__(
         self,

@@ -15,9 +15,9 @@ from p2p.manifest import Platform
 from p2p.reference import parse_reference
 from p2p.registry import RegistryClient
 
+from ..device.manager import DeviceSpec, LayerSpec, SourceSpec
+from ..errors import ImageError
 from .blockimage import layer_annotations, read_oci_layout
-from .device.manager import DeviceSpec, LayerSpec, SourceSpec
-from .errors import ImageError
 
 
 def _split_layout(src: str) -> tuple[str, str | None] | None:

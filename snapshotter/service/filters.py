@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 #: Looks a field path up on the object being filtered: its value, and whether it is present.
 FieldLookup = Callable[[Sequence[str]], tuple[str, bool]]

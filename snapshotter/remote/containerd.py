@@ -21,18 +21,18 @@ from typing import Any, TypeVar, cast
 import grpc
 from google.protobuf import field_mask_pb2
 
-from .api.containerd.services.content.v1 import content_pb2 as content_pb
-from .api.containerd.services.content.v1 import content_pb2_grpc as content_grpc
-from .api.containerd.services.diff.v1 import diff_pb2 as diff_pb
-from .api.containerd.services.diff.v1 import diff_pb2_grpc as diff_grpc
-from .api.containerd.services.images.v1 import images_pb2 as images_pb
-from .api.containerd.services.images.v1 import images_pb2_grpc as images_grpc
-from .api.containerd.services.leases.v1 import leases_pb2 as leases_pb
-from .api.containerd.services.leases.v1 import leases_pb2_grpc as leases_grpc
-from .api.containerd.services.snapshots.v1 import snapshots_pb2 as snapshots_pb
-from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as snapshots_grpc
-from .api.containerd.types import descriptor_pb2, mount_pb2
-from .errors import ContainerdError
+from ..api.containerd.services.content.v1 import content_pb2 as content_pb
+from ..api.containerd.services.content.v1 import content_pb2_grpc as content_grpc
+from ..api.containerd.services.diff.v1 import diff_pb2 as diff_pb
+from ..api.containerd.services.diff.v1 import diff_pb2_grpc as diff_grpc
+from ..api.containerd.services.images.v1 import images_pb2 as images_pb
+from ..api.containerd.services.images.v1 import images_pb2_grpc as images_grpc
+from ..api.containerd.services.leases.v1 import leases_pb2 as leases_pb
+from ..api.containerd.services.leases.v1 import leases_pb2_grpc as leases_grpc
+from ..api.containerd.services.snapshots.v1 import snapshots_pb2 as snapshots_pb
+from ..api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as snapshots_grpc
+from ..api.containerd.types import descriptor_pb2, mount_pb2
+from ..errors import ContainerdError
 
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
