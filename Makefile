@@ -4,6 +4,10 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
+# Root's tools (mkfs.ext4, losetup, runc, debugfs) live in /usr/sbin and /sbin, which a plain `su` or a
+# chroot shell may leave off PATH; the tests and the demo call them by name.
+export PATH := $(PATH)$(if $(filter /usr/sbin,$(subst :, ,$(PATH))),,:/usr/sbin:/sbin)
+
 .PHONY: install test lint bench demo clean proto
 
 install: $(STAMP)
@@ -14,7 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# Both `test` and `demo` first install what they need from Debian (scripts/system_deps.sh, as root;
+# nothing, and no network, when all is there), then the venv (`install` needs python3-venv).
+test:
+	@scripts/system_deps.sh test
+	@$(MAKE) --no-print-directory install
 	$(BIN)/pytest -q
 
 lint: install
@@ -30,7 +38,7 @@ bench: install
 
 # The end-to-end demo (scripts/demo.py): as root; DEMO_SMALL=1 for the small (busybox) image.
 demo:
-	@scripts/demo_deps.sh
+	@scripts/system_deps.sh demo
 	@$(MAKE) --no-print-directory install
 	$(BIN)/python scripts/demo.py
 

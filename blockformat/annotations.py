@@ -2,7 +2,7 @@
 
 containerd's unpacker passes a layer descriptor's annotations whose keys start with
 ``containerd.io/snapshot/`` to the snapshotter's ``Prepare`` as labels, so everything a node needs to
-mount a layer lazily travels under that prefix (DESIGN §3, docs/format.md)::
+mount a layer lazily travels under that prefix (DESIGN §3; normative: docs/format.md §7)::
 
     containerd.io/snapshot/damselfly/version        "1"            layer format major version
     containerd.io/snapshot/damselfly/index-digest   "sha256:..."   the chunk container's index digest
@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import InvalidArgumentError
+from .digest import SHA256_ONLY, Digest, parse_digest
+from .errors import InvalidArgumentError, InvalidDigestError
 from .layer import ALIGNMENT, LAYER_MAJOR, MAX_VSIZE
 
 PREFIX = "containerd.io/snapshot/damselfly/"
@@ -39,6 +40,8 @@ MEDIA_TYPE_LAYER = "application/vnd.damselfly.layer.v1"
 
 @dataclass(frozen=True)
 class LayerAnnotations:
+    # Validated (`digest.parse_digest`) when parsed from annotations or labels; typed ``str`` so that
+    # writers holding a plain string can build one.
     index_digest: str
     size: int
     vsize: int
@@ -78,13 +81,17 @@ class LayerAnnotations:
             raise InvalidArgumentError(f"damselfly layer size {size} exceeds its virtual size {vsize}")
         if version != LAYER_MAJOR:
             raise InvalidArgumentError(f"damselfly layer format version {version} is not supported")
-        idx = d[KEY_INDEX_DIGEST]
-        if not idx.startswith("sha256:") or len(idx) != 71:
-            raise InvalidArgumentError(f"damselfly index digest {idx!r} is not a sha256 digest")
-        blob = d.get(KEY_BLOB_DIGEST)
-        if blob is not None and (not blob.startswith("sha256:") or len(blob) != 71):
-            raise InvalidArgumentError(f"damselfly blob digest {blob!r} is not a sha256 digest")
+        idx = _digest(d, KEY_INDEX_DIGEST)
+        blob = _digest(d, KEY_BLOB_DIGEST) if KEY_BLOB_DIGEST in d else None
         return cls(idx, size, vsize, d.get(KEY_FSTYPE, "ext4"), version, d.get(KEY_REPOSITORY), blob)
+
+
+def _digest(d: Mapping[str, str], key: str) -> Digest:
+    """The sha256 digest under `key` (the chunk container and our layer blobs use SHA-256 only)."""
+    try:
+        return parse_digest(d[key], SHA256_ONLY)
+    except InvalidDigestError as e:
+        raise InvalidDigestError(e.text, f"{e.why} (damselfly layer annotation {key})") from None
 
 
 #: Longest decimal number accepted in an annotation: 20 digits hold any u64. Values come from a

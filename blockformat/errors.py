@@ -8,6 +8,8 @@ codec errors, ``OSError`` from a range source) are mapped to one of these at the
      │    └── TruncatedBlobError   the blob ends before a structure it needs
      ├── UnsupportedFormatError    a valid blob of a version or feature this reader does not know
      ├── InvalidArgumentError      the caller asked for something impossible (bad chunk size, range)
+     │    └── InvalidDigestError   a string that is not a digest we can verify (``sha256:<64 hex>``)
+     ├── DigestMismatchError       bytes whose digest (or size) is not the one they were asked for
      └── SourceError               the range source failed to deliver bytes (I/O, network)
 
 A message says what is wrong, where (blob name and byte offset), and what to do about it.
@@ -58,6 +60,38 @@ class UnsupportedFormatError(BlockFormatError):
 
 class InvalidArgumentError(BlockFormatError, ValueError):
     """An argument outside what the format allows."""
+
+
+class InvalidDigestError(InvalidArgumentError):
+    """A string that is not a digest of an algorithm we verify (`blockformat.digest.parse_digest`)."""
+
+    def __init__(self, text: str, why: str) -> None:
+        self.text = text
+        self.why = why
+        shown = text if len(text) <= 140 else text[:140] + "..."
+        super().__init__(f"{shown!r} is not a valid digest: {why}")
+
+
+class DigestMismatchError(BlockFormatError):
+    """Bytes whose digest (or size) is not the one they were expected to have (`digest.Verifier`).
+
+    `where` says which bytes, `what` is "digest" or "size"; the bytes were not handed to anyone."""
+
+    def __init__(
+        self,
+        where: str,
+        expected: str,
+        got: str,
+        what: str = "digest",
+        remedy: str = "fetch them again from their source",
+    ) -> None:
+        self.where = where
+        self.expected = expected
+        self.got = got
+        self.what = what
+        super().__init__(
+            f"{where}: {what} mismatch: expected {expected}, got {got}; the bytes were discarded, {remedy}"
+        )
 
 
 class SourceError(BlockFormatError):

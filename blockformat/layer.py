@@ -23,11 +23,12 @@ index digest) covers the map, the chunk digests and thereby every byte of the la
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Unpack
 
-from .chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo, ChunkReader, ChunkWriter, Part
+from .chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo, ChunkReader, ChunkWriter, Part, ReaderOptions
+from .digest import Digest
 from .errors import CorruptBlobError, InvalidArgumentError, UnsupportedFormatError
 from .extents import ZERO
 from .source import RangeSource
@@ -129,24 +130,23 @@ class LayerWriter:
 
 
 class LayerReader:
-    """A layer blob opened for reading: its extent map plus random access to its data."""
+    """A layer blob opened for reading: its extent map plus random access to its data.
+
+    `options` are the `ChunkReader`'s: `index`, when given, is the blob's `ChunkIndex`, already loaded and
+    verified (the node cache keeps one per blob), so opening reads nothing; it is checked against
+    `expected_index_digest` all the same."""
 
     def __init__(
-        self,
-        source: RangeSource,
-        expected_index_digest: str | None = None,
-        cache_chunks: int = 8,
-        *,
-        verified: Callable[[], bool] | None = None,
+        self, source: RangeSource, expected_index_digest: str | None = None, **options: Unpack[ReaderOptions]
     ) -> None:
-        self.chunks = ChunkReader(source, expected_index_digest, cache_chunks, verified=verified)
+        self.chunks = ChunkReader(source, expected_index_digest, **options)
         self.name = source.name
         self.vsize, self.extents = parse_layer_metadata(
             self.chunks.metadata, self.chunks.size, self.name, self.chunks.metadata_offset
         )
 
     @property
-    def index_digest(self) -> str:
+    def index_digest(self) -> Digest:
         return self.chunks.index_digest
 
     @property

@@ -18,9 +18,9 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from blockformat.digest import Digest
 from blockformat.errors import SourceError
 
-from .digest import Digest
 from .errors import DeadlineExceededError, P2PError, RegistryUnavailableError, UnavailableError
 from .health import Breaker
 from .registry import RegistryClient

@@ -27,6 +27,8 @@ A message says what went wrong, where (URL, repository, digest), and what to do 
 
 from __future__ import annotations
 
+from blockformat import errors as blockformat_errors
+
 
 class P2PError(Exception):
     """Base of every error raised by `p2p`."""
@@ -53,21 +55,21 @@ class CredentialsError(P2PError):
         super().__init__(f"{where}: {why}; {remedy}")
 
 
-class DigestMismatchError(P2PError):
+class DigestMismatchError(P2PError, blockformat_errors.DigestMismatchError):
     """Bytes whose digest (or size) is not what the descriptor or reference promised.
 
     Never a transient failure: the source served wrong bytes, and they were not handed to anyone.
     """
 
     def __init__(self, where: str, expected: str, got: str, what: str = "digest") -> None:
-        self.where = where
-        self.expected = expected
-        self.got = got
-        self.what = what
-        super().__init__(
-            f"{where}: {what} mismatch: expected {expected}, got {got}; the bytes were discarded. "
-            "The registry, a mirror or a proxy on the way served wrong content: "
-            "retry, or bypass the mirror/proxy"
+        blockformat_errors.DigestMismatchError.__init__(
+            self,
+            where,
+            expected,
+            got,
+            what,
+            "the registry, a mirror or a proxy on the way served wrong content: retry, or bypass the "
+            "mirror/proxy",
         )
 
 

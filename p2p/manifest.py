@@ -23,7 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .digest import Digest, digest_of, parse_digest
+from blockformat.digest import Digest, digest_of, parse_digest
+from blockformat.errors import InvalidDigestError
+
 from .errors import (
     InvalidManifestError,
     InvalidReferenceError,
@@ -177,7 +179,7 @@ def parse_descriptor(where: str, value: object, what: str) -> Descriptor:
         raise InvalidManifestError(where, f"{what} has no digest")
     try:
         parsed = parse_digest(digest)
-    except InvalidReferenceError:
+    except InvalidDigestError:
         raise InvalidManifestError(where, f"{what} has a malformed digest {digest!r}") from None
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_DESCRIPTOR_SIZE:
         raise InvalidManifestError(where, f"{what} has no valid size")

@@ -17,7 +17,9 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from .digest import Digest, parse_digest
+from blockformat.digest import Digest, parse_digest
+from blockformat.errors import InvalidDigestError
+
 from .errors import InvalidReferenceError
 
 DOCKER_HUB = "docker.io"
@@ -90,7 +92,10 @@ def parse_reference(text: str) -> Reference:
     if not text:
         raise InvalidReferenceError(text, "empty")
     rest, at, digest_text = text.partition("@")
-    digest = parse_digest(digest_text) if at else None
+    try:
+        digest = parse_digest(digest_text) if at else None
+    except InvalidDigestError as e:
+        raise InvalidReferenceError(text, e.why) from None
     if not rest:
         raise InvalidReferenceError(text, "no repository name")
 

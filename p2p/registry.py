@@ -2,7 +2,8 @@
 
 Follows the OCI distribution spec v1.1 (``/v2/<name>/manifests/<reference>``, ``/v2/<name>/blobs/<digest>``,
 ``/v2/<name>/blobs/uploads/``). The policy — auth, retries, timeouts, exception mapping — lives in
-`p2p.session.Session`; this module is the API.
+`p2p.session.Session` (with `p2p.authflow` and `p2p.wire` under it); this module is the API: the pulls
+here, the pushes in `p2p.push` (offered by `RegistryClient` as well).
 
 Pulls try each mirror in order, then the origin; a mirror's failure of any kind (including wrong bytes)
 moves on to the next, and only the origin's failure is raised, with the mirrors' as notes. A mirror gets
@@ -24,14 +25,16 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Literal, TypeVar
+from typing import BinaryIO, TypeVar
 
 import httpx
 
+from blockformat.digest import Digest, Verifier, digest_of, parse_digest
+from blockformat.errors import InvalidDigestError
+
 from .auth import CredentialProvider, DockerConfig, repository_scope
-from .digest import Digest, Verifier, digest_of, parse_digest
 from .errors import (
     DigestMismatchError,
     InvalidReferenceError,
@@ -41,9 +44,11 @@ from .errors import (
     RegistryUnavailableError,
 )
 from .manifest import ACCEPT, DEFAULT_PLATFORM, MAX_DOCUMENT_SIZE, Index, Manifest, Platform, parse_manifest
+from .push import Uploader
 from .reference import DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback, parse_reference
 from .retry import Deadline, RetryPolicy, Timeouts
-from .session import Endpoint, Session, iter_body, read_body
+from .session import Session
+from .wire import Endpoint, iter_body, read_body
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +60,6 @@ MAX_IN_MEMORY_BLOB = 64 * 1024 * 1024
 #: If a server ignores ``Range`` and sends the whole blob (200), we accept and slice it up to this size;
 #: beyond, downloading the whole blob for one range would be a silent performance disaster, so we refuse.
 MAX_FULL_BODY_FOR_RANGE = 64 * 1024 * 1024
-#: Default PATCH size for chunked uploads from a file.
-DEFAULT_UPLOAD_CHUNK = 16 * 1024 * 1024
 
 #: How long a mirror that was unreachable is skipped.
 MIRROR_COOLDOWN = 30.0
@@ -73,13 +76,6 @@ class Resolved:
     reference: Reference  # the input, with the digest of what it resolved to (index digest if an index)
     manifest: Manifest
     index: Index | None = None
-
-
-@dataclass(frozen=True)
-class PushResult:
-    digest: Digest
-    size: int
-    how: Literal["exists", "mounted", "uploaded"]
 
 
 def api_host(registry: str) -> str:
@@ -141,6 +137,11 @@ class RegistryClient:
             sleep,
             proxy,
         )
+        # Pushes go to the origin only (`p2p.push`): the client's push methods are the uploader's.
+        uploader = Uploader(self.session, self.origin)
+        self.blob_exists = uploader.blob_exists
+        self.push_blob = uploader.push_blob
+        self.push_manifest = uploader.push_manifest
 
     def _mirror(self, url: str) -> Endpoint:
         u = httpx.URL(url)
@@ -228,7 +229,10 @@ class RegistryClient:
 
     def get_manifest(self, repository: str, reference: str) -> Manifest | Index:
         """The manifest or index `reference` (a tag or digest) names, verified."""
-        want: Digest | None = parse_digest(reference) if ":" in reference else None
+        try:
+            want: Digest | None = parse_digest(reference) if ":" in reference else None
+        except InvalidDigestError as e:
+            raise InvalidReferenceError(f"{repository}@{reference}", e.why) from None
 
         def consume(resp: httpx.Response, deadline: Deadline) -> Manifest | Index:
             where = str(resp.url)
@@ -286,20 +290,6 @@ class RegistryClient:
             what=f"blob {digest} in {repository}",
         )
 
-    def blob_exists(self, repository: str, digest: Digest) -> bool:
-        """Whether the origin has the blob (mirrors are not asked: this serves pushes)."""
-        url = self.origin.url(f"/v2/{repository}/blobs/{digest}")
-        return self.session.call(
-            "HEAD",
-            self.origin,
-            url,
-            lambda resp, deadline: resp.status_code == 200,
-            scopes=self._scope(repository, "pull,push"),
-            ok=(200, 404),
-            follow_redirects=True,
-            what=f"blob {digest}",
-        )
-
     def get_blob(
         self, repository: str, digest: Digest, size: int | None = None, max_size: int = MAX_IN_MEMORY_BLOB
     ) -> bytes:
@@ -316,7 +306,7 @@ class RegistryClient:
             data = read_body(resp, deadline, max_size, where)
             v = Verifier(digest, size)
             v.update(data)
-            v.check(where)
+            _check(v, where)
             return data
 
         return self._pull(
@@ -357,7 +347,7 @@ class RegistryClient:
                     if size is not None and v.count > size:
                         break
                     out.write(chunk)
-                v.check(where)
+                _check(v, where)
             except BaseException:
                 out.seek(start)
                 out.truncate()
@@ -401,7 +391,7 @@ class RegistryClient:
                 data = read_body(resp, deadline, max_full_body, where)
                 v = Verifier(digest)
                 v.update(data)
-                v.check(where)
+                _check(v, where)
                 if len(data) < offset + length:
                     raise RangeResponseError(where, offset, length, f"the blob has only {len(data)} bytes")
                 return data[offset : offset + length]
@@ -430,137 +420,6 @@ class RegistryClient:
             what=f"blob {digest} in {repository}",
         )
 
-    # -- push ------------------------------------------------------------------------------------
-
-    def push_blob(
-        self,
-        repository: str,
-        data: bytes | BinaryIO,
-        digest: Digest | None = None,
-        *,
-        chunk_size: int | None = None,
-        mount_from: str | None = None,
-    ) -> PushResult:
-        """Upload a blob unless the registry has it; mount it from `mount_from` if the registry can.
-
-        `data` is bytes or a seekable binary file (read from its current position to the end). With
-        `chunk_size` the upload is a series of ``PATCH`` requests of that size, else one ``PUT`` (files
-        default to `DEFAULT_UPLOAD_CHUNK`-sized chunks so memory stays bounded).
-        """
-        algorithm = digest.partition(":")[0] if digest else "sha256"
-        blob: bytes | BinaryIO
-        if isinstance(data, bytes | bytearray | memoryview):
-            blob = bytes(data)
-            size = len(blob)
-            actual = digest_of(blob, algorithm)
-            base = 0
-        else:
-            blob = data
-            base = data.tell()
-            actual, size = _hash_file(data, algorithm)
-            chunk_size = chunk_size or DEFAULT_UPLOAD_CHUNK
-        if digest is not None and digest != actual:
-            raise DigestMismatchError(f"blob to push to {repository}", digest, actual)
-        digest = actual
-        if self.blob_exists(repository, digest):
-            return PushResult(digest, size, "exists")
-
-        scopes = self._scope(repository, "pull,push")
-        params: dict[str, str] = {}
-        if mount_from is not None and mount_from != repository:
-            params = {"mount": digest, "from": mount_from}
-            scopes = scopes + self._scope(mount_from, "pull")
-        start_url = self.origin.url(f"/v2/{repository}/blobs/uploads/").copy_merge_params(params)
-
-        def started(resp: httpx.Response, deadline: Deadline) -> tuple[int, httpx.URL]:
-            return resp.status_code, _location(resp)
-
-        status, location = self.session.call(
-            "POST", self.origin, start_url, started, scopes=scopes, ok=(201, 202), what=f"upload of {digest}"
-        )
-        if status == 201:
-            return PushResult(digest, size, "mounted")
-
-        if chunk_size is None:
-            assert isinstance(blob, bytes)
-            location = self._finish_upload(location, digest, scopes, blob)
-        else:
-            for offset, chunk in _chunks(blob, base, size, chunk_size):
-                location = self._patch(location, digest, scopes, offset, chunk)
-            location = self._finish_upload(location, digest, scopes, b"")
-        return PushResult(digest, size, "uploaded")
-
-    def _patch(
-        self, location: httpx.URL, digest: Digest, scopes: list[str], offset: int, chunk: bytes
-    ) -> httpx.URL:
-        headers = {
-            "content-type": "application/octet-stream",
-            "content-range": f"{offset}-{offset + len(chunk) - 1}",
-        }
-        return self.session.call(
-            "PATCH",
-            self.origin,
-            location,
-            lambda resp, deadline: _location(resp),
-            scopes=scopes,
-            headers=headers,
-            content=chunk,
-            ok=(202,),
-            idempotent=False,
-            what=f"upload of {digest} at offset {offset}",
-        )
-
-    def _finish_upload(
-        self, location: httpx.URL, digest: Digest, scopes: list[str], body: bytes
-    ) -> httpx.URL:
-        url = location.copy_merge_params({"digest": digest})
-
-        def done(resp: httpx.Response, deadline: Deadline) -> httpx.URL:
-            got = resp.headers.get("docker-content-digest")
-            if got and got != digest:
-                raise DigestMismatchError(f"{resp.url} (registry's digest of the upload)", digest, got)
-            return url
-
-        return self.session.call(
-            "PUT",
-            self.origin,
-            url,
-            done,
-            scopes=scopes,
-            headers={"content-type": "application/octet-stream"},
-            content=body,
-            ok=(201,),
-            idempotent=False,
-            what=f"upload of {digest}",
-        )
-
-    def push_manifest(
-        self, repository: str, raw: bytes, media_type: str, reference: str | None = None
-    ) -> Digest:
-        """PUT a manifest or index under `reference` (a tag), or by digest when None; return the digest."""
-        digest = digest_of(raw)
-        ref = reference or digest
-        if ":" in ref and ref != digest:
-            raise DigestMismatchError(f"manifest to push to {repository}", ref, digest)
-
-        def done(resp: httpx.Response, deadline: Deadline) -> Digest:
-            got = resp.headers.get("docker-content-digest")
-            if got and got != digest:
-                raise DigestMismatchError(f"{resp.url} (registry's digest of the manifest)", digest, got)
-            return digest
-
-        return self.session.call(
-            "PUT",
-            self.origin,
-            self.origin.url(f"/v2/{repository}/manifests/{ref}"),
-            done,
-            scopes=self._scope(repository, "pull,push"),
-            headers={"content-type": media_type},
-            content=raw,
-            ok=(201,),
-            what=f"manifest {repository}:{ref}",
-        )
-
 
 def _content_length(resp: httpx.Response, deadline: Deadline) -> int:
     value = resp.headers.get("content-length", "")
@@ -571,35 +430,9 @@ def _content_length(resp: httpx.Response, deadline: Deadline) -> int:
     return int(value)
 
 
-def _location(resp: httpx.Response) -> httpx.URL:
-    loc = resp.headers.get("location")
-    if not loc:
-        raise RegistryProtocolError(str(resp.url), f"HTTP {resp.status_code} without a Location header")
-    return resp.url.join(loc)
-
-
-def _hash_file(f: BinaryIO, algorithm: str) -> tuple[Digest, int]:
-    start = f.tell()
-    v = Verifier(Digest(f"{algorithm}:"), None)
-    while chunk := f.read(4 * 1024 * 1024):
-        v.update(chunk)
-    f.seek(start)
-    return v.digest(), v.count
-
-
-def _chunks(blob: bytes | BinaryIO, base: int, size: int, chunk_size: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, bytes) pieces of the blob; files are read one piece at a time."""
-    for offset in range(0, size, chunk_size):
-        n = min(chunk_size, size - offset)
-        if isinstance(blob, bytes):
-            yield offset, blob[offset : offset + n]
-        else:
-            blob.seek(base + offset)
-            piece = blob.read(n)
-            if len(piece) != n:
-                raise P2PError(
-                    f"blob file changed while uploading: expected {n} bytes at offset {offset}, "
-                    f"got {len(piece)}; "
-                    "do not modify a file while it is being pushed"
-                )
-            yield offset, piece
+def _check(v: Verifier, where: str) -> None:
+    """Raise `DigestMismatchError` unless the bytes `v` saw have its expected size and digest."""
+    bad = v.mismatch()
+    if bad is not None:
+        what, expected, got = bad
+        raise DigestMismatchError(where, expected, got, what)

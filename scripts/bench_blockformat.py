@@ -47,6 +47,7 @@ from pathlib import Path
 import lz4.block
 import snappy
 import zstandard
+from demolib.report import cpu_model, fmt_size, loadavg, parse_size, publish
 
 from blockformat.chunkfile import BlobInfo, ChunkReader, pack_file
 from blockformat.source import FileSource
@@ -81,23 +82,6 @@ Decoder = Callable[[bytes, int], bytes]
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if t and t[-1] in "KMG":
-        mult = {"K": KIB, "M": MIB, "G": 1024 * MIB}[t[-1]]
-        t = t[:-1]
-    return int(t) * mult
-
-
-def fmt_size(n: int) -> str:
-    if n >= MIB and n % MIB == 0:
-        return f"{n // MIB}M"
-    if n >= KIB and n % KIB == 0:
-        return f"{n // KIB}K"
-    return str(n)
 
 
 # -- the image ---------------------------------------------------------------------------------------
@@ -522,14 +506,7 @@ def med(xs: Sequence[float]) -> float:
 
 
 def machine_facts() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = "unknown"
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -560,13 +537,6 @@ def machine_facts() -> dict[str, str]:
         "Python": platform.python_version(),
         "codec libraries": ", ".join(libs),
     }
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def code_state() -> str:
@@ -849,11 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"profiling the reader's random loop for {args.profile}")
         profile = profile_case(image, args.workdir, pc, parse_size(ps or "64K"), offsets, max(args.reps, 5))
 
-    text = render(rows, facts, args, time.perf_counter() - t_start, profile)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
-    print(text)
-    log(f"wrote {output}")
+    publish(output, render(rows, facts, args, time.perf_counter() - t_start, profile), log)
     return 0
 
 

@@ -95,6 +95,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python scripts/bench_device.py` from anywhere
     sys.path.insert(0, str(REPO))
 
+from demolib.report import git, loadavg, machine, publish  # noqa: E402
+
 from blockformat import layer as layer_mod  # noqa: E402
 from blockformat.chunkfile import DEFAULT_CHUNK_SIZE  # noqa: E402
 from blockformat.extents import HOLE, ZERO  # noqa: E402
@@ -108,9 +110,11 @@ from snapshotter.device import daemon as daemon_mod  # noqa: E402
 from snapshotter.device import fuse as fuse_mod  # noqa: E402
 from snapshotter.device import manager as manager_mod  # noqa: E402
 from snapshotter.device.daemon import Paths  # noqa: E402
-from snapshotter.device.fuse import MNT_DETACH, unmount_path  # noqa: E402
 from snapshotter.errors import ControlError, MountError  # noqa: E402
-from snapshotter.host.mounts import find_mount, loop_info, mount_loop, umount_loop  # noqa: E402
+from snapshotter.host.loop import loop_info  # noqa: E402
+from snapshotter.host.mountinfo import find_mount  # noqa: E402
+from snapshotter.host.mounts import mount_loop, umount_loop  # noqa: E402
+from snapshotter.host.syscalls import MNT_DETACH, unmount_path  # noqa: E402
 from snapshotter.image.blockimage import build_layer_from_dir, write_device_file, write_oci_layout  # noqa: E402
 from snapshotter.image.spec import device_spec_for  # noqa: E402
 
@@ -1127,12 +1131,6 @@ def run_profiles(image: Image, args: argparse.Namespace, work: Path) -> list[Pro
 
 
 def machine_facts() -> list[str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     mem = "?"
     with contextlib.suppress(OSError, ValueError, IndexError):
         kb = int(Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1])
@@ -1145,14 +1143,9 @@ def machine_facts() -> list[str]:
         check=False,
     ).stdout.strip()
     return [
-        f"- machine: {platform.node()}; CPU: {cpu}, {os.cpu_count()} CPUs, {mem}; "
-        f"kernel {platform.release()}; Python {platform.python_version()}; {fio}",
+        f"- machine: {platform.node()}; {machine(mem, fio)}",
         f"- work directory (blob, plain image file): `{WORK}` on `{dev or '?'}`",
     ]
-
-
-def git(*a: str) -> str:
-    return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
 
 
 def code_state() -> str:
@@ -1160,13 +1153,6 @@ def code_state() -> str:
     return (git("rev-parse", "--short", "HEAD") or "?") + (
         " + uncommitted changes in the library" if dirty else ""
     )
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def fmt_value(v: float, unit: str) -> str:
@@ -1557,10 +1543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         time.perf_counter() - t_start,
         (load_start, loadavg()),
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
-    log(f"wrote {args.output}")
+    publish(args.output, text, log)
     return 0
 
 

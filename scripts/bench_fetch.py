@@ -41,30 +41,27 @@ import datetime
 import io
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from demolib.registry import REGISTRY_BIN, Registry
+from demolib.report import fmt_size, git, loadavg, machine, parse_size, publish
+
 from blockformat.chunkfile import BlobInfo, ChunkReader, pack_file
+from blockformat.digest import Digest, parse_digest
 from p2p.background import BackgroundDownload
 from p2p.blobsource import RegistryBlobSource
 from p2p.cache import BlobCache
-from p2p.digest import Digest, parse_digest
 from p2p.registry import RegistryClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +70,6 @@ MIB = 1024 * 1024
 MB = 1_000_000  # throughput in decimal MB/s
 READ_SIZE = 4 * KIB
 MIN_BLOB_BYTES = 200 * MB
-REGISTRY_BIN = "/usr/bin/docker-registry"
 REPOSITORY = "bench/fetch"
 DEFAULT_IMAGE = REPO / "bench" / "work" / "ext4-usr-560MB.img"
 CONCAT_ROOTS = ("/usr/lib", "/usr/share", "/usr/bin")
@@ -91,20 +87,6 @@ CONTRAST_BATCH = 4
 
 def log(msg: str) -> None:
     print(f"[bench_fetch {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": KIB, "M": MIB, "G": 1024 * MIB}.get(t[-1:], 1)
-    return int(t[:-1] if mult != 1 else t) * mult
-
-
-def fmt_size(n: int) -> str:
-    if n >= MIB and n % MIB == 0:
-        return f"{n // MIB}M"
-    if n >= KIB and n % KIB == 0:
-        return f"{n // KIB}K"
-    return str(n)
 
 
 def med(xs: Sequence[float]) -> float:
@@ -189,54 +171,20 @@ def packed_blob(workdir: Path, source: Path, limit: int) -> Blob:
 # -- the registry -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def registry(workdir: Path) -> Iterator[str]:
-    """A docker-registry on loopback with its own storage; yields host:port; stopped by pid."""
-    if not os.access(REGISTRY_BIN, os.X_OK):
-        raise SystemExit(f"{REGISTRY_BIN} is missing: apt-get install docker-registry")
+    """A docker-registry on loopback with its own storage (the demo's `Registry`, no access log);
+    yields host:port; stopped by pid."""
     d = Path(tempfile.mkdtemp(prefix="bench-registry-", dir=workdir))
-    proc: subprocess.Popen[bytes] | None = None
+    server = Registry(d, d / "registry.log", access_log=False)
     try:
-        host = f"127.0.0.1:{free_port()}"
-        cfg = {
-            "version": "0.1",
-            "log": {"level": "warn", "accesslog": {"disabled": True}},
-            "storage": {"filesystem": {"rootdirectory": str(d / "data")}},
-            "http": {"addr": host, "secret": uuid.uuid4().hex},
-        }
-        (d / "config.yml").write_text(json.dumps(cfg))  # JSON is YAML
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        with (d / "registry.log").open("ab") as logf:
-            proc = subprocess.Popen(
-                [REGISTRY_BIN, "serve", str(d / "config.yml")], stdout=logf, stderr=subprocess.STDOUT, env=env
-            )
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://{host}/v2/", timeout=1):
-                    break
-            except (urllib.error.URLError, OSError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(
-                        f"docker-registry did not start: {(d / 'registry.log').read_text()}"
-                    ) from None
-                time.sleep(0.05)
-        yield host
+        try:
+            server.start()
+        except OSError as e:
+            raise SystemExit(f"{e}:\n{server.log_tail()}") from None
+        yield server.host
     finally:
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        server.stop()
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -462,33 +410,13 @@ def recommend(rand: Sequence[Random], bg: Sequence[Background], size: int) -> li
 
 
 def machine_facts() -> list[str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     registry_version = subprocess.run(
         [REGISTRY_BIN, "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
     return [
-        f"- CPU: {cpu}, {os.cpu_count()} CPUs; kernel {platform.release()}; "
-        f"Python {platform.python_version()}",
+        f"- {machine()}",
         f"- registry: `{registry_version or REGISTRY_BIN}` on loopback, filesystem storage under --workdir",
     ]
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
-def git(*args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
-    ).stdout.strip()
 
 
 def git_head() -> str:
@@ -654,10 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(
         blob, args, rand, bg, base_s, push_s, time.perf_counter() - t_start, (load_start, loadavg())
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
-    print(text)
-    log(f"wrote {output}")
+    publish(output, text, log)
     return 0
 
 

@@ -58,7 +58,6 @@ import math
 import os
 import platform
 import random
-import secrets
 import shutil
 import stat
 import struct
@@ -77,7 +76,8 @@ import isal.isal_zlib
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from p2p.digest import Digest
+from blockformat.digest import Digest
+from blockformat.durable import atomic_write, fsync_dir, write_file_atomic
 from p2p.manifest import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -88,6 +88,7 @@ from p2p.manifest import (
     build_index,
     build_manifest,
 )
+from snapshotter.host.mountinfo import mountinfo
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO / "bench" / "work" / "images"
@@ -339,55 +340,22 @@ class LayerCache:
         """Write the layer whose tar `fill` produces (returning its entry count) into the cache."""
         self.dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter() if started is None else started
-        blob = self.blob_path(name)
-        tmp = self.dir / f".tmp-{name}-{secrets.token_hex(4)}"
-        try:
-            with open(tmp, "wb") as out, self.ui.bar(f"{kind} layer", total) as advance:
-                sink = LayerSink(out, compressor, advance)
-                with _open_tar(sink) as tf:
-                    entries = fill(tf)
-                sink.finish()
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, blob)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+        with atomic_write(self.blob_path(name)) as out, self.ui.bar(f"{kind} layer", total) as advance:
+            sink = LayerSink(out, compressor, advance)
+            with _open_tar(sink) as tf:
+                entries = fill(tf)
+            sink.finish()
         info = LayerInfo(
             name, kind, "sha256:" + sink.blob_hash.hexdigest(), sink.blob_size,
             "sha256:" + sink.tar_hash.hexdigest(), sink.tar_size, entries, created_by,
             round(time.perf_counter() - start, 2),
         )  # fmt: skip
-        _write_atomic(self.dir / f"{name}.json", json.dumps(asdict(info), indent=1).encode())
+        write_file_atomic(self.dir / f"{name}.json", json.dumps(asdict(info), indent=1).encode())
         self.ui.step(
             f"{kind} layer: {info.uncompressed_size / MB:.1f} MB tar, {info.size / MB:.1f} MB gzip, "
             f"{entries} entries, {info.seconds:.1f} s"
         )
         return info
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- a directory tree as a tar --------------------------------------------------------------------
@@ -565,28 +533,10 @@ def tidy_rootfs(root: Path) -> None:
 def mounts_under(path: Path) -> list[str]:
     """Mount points at or below `path` (from /proc/self/mountinfo), deepest first."""
     top = str(path)
-    found = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            point = _unescape_mountinfo(fields[4])
-            if point == top or point.startswith(top + "/"):
-                found.append(point)
-    return sorted(set(found), key=lambda p: (-p.count("/"), p))
-
-
-def _unescape_mountinfo(raw: bytes) -> str:
-    # The kernel escapes space, tab, newline and backslash as \ooo octal.
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and len(raw[i + 1 : i + 4]) == 3 and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
+    found = {
+        m.mount_point for m in mountinfo() if m.mount_point == top or m.mount_point.startswith(top + "/")
+    }
+    return sorted(found, key=lambda p: (-p.count("/"), p))
 
 
 def remove_chroot(target: Path) -> None:
@@ -973,18 +923,18 @@ def write_layout(
             {REF_NAME: ref},
             Platform("linux", spec.arch),
         )
-        _write_atomic(tmp / "index.json", build_index([entry], OCI_INDEX))
-        _write_atomic(tmp / "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+        write_file_atomic(tmp / "index.json", build_index([entry], OCI_INDEX))
+        write_file_atomic(tmp / "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
         image = BuiltImage(
             str(layout), ref, manifest_digest, config_desc.digest, spec_doc, tuple(layers),
             round(time.perf_counter() - start, 2), cached=False,
         )  # fmt: skip
-        _write_atomic(tmp / "image.json", json.dumps(image.to_json(), indent=1).encode())
+        write_file_atomic(tmp / "image.json", json.dumps(image.to_json(), indent=1).encode())
         os.chmod(tmp, 0o755)
         if layout.exists():  # a leftover without image.json: incomplete by construction
             shutil.rmtree(layout)
         os.replace(tmp, layout)
-        _fsync_dir(layout.parent)
+        fsync_dir(layout.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -993,7 +943,7 @@ def write_layout(
 
 def _put_bytes(blobs: Path, data: bytes) -> Digest:
     digest = hashlib.sha256(data).hexdigest()
-    _write_atomic(blobs / digest, data)
+    write_file_atomic(blobs / digest, data)
     return Digest("sha256:" + digest)
 
 

@@ -123,9 +123,9 @@ class Demo:
         self.containerd = Containerd(
             self.run_dir / "containerd",
             self.logs / "containerd.log",
-            NAMESPACE,
-            {SNAPSHOTTER: str(self.serve.socket)},
-            self.cgroup.wrap,
+            namespace=NAMESPACE,
+            proxy_plugins={SNAPSHOTTER: str(self.serve.socket)},
+            wrap=self.cgroup.wrap,
         )
         self.bench = Bench(self.containerd.env(), self.registry, self.cgroup, self.logs / "runs.log")
         self.children = self.bench.children
@@ -226,6 +226,12 @@ class Demo:
         self.ui.info(_last_line(log))
         return dst
 
+    def run_argv(self, ref: str, cid: str, command: list[str], snapshotter: str) -> list[str]:
+        """``ctr run --rm``, in the node's cgroup; the container in its own, below the containers'."""
+        cgroup = f"{self.cgroup.containers_parent}/{cid}"
+        args = self.containerd.run_args(ref, cid, command, snapshotter=snapshotter, cgroup=cgroup)
+        return self.containerd.wrap(self.containerd.argv(args))
+
     def lazy_start(self, ref: str, command: list[str], expect: str) -> StartResult:
         if not self.serve_fresh:  # a cold node: no snapshots, no device cache
             self.containerd.image_rm(ref, self.logs / "runs.log")
@@ -234,7 +240,7 @@ class Demo:
         pull = self.cgroup.wrap(
             [*damselfly_argv(), "rpull", ref, "--address", self.containerd.address, "--namespace", NAMESPACE]
         )
-        run = self.containerd.run_argv(ref, "demo-lazy", command, SNAPSHOTTER, self.cgroup.containers_parent)
+        run = self.run_argv(ref, "demo-lazy", command, SNAPSHOTTER)
         with self.ui.status("damselfly rpull, then ctr run, from a cold node"):
             result = cold_start(self.bench, "damselfly lazy", pull, run, expect)
         pid = self.serve.daemon_pid()
@@ -249,7 +255,7 @@ class Demo:
     def full_start(self, ref: str, command: list[str], expect: str) -> StartResult:
         self.containerd.image_rm(ref, self.logs / "runs.log")
         pull = self.cgroup.wrap(self.containerd.argv(["image", "pull", "--plain-http", ref]))
-        run = self.containerd.run_argv(ref, "demo-full", command, "overlayfs", self.cgroup.containers_parent)
+        run = self.run_argv(ref, "demo-full", command, "overlayfs")
         with self.ui.status("ctr image pull, then ctr run, from a cold node"):
             result = cold_start(self.bench, "overlayfs full pull", pull, run, expect)
         self.ui.info(

@@ -9,7 +9,9 @@ specific class here::
      ├── MountError        a loop/mkfs/mount/umount command failed or hung; `command`, `returncode`,
      │                     `stderr` say which and how
      ├── ImageError        an image (OCI layout, manifest, config, layer blob or its annotations) that
-     │                     cannot be built or used; `where` names the file or reference
+     │    │                cannot be built or used; `where` names the file or reference
+     │    └── LayoutError  a directory that cannot take (or is not) the OCI image layout a writer was
+     │                     asked to fill (`damselfly fetch --dest`, `convert ... DIR`)
      ├── DeviceError       a device cannot be attached, detached or committed as asked
      ├── ControlError      the device daemon refused a request or could not be reached; `kind` names
      │                     the daemon-side exception class
@@ -84,6 +86,14 @@ class ImageError(SnapshotterError):
         self.why = why
         self.remedy = remedy
         super().__init__(f"{where}: {why}; {remedy}")
+
+
+class LayoutError(ImageError):
+    """A destination that is not, and cannot become, an OCI image layout we may write into: a file, a
+    non-empty directory without ``oci-layout``, another layout version, a damaged ``index.json``.
+
+    `where` is the directory or file, `why` what is wrong with it, `remedy` what to do.
+    """
 
 
 class DeviceError(SnapshotterError):

@@ -493,7 +493,7 @@ def push_layout(client: RegistryClient, repository: str, built: BuiltImage, tag:
 
     Unlike ``skopeo copy``, nothing is re-encoded, so the registry serves exactly the layout's blobs.
     """
-    from p2p.digest import Digest  # noqa: PLC0415  # only pushing needs the registry client
+    from blockformat.digest import Digest  # noqa: PLC0415  # only pushing needs the registry client
 
     manifest = json.loads(built.manifest)
     for desc in [manifest["config"], *manifest["layers"]]:

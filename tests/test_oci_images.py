@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from snapshotter.convert.applytar import apply_layer, open_layer_stream
+from snapshotter.convert.applytar import apply_layer
+from snapshotter.convert.layerstream import open_layer_stream
 from snapshotter.errors import LayerError
 
 from . import oci_images as oi

@@ -1,18 +1,23 @@
-"""A private containerd 1.6 for the demo: own root, state, sockets, config and log under one directory.
+"""A private containerd 1.6 (the demo's and the tests'): own root, state, sockets and config under one
+directory, a log file, and ``ctr`` pointed at it.
 
-Config version 2 with the CRI plugin and the snapshotters that need host setup disabled, and one proxy
-plugin, ``damselfly``, pointing at the demo's own `damselfly serve` socket; never the host's
-``/var/lib/containerd`` or ``/run/containerd/containerd.sock``. ``ctr`` always gets ``--address`` and
-``--namespace``, and ``ctr run`` keeps runc's state and the stdio fifos below the directory too.
+Config version 2 with the CRI plugin and the snapshotters and runtimes that need host setup disabled, and
+the caller's proxy snapshotter plugins (the demo's: ``damselfly``, its own `damselfly serve` socket);
+never the host's ``/var/lib/containerd`` or ``/run/containerd/containerd.sock``. ``ctr`` always gets
+``--address`` and ``--namespace``, and ``ctr run`` (`run_args`) keeps runc's state and the stdio fifos
+below the directory too. It is ready when ``ctr version`` answers on its socket.
 
-One path cannot be moved in containerd 1.6: the runc v2 shim binds its socket in ``/run/containerd/s/``
-whatever the state directory (``runtime/v2/shim/util_unix.go``). Each shim removes its socket when it
-exits; `stop` removes the socket of a shim it had to kill (the exact path, from the bundle's
-``address`` file), and the two directories if this process created them and they are empty.
+One host path cannot be moved in containerd 1.6: the runc v2 shim binds its socket in
+``/run/containerd/s/`` whatever the state directory (``runtime/v2/shim/util_unix.go``, ``socketRoot``).
+Each shim removes its socket when it exits; `stop` removes the socket of a shim it had to kill (its exact
+path, from the bundle's ``address`` file), and ``/run/containerd/s`` and ``/run/containerd`` if this
+process created them and they are empty. A mount namespace would hide them, but containerd must see the
+mounts a proxy snapshotter makes on the host, and the host's mounts are private (nothing would propagate
+into the namespace).
 
 `stop` undoes everything by exact identity: containerd by pid (SIGTERM, then SIGKILL), containers left in
-its runc root (``runc delete --force``), shims whose command line names its socket (by pid), then every
-mount below its directory (deepest first).
+its runc root (``runc delete --force``), shims whose ``-address`` is its socket (by pid), then every
+mount below its directory (deepest first, by exact path).
 """
 
 from __future__ import annotations
@@ -22,17 +27,21 @@ import json
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
-from .procs import processes, stop_pid, stop_popen, unmount_below
+from .procs import Service, processes, signal_pid, unmount_below, wait_gone
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
 RUNC = "/usr/sbin/runc"
 SHIM = "containerd-shim-runc-v2"
+#: containerd 1.6 binds runc v2 shim sockets here, whatever its state directory (see the docstring).
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
+#: Plugins that need host setup (CRI: CNI, a pause image; aufs, btrfs, zfs, devmapper: their
+#: filesystems or pools), or only slow the start. The v1 linux runtime stays: the tasks service of
+#: 1.6 does not load without it (it is never used: runc v2 is the default runtime).
 DISABLED_PLUGINS = (
     "io.containerd.grpc.v1.cri",
     "io.containerd.snapshotter.v1.aufs",
@@ -42,80 +51,105 @@ DISABLED_PLUGINS = (
     "io.containerd.tracing.processor.v1.otlp",
     "io.containerd.internal.v1.tracing",
 )
+#: containerd refuses to start when one of these fails to load, instead of failing later, obscurely.
 REQUIRED_PLUGINS = (
     "io.containerd.snapshotter.v1.overlayfs",
     "io.containerd.runtime.v2.task",
+    "io.containerd.service.v1.tasks-service",
     "io.containerd.grpc.v1.tasks",
 )
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _toml(value: object) -> str:
-    """A TOML string or list of strings (JSON's escapes are TOML's for these)."""
-    return json.dumps(list(value) if isinstance(value, tuple) else value)
+    """A TOML value (strings, bools, ints, lists of them): JSON's escapes are TOML's for these."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
 
 
 class CtrError(Exception):
-    """A ``ctr`` command failed; the message names it and ends with its output."""
+    """containerd or a ``ctr`` command failed; the message names the command and ends with its output."""
 
 
-class Containerd:
+class Containerd(Service):
+    """One private containerd (see the module docstring): `start`, then `ctr`, then `stop`.
+
+    `wrap` rewrites every command line it starts (containerd's and ctr's): the demo's puts them in the
+    node's cgroup."""
+
+    config_name = "config.toml"
+
     def __init__(
         self,
         directory: Path,
         log: Path,
+        *,
         namespace: str,
-        proxy_plugins: dict[str, str],
+        proxy_plugins: Mapping[str, str] | None = None,
+        log_level: str = "info",
         wrap: Callable[[Sequence[str]], list[str]] = list,
     ) -> None:
-        self.dir = directory
-        self.log = log
+        super().__init__(directory, log)
         self.namespace = namespace
-        self.proxy_plugins = proxy_plugins
+        self.proxy_plugins = dict(proxy_plugins or {})
+        self.log_level = log_level
         self.wrap = wrap
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.root = directory / "root"
+        self.state = directory / "state"
+        #: Where ctr makes the fifos of a task's stdio (its default is /run/containerd/fifo).
+        self.fifo_dir = directory / "fifo"
+        #: runc's state for our containers (the shim's default is /run/containerd/runc).
+        self.runc_root = directory / "runc"
         self._created_run_dirs: list[Path] = []
+
+    # -- paths --
 
     @property
     def address(self) -> str:
         return str(self.dir / "containerd.sock")
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+    def error(self, message: str) -> Exception:
+        """The exception for a failure (the tests' carries the tail of containerd's log)."""
+        return CtrError(f"{message}; see {self.log}")
 
-    @property
-    def runc_root(self) -> Path:
-        return self.dir / "runc"
-
-    @property
-    def fifo_dir(self) -> Path:
-        return self.dir / "fifo"
+    # -- lifecycle --
 
     def config(self) -> str:
         lines = [
             "version = 2",
-            f"root = {_toml(str(self.dir / 'root'))}",
-            f"state = {_toml(str(self.dir / 'state'))}",
+            f"root = {_toml(str(self.root))}",
+            f"state = {_toml(str(self.state))}",
             f"disabled_plugins = {_toml(DISABLED_PLUGINS)}",
             f"required_plugins = {_toml(REQUIRED_PLUGINS)}",
+            "oom_score = 0",
             "",
             "[grpc]",
             f"  address = {_toml(self.address)}",
+            "",
             "[ttrpc]",
             f"  address = {_toml(self.address + '.ttrpc')}",
+            "",
             "[debug]",
             '  address = ""',
-            '  level = "info"',
+            f"  level = {_toml(self.log_level)}",
+            "",
             "[metrics]",
             '  address = ""',
+            "",
             '[plugins."io.containerd.internal.v1.opt"]',
             f"  path = {_toml(str(self.dir / 'opt'))}",
+            "",
             '[plugins."io.containerd.gc.v1.scheduler"]',
             '  startup_delay = "0s"',
         ]
         for name, address in sorted(self.proxy_plugins.items()):
             lines += [
+                "",
                 f"[proxy_plugins.{_toml(name)}]",
                 '  type = "snapshot"',
                 f"  address = {_toml(address)}",
@@ -129,137 +163,171 @@ class Containerd:
         env["TMPDIR"] = str(self.dir)
         return env
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0) -> Self:
         for tool in (CONTAINERD, CTR, RUNC):
             if not os.access(tool, os.X_OK):
-                raise OSError(f"{tool} is missing: apt-get install containerd runc")
-        for d in (self.dir, self.runc_root, self.fifo_dir):
+                raise self.error(f"{tool} is missing: apt-get install containerd runc")
+        if self.proc is not None:
+            raise self.error(f"containerd in {self.dir} is already running (pid {self.proc.pid})")
+        for d in (self.dir, self.root, self.state, self.fifo_dir, self.runc_root):
             d.mkdir(parents=True, exist_ok=True)
-        config = self.dir / "config.toml"
-        config.write_text(self.config())
+        self.config_path.write_text(self.config())
         for d in (SHIM_SOCKET_DIR.parent, SHIM_SOCKET_DIR):
             if not d.exists():
                 self._created_run_dirs.append(d)
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.wrap([CONTAINERD, "--config", str(config)]),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env(),
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise OSError(
-                    f"containerd exited with status {self.proc.returncode} at start; see {self.log}"
-                )
+
+        def answers() -> bool:
             r = self.ctr_raw(["version"], timeout=5.0)
-            if r is not None and r.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                raise OSError(
-                    f"containerd did not answer on {self.address} within {timeout:.0f}s; see {self.log}"
-                )
-            time.sleep(0.1)
+            return r is not None and r.returncode == 0
 
-    # -- ctr ----------------------------------------------------------------------------------------
-
-    def argv(self, args: Sequence[str]) -> list[str]:
-        return [CTR, "--address", self.address, "--namespace", self.namespace, *args]
-
-    def ctr_raw(self, args: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str] | None:
-        try:
-            return subprocess.run(
-                self.wrap(self.argv(args)),
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                env=self.env(),
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            return None
-
-    def ctr(self, *args: str, timeout: float = 600.0, log: Path | None = None) -> str:
-        """``ctr ARGS``; its output goes to `log` (if given) and is returned; a failure raises `CtrError`."""
-        r = self.ctr_raw(args, timeout=timeout)
-        cmd = "ctr " + " ".join(args)
-        if log is not None:
-            with log.open("a") as f:
-                f.write(f"$ {cmd}\n{r.stdout if r else ''}{r.stderr if r else ''}\n")
-        if r is None:
-            raise CtrError(f"{cmd}: no answer within {timeout:.0f}s")
-        if r.returncode != 0:
-            raise CtrError(
-                f"{cmd} exited with status {r.returncode}: {(r.stderr or r.stdout).strip()[-2000:]}"
-            )
-        return r.stdout
-
-    def run_argv(
-        self, ref: str, cid: str, command: Sequence[str], snapshotter: str, cgroup_parent: str
-    ) -> list[str]:
-        """``ctr run --rm`` of `ref`, with runc's state, the fifos and the cgroup where we find them."""
-        return self.wrap(
-            self.argv(
-                [
-                    "run",
-                    "--rm",
-                    "--snapshotter",
-                    snapshotter,
-                    "--fifo-dir",
-                    str(self.fifo_dir),
-                    "--runc-root",
-                    str(self.runc_root),
-                    "--cgroup",
-                    f"{cgroup_parent}/{cid}",
-                    ref,
-                    cid,
-                    *command,
-                ]
-            )
-        )
-
-    def image_rm(self, ref: str, log: Path | None = None) -> None:
-        """Remove the image and let containerd's GC delete its content and snapshots before returning."""
-        if ref in self.ctr("image", "ls", "-q", log=None).split():
-            self.ctr("image", "rm", "--sync", ref, log=log)
-
-    # -- teardown -----------------------------------------------------------------------------------
+        argv = self.wrap([CONTAINERD, "--config", str(self.config_path)])
+        why = self.launch(argv, answers, timeout, self.env(), interval=0.1)
+        if why is not None:
+            self.halt(signal.SIGTERM, 15.0)  # `stop` still removes what it made
+            raise self.error(f"containerd on {self.address} {why}")
+        return self
 
     def stop(self, timeout: float = 15.0) -> list[str]:
-        """Stop and remove everything (see the module docstring); return what had to be forced."""
+        """Stop and remove everything (see the module docstring); return what had to be forced or
+        cleaned beyond a polite SIGTERM (an empty list when the users cleaned up after themselves)."""
         forced: list[str] = []
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            note = stop_popen(proc, signal.SIGTERM, timeout)
-            if note:
-                forced.append(f"containerd: {note}")
-        if self.runc_root.is_dir():
-            for ns_root in sorted(p for p in self.runc_root.iterdir() if p.is_dir()):
-                for state in sorted(p for p in ns_root.iterdir() if (p / "state.json").exists()):
-                    forced.append(f"runc delete --force {state.name}")
-                    subprocess.run(
-                        [RUNC, "--root", str(ns_root), "delete", "--force", state.name],
-                        capture_output=True,
-                        check=False,
-                        timeout=30,
-                    )
-        for pid, argv in processes():
-            if os.path.basename(argv[0]) == SHIM and self.address in argv:
-                forced.append(f"shim {pid} killed")
-                stop_pid(pid, signal.SIGKILL, timeout)
-        task_state = self.dir / "state" / "io.containerd.runtime.v2.task"
-        for address_file in task_state.glob("*/*/address") if task_state.is_dir() else []:
-            with contextlib.suppress(OSError):
-                sock = address_file.read_text().strip().removeprefix("unix://")
-                if sock.startswith(str(SHIM_SOCKET_DIR) + "/") and os.path.lexists(sock):
-                    forced.append(f"removed shim socket {sock}")
-                    os.unlink(sock)
+        note = self.halt(signal.SIGTERM, timeout)
+        if note:
+            forced.append(f"containerd: {note}")
+        forced += self._kill_containers()
+        forced += self._kill_shims(timeout)
         forced += [f"umount {mp}" for mp in unmount_below(self.dir)]
         for d in reversed(self._created_run_dirs):
             with contextlib.suppress(OSError):  # only if empty: another containerd may use it now
                 d.rmdir()
         return forced
+
+    def _kill_containers(self) -> list[str]:
+        done: list[str] = []
+        if not self.runc_root.is_dir():
+            return done
+        for ns_root in sorted(p for p in self.runc_root.iterdir() if p.is_dir()):
+            for state in sorted(p for p in ns_root.iterdir() if (p / "state.json").exists()):
+                done.append(f"runc delete --force {state.name} (namespace {ns_root.name})")
+                subprocess.run(
+                    [RUNC, "--root", str(ns_root), "delete", "--force", state.name],
+                    capture_output=True,
+                    check=False,
+                    timeout=30,
+                )
+        return done
+
+    def shim_pids(self) -> list[int]:
+        """The runc v2 shims of this containerd: ``-address`` followed by our socket on their command line."""
+        return [pid for pid, argv in processes() if os.path.basename(argv[0]) == SHIM and self._is_ours(argv)]
+
+    def _kill_shims(self, timeout: float) -> list[str]:
+        done = []
+        shims = self.shim_pids()
+        for pid in shims:
+            done.append(f"shim {pid} killed")
+            signal_pid(pid, signal.SIGKILL)
+        for pid in shims:
+            wait_gone(pid, timeout)
+        # A killed shim leaves its socket; the bundle's address file names it exactly.
+        task_state = self.state / "io.containerd.runtime.v2.task"
+        for address_file in task_state.glob("*/*/address") if task_state.is_dir() else []:
+            with contextlib.suppress(OSError):
+                sock = address_file.read_text().strip().removeprefix("unix://")
+                if sock.startswith(str(SHIM_SOCKET_DIR) + "/") and os.path.lexists(sock):
+                    done.append(f"removed shim socket {sock}")
+                    os.unlink(sock)
+        return done
+
+    def _is_ours(self, argv: list[str]) -> bool:
+        """Whether a shim's command line has ``-address`` followed by our socket."""
+        if "-address" not in argv:
+            return False
+        i = argv.index("-address")
+        return i + 1 < len(argv) and argv[i + 1] == self.address
+
+    # -- ctr --
+
+    def argv(self, args: Sequence[str], namespace: str | None = None) -> list[str]:
+        """``ctr --address SOCK --namespace NS ARGS`` (not wrapped)."""
+        return [CTR, "--address", self.address, "--namespace", namespace or self.namespace, *args]
+
+    def ctr_raw(
+        self,
+        args: Sequence[str],
+        *,
+        namespace: str | None = None,
+        timeout: float = 60.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str] | None:
+        """Run ctr; None if it did not return within `timeout` seconds."""
+        try:
+            return subprocess.run(
+                self.wrap(self.argv(args, namespace)),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                env=self.env(),
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            return None
+
+    def ctr(
+        self,
+        *args: str,
+        namespace: str | None = None,
+        check: bool = True,
+        timeout: float = 60.0,
+        input: str | None = None,
+        log: Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """``ctr ARGS``, its output appended to `log` if given; a timeout, or with `check` a failure,
+        raises `error` with ctr's output."""
+        r = self.ctr_raw(args, namespace=namespace, timeout=timeout, input=input)
+        cmd = f"ctr -n {namespace or self.namespace} {' '.join(args)}"
+        if log is not None:
+            with log.open("a") as f:
+                f.write(f"$ {cmd}\n{r.stdout if r else ''}{r.stderr if r else ''}\n")
+        if r is None:
+            raise self.error(f"{cmd}: no answer within {timeout:.0f}s")
+        if check and r.returncode != 0:
+            raise self.error(f"{cmd} exited {r.returncode}: {(r.stderr or r.stdout).strip()[-3000:]}")
+        return r
+
+    def run_args(
+        self,
+        ref: str,
+        container_id: str,
+        command: Sequence[str] = (),
+        *,
+        snapshotter: str,
+        cgroup: str,
+        detach: bool = False,
+        extra: Sequence[str] = (),
+    ) -> list[str]:
+        """ctr's arguments to run `ref` as `container_id` (``--rm``, or ``-d`` with `detach`), with runc's
+        state and the fifos below our directory and the container in the cgroup `cgroup`."""
+        return [
+            "run",
+            "-d" if detach else "--rm",
+            "--snapshotter",
+            snapshotter,
+            "--fifo-dir",
+            str(self.fifo_dir),
+            "--runc-root",
+            str(self.runc_root),
+            "--cgroup",
+            cgroup,
+            *extra,
+            ref,
+            container_id,
+            *command,
+        ]
+
+    def image_rm(self, ref: str, log: Path | None = None) -> None:
+        """Remove the image and let containerd's GC delete its content and snapshots before returning."""
+        if ref in self.ctr("image", "ls", "-q").stdout.split():
+            self.ctr("image", "rm", "--sync", ref, log=log, timeout=600.0)

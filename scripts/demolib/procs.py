@@ -9,6 +9,12 @@ what it finds, deepest mounts first, by exact mount point and pid (never by proc
 `damselfly serve` and its device daemon, ``ctr`` and ``damselfly rpull``): their CPU time is read from
 it (cgroup v2 ``cpu.stat``, or v1 ``cpuacct.usage``), and containers go in a sibling branch so the
 node's figure does not include the workload.
+
+`Service` is what the registry, containerd and `damselfly serve` of the demo share: a directory, a
+config file, a log, a process started with `spawn` and awaited with `wait_ready`, stopped by pid. The
+tests use the same functions (``from scripts.demolib.procs import ...``) for their own processes and
+leak checks (`left_below`, `mount_points`, `attached_loops`, `processes`). None of it calls
+damselfly's own code, so a bug there cannot hide a leak.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -99,13 +105,92 @@ def stop_popen(
         return f"process {proc.pid} needed SIGKILL"
 
 
+def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start `argv` with stdin from /dev/null and stdout and stderr appended to `log`, in a session of
+    its own: a Ctrl-C of ours reaches it only through its owner's ``stop`` (by pid), in order."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+        )
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], answers: Callable[[], bool], timeout: float, interval: float = 0.05
+) -> str | None:
+    """Poll `answers` while `proc` runs: None once it answered, else why not (for an error message)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            return f"exited with status {proc.returncode} at start"
+        if answers():
+            return None
+        if time.monotonic() > deadline:
+            return f"did not answer within {timeout:.0f}s"
+        time.sleep(interval)
+
+
+def log_tail(path: Path, size: int = 6000) -> str:
+    """The last `size` bytes of a log ("" if there is none)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class Service:
+    """A long-running process of ours (a registry, containerd, `damselfly serve`): its directory, the
+    config file there, its log, and its `subprocess.Popen` while it runs. `launch` starts it and waits
+    until it answers; `halt` stops it by pid."""
+
+    config_name = "config"
+
+    def __init__(self, directory: Path, log: Path) -> None:
+        self.dir = directory
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / self.config_name
+
+    def log_tail(self) -> str:
+        return log_tail(self.log)
+
+    def launch(
+        self,
+        argv: Sequence[str],
+        answers: Callable[[], bool],
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+        interval: float = 0.05,
+    ) -> str | None:
+        """`spawn` `argv`, then `wait_ready`: None once it answers, else why not (it may still run)."""
+        self.proc = spawn(argv, self.log, env)
+        return wait_ready(self.proc, answers, timeout, interval)
+
+    def halt(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15.0) -> str | None:
+        """Stop the process (`sig`, then SIGKILL after `timeout` seconds); a note if SIGKILL was needed."""
+        proc, self.proc = self.proc, None
+        return stop_popen(proc, sig, timeout) if proc is not None else None
+
+
 # -- mounts and loop devices ----------------------------------------------------------------------
 
 
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (\\040 for a space...)."""
+def _unescape(raw: bytes) -> str:
+    """Undo mountinfo's octal escapes (the kernel writes space, tab, newline and backslash as \\ooo)."""
     out = bytearray()
-    raw = field.encode()
     i = 0
     while i < len(raw):
         if raw[i : i + 1] == b"\\" and raw[i + 1 : i + 4].isdigit():
@@ -118,8 +203,9 @@ def _unescape(field: str) -> str:
 
 
 def mount_points() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [_unescape(line.split()[4]) for line in f if line.strip()]
+    """Mount points from /proc/self/mountinfo (escapes decoded, any bytes kept), in mount order."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return [_unescape(line.split(b" ")[4]) for line in f.read().splitlines() if line.strip()]
 
 
 def mounts_below(path: str | os.PathLike[str]) -> list[str]:
@@ -144,18 +230,23 @@ def unmount_below(path: str | os.PathLike[str]) -> list[str]:
     return done
 
 
-def loops_below(path: str | os.PathLike[str]) -> list[str]:
-    """Loop devices whose backing file is below `path`."""
-    top = os.path.realpath(path) + os.sep
-    found = []
+def attached_loops() -> dict[str, str]:
+    """/dev/loopN -> backing file, for every attached loop device."""
+    out = {}
     for loop in sorted(Path("/sys/block").glob("loop*")):
         try:
             backing = (loop / "loop" / "backing_file").read_text().strip()
-        except OSError:
+        except OSError:  # not attached, or being detached right now
             continue
-        if backing.removesuffix(" (deleted)").startswith(top):
-            found.append(f"/dev/{loop.name}")
-    return found
+        out[f"/dev/{loop.name}"] = backing.removesuffix(" (deleted)")
+    return out
+
+
+def loops_below(path: str | os.PathLike[str]) -> list[str]:
+    """Loop devices whose backing file is below `path` (device numbers are shared with the whole
+    host: only the backing file says a device is ours)."""
+    top = os.path.realpath(path) + os.sep
+    return [dev for dev, backing in attached_loops().items() if backing.startswith(top)]
 
 
 def detach_loops_below(path: str | os.PathLike[str]) -> list[str]:
@@ -177,6 +268,17 @@ def sockets_below(path: str | os.PathLike[str]) -> list[str]:
     return sorted(found)
 
 
+def left_below(*paths: str | os.PathLike[str]) -> list[str]:
+    """What is still there of `paths`, for a leak check: mounts at or below them, loop devices over
+    files below them, live processes whose argv names them."""
+    found: list[str] = []
+    for path in paths:
+        found += [f"mount {mp}" for mp in mounts_below(path)]
+        found += [f"loop device {dev}" for dev in loops_below(path)]
+        found += [f"process {pid}: {' '.join(argv)}" for pid, argv in processes_naming(path)]
+    return found
+
+
 def sweep(path: str | os.PathLike[str]) -> list[str]:
     """Undo whatever is left of the demo below `path`: processes naming it (SIGTERM, then SIGKILL),
     mounts (deepest first), loop devices. Returns what it had to undo (empty when all was clean)."""
@@ -194,6 +296,24 @@ def sweep(path: str | os.PathLike[str]) -> list[str]:
 
 def cgroup_v2() -> bool:
     return (CGROUP_ROOT / "cgroup.controllers").exists()
+
+
+def cgroup_dirs(name: str) -> list[Path]:
+    """Where the cgroup ``/name`` exists: the unified root (v2), or every v1 hierarchy (a cgroup runc
+    makes for a container exists in each of them)."""
+    found = [CGROUP_ROOT / name] if (CGROUP_ROOT / name).is_dir() else []
+    if not cgroup_v2():
+        for h in sorted(CGROUP_ROOT.iterdir()):
+            if h.is_dir() and not h.is_symlink() and (h / name).is_dir():
+                found.append(h / name)
+    return found
+
+
+def remove_empty_cgroups(name: str) -> None:
+    """rmdir ``/name`` wherever it exists; one still in use stays (rmdir fails on a busy cgroup)."""
+    for d in cgroup_dirs(name):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 class NodeCgroup:
@@ -239,12 +359,7 @@ class NodeCgroup:
 
     def dirs(self) -> list[Path]:
         """``/NAME`` in every hierarchy where it exists."""
-        found = [CGROUP_ROOT / self.name] if (CGROUP_ROOT / self.name).is_dir() else []
-        if not self.v2:
-            for h in sorted(CGROUP_ROOT.iterdir()):
-                if h.is_dir() and not h.is_symlink() and (h / self.name).is_dir():
-                    found.append(h / self.name)
-        return found
+        return cgroup_dirs(self.name)
 
     def pids(self) -> list[int]:
         out: set[int] = set()

@@ -1,10 +1,14 @@
-"""A loopback docker-registry for the demo, and the bytes it served, from its access log.
+"""A loopback docker-registry (the demo's, the benchmarks' and the tests'), and the bytes it served.
 
 The registry (Debian's ``docker-registry`` 2.8, the reference distribution registry) gets a free port on
-127.0.0.1, its own storage and config under the demo's run directory, and writes its access log (Apache
-combined format: ``... "GET /v2/... HTTP/1.1" 200 1048576 ...``) to its log file. The size field is the
-body bytes the registry wrote for that response, so the bytes served between two moments are the sum
-of the sizes of the lines appended in between: counted at the registry, for every client.
+127.0.0.1 and its own storage and config (JSON, which is YAML) under its directory; `auth` is a
+registry auth section (htpasswd, token), for the tests. `stop` ends exactly the process it started, by
+pid; `halt` and `resume` stop it and start it again on the same port and storage.
+
+With the access log on (the demo's), the log (Apache combined format: ``... "GET /v2/... HTTP/1.1" 200
+1048576 ...``) says what was served: the size field is the body bytes the registry wrote for that
+response, so the bytes served between two moments are the sum of the sizes of the lines appended in
+between: counted at the registry, for every client.
 """
 
 from __future__ import annotations
@@ -14,20 +18,19 @@ import json
 import os
 import re
 import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Self
 
+from blockformat.digest import Digest
 from p2p.auth import static_credentials
-from p2p.digest import Digest
 from p2p.manifest import OCI_MANIFEST
 from p2p.registry import RegistryClient
 
-from .procs import stop_popen
+from .procs import Service
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 #: One access-log line: method, path, status, body bytes ("-" for none).
@@ -41,70 +44,90 @@ def free_port() -> int:
         return port
 
 
-class Registry:
+class Registry(Service):
     """One docker-registry process (see the module docstring)."""
 
-    def __init__(self, directory: Path, log: Path) -> None:
-        self.dir = directory
-        self.log = log
+    config_name = "config.yml"
+
+    def __init__(
+        self, directory: Path, log: Path, *, auth: dict[str, Any] | None = None, access_log: bool = True
+    ) -> None:
+        super().__init__(directory, log)
+        self.auth = auth
+        self.access_log = access_log
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+    def url(self) -> str:
+        return f"http://{self.host}"
 
-    def start(self, timeout: float = 20.0) -> None:
+    @property
+    def storage(self) -> Path:
+        return self.dir / "data"
+
+    def config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "version": "0.1",
+            "log": {"level": "warn", "formatter": "text", "accesslog": {"disabled": not self.access_log}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage)},
+                "delete": {"enabled": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {"addr": self.host, "secret": uuid.uuid4().hex},
+        }
+        if self.auth is not None:
+            config["auth"] = self.auth
+        return config
+
+    def error(self, message: str) -> Exception:
+        """The exception for a registry that would not start (the tests' adds the log itself)."""
+        return OSError(f"{message}; see {self.log}")
+
+    def start(self, timeout: float = 20.0) -> Self:
         if not os.access(REGISTRY_BIN, os.X_OK):
             raise OSError(f"{REGISTRY_BIN} is missing: apt-get install docker-registry")
         self.dir.mkdir(parents=True, exist_ok=True)
+        why = None
         for _ in range(3):  # the free port can be taken between probing and binding
             self.port = free_port()
-            config = {
-                "version": "0.1",
-                "log": {"level": "warn", "formatter": "text", "accesslog": {"disabled": False}},
-                "storage": {
-                    "filesystem": {"rootdirectory": str(self.dir / "data")},
-                    "delete": {"enabled": True},
-                    "maintenance": {"uploadpurging": {"enabled": False}},
-                },
-                "http": {"addr": self.host, "secret": uuid.uuid4().hex},
-            }
-            cfg = self.dir / "config.yml"
-            cfg.write_text(json.dumps(config, indent=2))  # JSON is YAML
-            env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-            with self.log.open("ab") as out:
-                self.proc = subprocess.Popen(
-                    [REGISTRY_BIN, "serve", str(cfg)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,  # a Ctrl-C reaches it only through stop()
-                )
-            if self._ready(timeout):
-                return
-            self.stop()
-        raise OSError(f"docker-registry did not start on 127.0.0.1 (tried 3 ports); see {self.log}")
+            self.config_path.write_text(json.dumps(self.config(), indent=2))  # JSON is YAML
+            why = self._spawn(timeout)
+            if why is None:
+                return self
+            self.halt()
+        raise self.error(f"docker-registry did not start on 127.0.0.1 (tried 3 ports): {why}")
 
-    def _ready(self, timeout: float) -> bool:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1):
-                    return True
-            except urllib.error.HTTPError:
+    def _spawn(self, timeout: float) -> str | None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        return self.launch([REGISTRY_BIN, "serve", str(self.config_path)], self._answers, timeout, env)
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
                 return True
-            except OSError:
-                time.sleep(0.05)
-        return False
+        except urllib.error.HTTPError:
+            return True  # 401 with auth: the API answers
+        except OSError:
+            return False
+
+    def resume(self, timeout: float = 20.0) -> None:
+        """Start the registry again with the configuration (port, storage) it had."""
+        if self.proc is not None:
+            raise OSError(f"the registry on {self.host} is running (pid {self.proc.pid})")
+        why = self._spawn(timeout)
+        if why is not None:
+            self.halt()
+            raise self.error(f"docker-registry did not start again on {self.host}: {why}")
+
+    def stop(self) -> str | None:
+        """Stop the process (SIGTERM, then SIGKILL, by pid); a note if it needed SIGKILL. `halt` does the
+        same: port, storage and config stay for `resume`."""
+        return self.halt()
 
     def log_offset(self) -> int:
         """Where the access log ends now: pass it to `served_since` later."""
@@ -127,10 +150,6 @@ class Registry:
             if m.group(4) != b"-":
                 total += int(m.group(4))
         return total, requests
-
-    def stop(self) -> str | None:
-        proc, self.proc = self.proc, None
-        return stop_popen(proc) if proc is not None else None
 
 
 # -- pushing an OCI layout as it is ---------------------------------------------------------------

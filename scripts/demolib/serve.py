@@ -1,12 +1,14 @@
-"""The demo's own `damselfly serve`: own config, snapshot root, socket and device-daemon state directory.
+"""The demo's own `damselfly serve` (own config, snapshot root, socket and device-daemon state directory),
+and the undoing of what it leaves on purpose, shared with the tests.
 
 `damselfly serve` starts the device daemon (which serves converted images' block devices through FUSE)
 when a converted image first needs it, in its own session so that it outlives `serve` — containers keep
 their devices across a restart of the service. `release` therefore undoes, by exact path and pid, what
 `serve` leaves on purpose: the chain mounts under its root, the loop devices over the daemon's device
-files, the daemon itself (asked to shut down, then SIGTERM, then SIGKILL) and its FUSE mount.
+files, the daemon itself (asked to shut down, then SIGTERM, then SIGKILL: `stop_daemon`) and its FUSE
+mount.
 
-`reset` gives a cold node: `serve` stopped, everything released, root and state (the device cache
+`Serve.reset` gives a cold node: `serve` stopped, everything released, root and state (the device cache
 included) deleted, and `serve` started again on the same socket, where containerd's proxy client finds
 it again by itself.
 """
@@ -17,9 +19,7 @@ import contextlib
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from snapshotter.device import control
 from snapshotter.device.daemon import Paths
 from snapshotter.errors import ControlError
 
-from .procs import alive, detach_loops_below, stop_pid, stop_popen, unmount_below
+from .procs import Service, alive, detach_loops_below, stop_pid, unmount_below, wait_gone
 
 
 def damselfly_argv() -> list[str]:
@@ -36,32 +36,18 @@ def damselfly_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "snapshotter.cli"]
 
 
-class Serve:
+class Serve(Service):
+    config_name = "config.toml"
+
     def __init__(
         self, directory: Path, socket_path: Path, log: Path, wrap: Callable[[Sequence[str]], list[str]] = list
     ) -> None:
-        self.dir = directory
+        super().__init__(directory, log)
         self.socket = socket_path
-        self.log = log
         self.wrap = wrap
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.root = directory / "root"  # the snapshotter's
+        self.state = directory / "state"  # the device daemon's
         self.daemon_pids: list[int] = []  # device daemons seen (reported, and checked gone at the end)
-
-    @property
-    def root(self) -> Path:
-        return self.dir / "root"
-
-    @property
-    def state(self) -> Path:
-        return self.dir / "state"
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / "config.toml"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
 
     def config(self) -> str:
         # Every other key keeps damselfly's default (`damselfly config --config FILE` prints them all).
@@ -78,27 +64,10 @@ class Serve:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config())
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.wrap([*damselfly_argv(), "serve", "--config", str(self.config_path)]),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise OSError(
-                    f"damselfly serve exited with status {self.proc.returncode} at start; see {self.log}"
-                )
-            if self._answers():
-                return
-            if time.monotonic() > deadline:
-                raise OSError(
-                    f"damselfly serve did not listen on {self.socket} within {timeout:.0f}s; see {self.log}"
-                )
-            time.sleep(0.05)
+        argv = [*damselfly_argv(), "serve", "--config", str(self.config_path)]
+        why = self.launch(self.wrap(argv), self._answers, timeout)
+        if why is not None:
+            raise OSError(f"damselfly serve on {self.socket} {why}; see {self.log}")
 
     def _answers(self) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -110,39 +79,23 @@ class Serve:
 
     def daemon_pid(self) -> int | None:
         """The device daemon's pid, if one answers at our state directory."""
-        try:
-            pid = int(control.call(Paths(str(self.state)).socket, {"op": "ping"}, timeout=5)["pid"])
-        except (ControlError, KeyError, TypeError, ValueError):
-            return None
-        if pid not in self.daemon_pids:
+        pid = daemon_pid(self.state)
+        if pid is not None and pid not in self.daemon_pids:
             self.daemon_pids.append(pid)
         return pid
 
     def stop(self) -> list[str]:
         """Stop `serve` (SIGTERM: it stops the device daemon too when no device is in use)."""
-        proc, self.proc = self.proc, None
-        if proc is None:
+        if self.proc is None:
             return []
         self.daemon_pid()  # note the daemon's pid while `serve` still knows it
-        note = stop_popen(proc, signal.SIGTERM, 30.0)
+        note = self.halt(signal.SIGTERM, 30.0)
         return [f"damselfly serve: {note}"] if note else []
 
     def release(self) -> list[str]:
         """Undo what `serve` leaves on purpose (see the module docstring); return what was undone."""
-        undone = [f"umount {mp}" for mp in unmount_below(self.root)]
-        undone += [f"losetup -d {dev}" for dev in detach_loops_below(self.state)]
-        pid = self.daemon_pid()
-        if pid is not None:
-            with contextlib.suppress(ControlError):
-                control.call(Paths(str(self.state)).socket, {"op": "shutdown"}, timeout=5)
-            note = stop_pid(pid, signal.SIGTERM, 20.0) if not _gone_within(pid, 20.0) else None
-            undone.append(f"device daemon {pid} stopped" + (f" ({note})" if note else ""))
-        for pid in self.daemon_pids:  # a daemon that stopped answering but still runs
-            if alive(pid):
-                note = stop_pid(pid, signal.SIGTERM, 10.0)
-                undone.append(f"device daemon {pid}: SIGTERM" + (f" ({note})" if note else ""))
-        undone += [f"umount {mp}" for mp in unmount_below(self.state)]
-        return undone
+        self.daemon_pid()  # note a daemon that answers, so `leftovers` can check it is gone
+        return release(self.root, self.state, self.daemon_pids)
 
     def reset(self) -> list[str]:
         """A cold node: stop, release, delete root and state (the device cache), start again."""
@@ -154,10 +107,38 @@ class Serve:
         return undone
 
 
-def _gone_within(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+def daemon_pid(state: Path) -> int | None:
+    """The pid of the device daemon that answers at state directory `state`, if one does."""
+    try:
+        return int(control.call(Paths(str(state)).socket, {"op": "ping"}, timeout=5)["pid"])
+    except (ControlError, KeyError, TypeError, ValueError):
+        return None
+
+
+def stop_daemon(state: Path, pid: int, timeout: float = 20.0) -> list[str]:
+    """Ask the device daemon at `state` (process `pid`) to shut down; SIGTERM, then SIGKILL, if it
+    is not gone within `timeout` seconds. Returns what it needed beyond the request ([] normally)."""
+    with contextlib.suppress(ControlError):
+        control.call(Paths(str(state)).socket, {"op": "shutdown"}, timeout=5)
+    if wait_gone(pid, timeout):
+        return []
+    note = stop_pid(pid, signal.SIGTERM, timeout)
+    return [f"device daemon {pid} needed SIGTERM" + (f" ({note})" if note else "")]
+
+
+def release(root: Path, state: Path, pids: Sequence[int] = ()) -> list[str]:
+    """Undo what a `damselfly serve` on `root` and its device daemon at `state` leave on purpose, by
+    exact path and pid: chain mounts under `root` (unmounted, deepest first), loop devices over files
+    below `state` (detached), the daemon that answers there and any of `pids` still alive (stopped),
+    then its FUSE mount. Returns what it undid; a daemon that stops when asked is not reported."""
+    undone = [f"umount {mp}" for mp in unmount_below(root)]
+    undone += [f"losetup -d {dev}" for dev in detach_loops_below(state)]
+    answering = daemon_pid(state)
+    if answering is not None:
+        undone += stop_daemon(state, answering)
+    for pid in pids:  # a daemon that stopped answering but still runs
+        if pid != answering and alive(pid):
+            note = stop_pid(pid, signal.SIGTERM, 10.0)
+            undone.append(f"device daemon {pid} (silent) needed SIGTERM" + (f" ({note})" if note else ""))
+    undone += [f"umount {mp}" for mp in unmount_below(state)]
+    return undone

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import sys
-import tempfile
 
 import click
 
 from blockformat.chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo, ChunkReader, pack_file
 from blockformat.codecs import CODEC_NAMES
+from blockformat.durable import atomic_write
 from blockformat.source import FileSource
 
+from ..host.umask import shared_file_mode
 from .errors import reports_errors
 
 CODEC_CHOICE = click.Choice(sorted(CODEC_NAMES), case_sensitive=False)
@@ -41,6 +41,16 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]
         return _size(str(value))
 
 
+#: ``--chunk-size``, for every command that makes chunk containers.
+chunk_size_option = click.option(
+    "--chunk-size",
+    type=SizeType(),
+    default=DEFAULT_CHUNK_SIZE,
+    show_default=True,
+    help="Uncompressed chunk size: a power of two from 4K to 1M.",
+)
+
+
 @click.group()
 def blob() -> None:
     """Pack, read and check chunk containers (the compressed, seekable blob format)."""
@@ -51,13 +61,7 @@ def blob() -> None:
 @click.argument("dst", type=click.Path(dir_okay=False, writable=True))
 @click.option("--codec", type=CODEC_CHOICE, default="lz4", show_default=True, help="Chunk codec.")
 @click.option("--level", type=int, default=None, help="Compression level (zstd: 1..22, default 3).")
-@click.option(
-    "--chunk-size",
-    type=SizeType(),
-    default=DEFAULT_CHUNK_SIZE,
-    show_default=True,
-    help="Uncompressed chunk size: a power of two from 4K to 1M.",
-)
+@chunk_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @reports_errors
 def pack(src: str, dst: str, codec: str, level: int | None, chunk_size: int, as_json: bool) -> None:
@@ -65,30 +69,14 @@ def pack(src: str, dst: str, codec: str, level: int | None, chunk_size: int, as_
 
     DST appears only when packing succeeded (written to a temporary file, then renamed).
     """
-    directory = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=".damselfly-pack-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if src == "-":
-                info = pack_file(sys.stdin.buffer, out, codec, chunk_size, level)
-            else:
-                with open(src, "rb") as f:
-                    info = pack_file(f, out, codec, chunk_size, level)
-            out.flush()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(out.fileno(), 0o666 & ~umask)  # mkstemp's 0600 would hide the blob from others
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # The mode cp or gzip would give it (0666 & ~umask), not a temp file's private 0600: a registry
+    # or another user may need to read the blob.
+    with atomic_write(os.path.abspath(dst), shared_file_mode()) as out:
+        if src == "-":
+            info = pack_file(sys.stdin.buffer, out, codec, chunk_size, level)
+        else:
+            with open(src, "rb") as f:
+                info = pack_file(f, out, codec, chunk_size, level)
     _print_info(info, dst, as_json)
 
 

@@ -23,7 +23,7 @@ from rich.progress import (
 )
 
 from ..convert.converter import CODECS, DEFAULT_CACHE_DIR, DEFAULT_VSIZE, ConvertOptions, LayerResult, convert
-from .blob import SizeType
+from .blob import SizeType, chunk_size_option
 from .errors import reports_errors
 
 
@@ -88,9 +88,7 @@ def _reporter(quiet: bool) -> Iterator[Any]:
     "--codec", type=click.Choice(CODECS), default="lz4", show_default=True, help="Chunk compression."
 )
 @click.option("--level", type=int, default=None, help="Compression level (zstd).")
-@click.option(
-    "--chunk-size", type=SizeType(), default=65536, show_default=True, help="Uncompressed chunk size."
-)
+@chunk_size_option
 @click.option(
     "--vsize",
     type=SizeType(),

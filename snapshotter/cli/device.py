@@ -6,26 +6,23 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import sys
-import time
 
 import click
 
-from blockformat.durable import private_dir
-
 from ..config import DeviceSection
-from ..device import control
-from ..device.daemon import Paths, run
+from ..device.client import DeviceClient
+from ..device.daemon import run
 from ..device.manager import DeviceSpec
-from ..errors import ControlError, SnapshotterError
-from ..host.mounts import find_mount, loop_info, loops_for, mount, mount_loop, umount_loop
-from ..host.syscalls import MNT_DETACH, unmount_path
+from ..errors import SnapshotterError
+from ..host.loop import loop_info, loops_for
+from ..host.mountinfo import find_mount
+from ..host.mounts import mount, mount_loop, umount_loop
 from ..image.spec import device_spec_for
 from .blob import SizeType
 from .errors import reports_errors
 
-DEFAULT_STATE_DIR = "/run/damselfly"
+DEFAULT_STATE_DIR = DeviceSection.state_dir
 STATE_DIR_OPTION = click.option(
     "--state-dir",
     envvar="DAMSELFLY_STATE_DIR",
@@ -112,42 +109,14 @@ def device_daemon(
     os._exit(0)
 
 
-def ensure_daemon(state_dir: str, timeout: float = 20.0) -> Paths:
-    """Return the running daemon's paths, starting a detached daemon first if none answers."""
-    paths = Paths(state_dir)
-    try:
-        control.call(paths.socket, {"op": "ping"}, timeout=5)
-        return paths
-    except ControlError:
-        pass
-    private_dir(state_dir)  # the daemon forces it too; its log must not be readable before that
-    with open(os.path.join(state_dir, "devd.log"), "ab") as logf:
-        subprocess.Popen(
-            [sys.executable, "-m", "snapshotter.cli", "device-daemon", "--state-dir", state_dir, "-v"],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,  # it must outlive this command
-            close_fds=True,
-        )
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            control.call(paths.socket, {"op": "ping"}, timeout=2)
-            return paths
-        except ControlError:
-            if time.monotonic() > deadline:
-                raise SnapshotterError(
-                    f"the device daemon did not start within {timeout:.0f}s; "
-                    f"see {os.path.join(state_dir, 'devd.log')}"
-                ) from None
-            time.sleep(0.1)
+def _client(state_dir: str) -> DeviceClient:
+    return DeviceClient(state_dir)
 
 
 def _attach(state_dir: str, spec: DeviceSpec) -> str:
-    paths = ensure_daemon(state_dir)
-    reply = control.call(paths.socket, {"op": "attach", "spec": spec.to_json()})
-    return str(reply["path"])
+    client = _client(state_dir)
+    client.ensure()  # a detached daemon: it must outlive this command
+    return client.attach(spec)
 
 
 @click.command()
@@ -176,7 +145,7 @@ def attach(
 @reports_errors
 def detach(name: str, state_dir: str) -> None:
     """Detach device NAME (idempotent)."""
-    control.call(Paths(state_dir).socket, {"op": "detach", "name": name})
+    _client(state_dir).detach(name)
 
 
 @click.command()
@@ -184,8 +153,7 @@ def detach(name: str, state_dir: str) -> None:
 @reports_errors
 def devices(state_dir: str) -> None:
     """Show attached devices and the download state of their blobs (JSON)."""
-    reply = control.call(Paths(state_dir).socket, {"op": "status"})
-    click.echo(json.dumps(reply["status"], indent=2, sort_keys=True))
+    click.echo(json.dumps(_client(state_dir).status(), indent=2, sort_keys=True))
 
 
 @click.command("commit")
@@ -199,18 +167,8 @@ def devices(state_dir: str) -> None:
 @reports_errors
 def commit(name: str, blob_path: str, state_dir: str, codec: str, chunk_size: int) -> None:
     """Seal the writable upper of device NAME into the layer blob BLOB (unmount its filesystem first)."""
-    reply = control.call(
-        Paths(state_dir).socket,
-        {
-            "op": "commit",
-            "name": name,
-            "out": os.path.abspath(blob_path),
-            "codec": codec,
-            "chunk_size": chunk_size,
-        },
-    )
-    info = reply["info"]
-    click.echo(f"{blob_path}: {info['blob_digest']} index {info['index_digest']} ({info['blob_size']} bytes)")
+    info = _client(state_dir).commit(name, blob_path, codec, chunk_size)
+    click.echo(f"{blob_path}: {info.blob_digest} index {info.index_digest} ({info.blob_size} bytes)")
 
 
 @click.command("stop-daemon")
@@ -221,21 +179,8 @@ def commit(name: str, blob_path: str, state_dir: str, codec: str, chunk_size: in
 @reports_errors
 def stop_daemon(state_dir: str, timeout: float) -> None:
     """Stop the device daemon (devices still in use by loop devices stop working: umount first)."""
-    paths = Paths(state_dir)
-    try:
-        pid = int(control.call(paths.socket, {"op": "ping"}, timeout=5)["pid"])
-    except ControlError:
+    if _client(state_dir).shutdown(timeout) is None:
         click.echo("the device daemon is not running")
-        return
-    control.call(paths.socket, {"op": "shutdown"})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    raise SnapshotterError(f"the device daemon (pid {pid}) did not exit within {timeout:.0f}s")
 
 
 #: Options of `damselfly mount`'s ext4: read-only, no journal replay (the image has none), and
@@ -269,7 +214,7 @@ def mount_cmd(src: str, mountpoint: str, state_dir: str, plain_http: bool, platf
         # failed mount leaves nothing attached in the daemon.
         if not loops_for(path):
             with contextlib.suppress(SnapshotterError):
-                control.call(Paths(state_dir).socket, {"op": "detach", "name": spec.name})
+                _client(state_dir).detach(spec.name)
         raise
     click.echo(f"{src} mounted at {mountpoint} ({loop} on {path})")
 
@@ -297,39 +242,12 @@ def umount_cmd(mountpoint: str, state_dir: str) -> None:
     if info is None:
         raise SnapshotterError(f"{mountpoint} is not mounted")
     loop = loop_info(info.source) if info.source.startswith("/dev/loop") else None
-    paths = Paths(state_dir)
-    alive = _daemon_answers(paths)
+    client = _client(state_dir)
+    alive = client.ping() is not None
     umount_loop(mountpoint, lazy=not alive)  # a dead device cannot answer: do not wait on it
-    backing = loop.backing_file if loop is not None else ""
     if not alive:
-        _remove_dead_daemon(paths)
+        client.remove_dead()
         return
-    if os.path.dirname(backing) == paths.mountpoint and not loops_for(backing):
-        control.call(paths.socket, {"op": "detach", "name": os.path.basename(backing)})
-
-
-def _daemon_answers(paths: Paths) -> bool:
-    try:
-        control.call(paths.socket, {"op": "ping"}, timeout=5)
-    except ControlError:
-        return False
-    return True
-
-
-def _remove_dead_daemon(paths: Paths) -> None:
-    """Remove the FUSE mount, socket and pid file of a device daemon that is gone (not just slow: its
-    pid file names no live device daemon). Its devices are gone with it."""
-    try:
-        with open(paths.pidfile) as f:
-            pid = int(f.read().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"device-daemon" in f.read():
-                return  # alive but not answering (busy or starting): leave it be
-    except (OSError, ValueError):
-        pass
-    if find_mount(paths.mountpoint) is not None:
-        unmount_path(paths.mountpoint, MNT_DETACH)
-    for stale in (paths.socket, paths.pidfile):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(stale)
-    logging.getLogger(__name__).warning("removed what a dead device daemon left in %s", paths.state)
+    backing = loop.backing_file if loop is not None else ""
+    if os.path.dirname(backing) == client.paths.mountpoint and not loops_for(backing):
+        client.detach(os.path.basename(backing))

@@ -12,19 +12,13 @@ What the directory holds when a fetch succeeded::
                                    as ``ctr export --platform`` does; the layout spec lets a layout miss
                                    blobs that are referenced)
 
-Write order, and what a crash (or Ctrl-C, or a failed download) at each step leaves behind:
-
-1. ``oci-layout`` if missing: temp file, fsync, rename, fsync the directory.
-2. Each blob, children before parents (layers and config, then the manifest, then the index): streamed
-   into ``blobs/<alg>/.<hex>.<pid>.<random>.partial``, hashed while it streams and checked against its
-   descriptor's digest and size before the rename (`RegistryClient.download_blob`), fsynced, renamed to
-   its final name, directory fsynced. A failure unlinks the partial file; a crash leaves at most
-   ``.partial`` files, which the next fetch into the directory removes once their process is gone. So a
-   blob file at its final name always holds exactly its digest's bytes. A blob already at its final name
-   is hashed, kept if valid and replaced if not.
-3. ``index.json`` last, read-modified-written under an exclusive ``flock`` on DIR (temp, fsync, rename):
-   a reference is listed only once every blob it needs is in place; concurrent fetches into one
-   directory do not lose each other's entries. Entries with the same tag are replaced.
+Written by `snapshotter.image.ocilayout.LayoutWriter`, whose docstring gives the write order and what
+a crash at each step leaves behind: ``oci-layout`` first; each blob, children before parents, streamed
+into a ``.partial`` file beside its final name, hashed while it streams and checked against its
+descriptor before the rename (`RegistryClient.download_blob`), so a blob file at its final name always
+holds exactly its digest's bytes (one already there is hashed, kept if valid and replaced if not);
+``index.json`` last, under a lock, so a reference is listed only once every blob it needs is in place.
+Partial files of a fetch that was killed are removed by the next one.
 
 Blobs are downloaded `--jobs` at a time; the first failure cancels the others at their next write, and
 the command fails with that error (the others as notes) — never with a half-written blob file.
@@ -34,17 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import io
-import json
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -58,35 +48,22 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from blockformat.digest import Digest
 from p2p.auth import CredentialProvider, Credentials, static_credentials
-from p2p.digest import Digest, Verifier
-from p2p.errors import InvalidReferenceError, P2PError
-from p2p.manifest import DEFAULT_PLATFORM, MAX_DOCUMENT_SIZE, OCI_INDEX, Descriptor, Platform
+from p2p.errors import InvalidReferenceError
+from p2p.manifest import DEFAULT_PLATFORM, Descriptor, Platform
 from p2p.reference import Reference, parse_reference
 from p2p.registry import RegistryClient, Resolved
 
+from ..image.ocilayout import REF_NAME, LayoutWriter
+from ..units import binary_size
 from .errors import reports_errors
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-LAYOUT_FILE = "oci-layout"
-LAYOUT_VERSION = "1.0.0"  # the only version of the image layout there is; a reader accepts exactly it
-INDEX_FILE = "index.json"
-REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
-PARTIAL_SUFFIX = ".partial"
 DEFAULT_JOBS = 3  # containerd's default for concurrent layer downloads
-HASH_BLOCK = 4 * 1024 * 1024
-
-
-class LayoutError(P2PError):
-    """The destination cannot hold (or is not) an OCI image layout we may write into."""
-
-    def __init__(self, path: Path | str, why: str, remedy: str) -> None:
-        self.path = str(path)
-        self.why = why
-        super().__init__(f"{path}: {why}; {remedy}")
 
 
 class _CancelledError(Exception):
@@ -107,21 +84,6 @@ class _Outcome:
     fetched: int = 0
     present: int = 0
     fetched_bytes: int = 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _current_umask() -> int:
-    # Read once, before any worker thread exists: setting and restoring the umask is process-wide.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _ProgressFile(io.FileIO):
@@ -155,164 +117,18 @@ class _ProgressFile(io.FileIO):
         return result
 
 
-def _ignore(n: int) -> None:
-    pass
+def layout_for(root: Path) -> LayoutWriter:
+    """The destination of a fetch: a layout whose files everyone may read (``0666 & ~umask``)."""
+    return LayoutWriter(root, remedy="choose an empty or new directory as --dest")
 
 
-def _read_document(path: Path) -> bytes:
-    """A layout's ``oci-layout`` or ``index.json``, refused past MAX_DOCUMENT_SIZE (the file's size never
-    sizes a read: at most one byte more than the limit is read)."""
-    with path.open("rb") as f:
-        raw = f.read(MAX_DOCUMENT_SIZE + 1)
-    if len(raw) > MAX_DOCUMENT_SIZE:
-        raise LayoutError(path, f"is larger than {MAX_DOCUMENT_SIZE} bytes", "repair or remove it")
-    return raw
-
-
-def _remove_stale_partials(directory: Path) -> None:
-    """Unlink ``.partial`` files that processes which no longer exist left behind (a crash, SIGKILL)."""
-    if not directory.is_dir():
-        return
-    for entry in directory.iterdir():
-        # ".<name>.<pid>.<random>.partial", as `Layout.write_atomic` names them
-        stem = entry.name.removesuffix(PARTIAL_SUFFIX)
-        parts = stem.rsplit(".", 2)
-        if stem == entry.name or not stem.startswith(".") or len(parts) != 3 or not parts[1].isdigit():
-            continue
-        try:
-            os.kill(int(parts[1]), 0)
-            continue  # still running: maybe another fetch into the same directory
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, someone else's
-        with contextlib.suppress(FileNotFoundError):
-            entry.unlink()
-
-
-class Layout:
-    """An OCI image layout directory being filled (see the module docstring for the write order)."""
-
-    def __init__(self, root: Path, umask: int) -> None:
-        self.root = root
-        self.mode = 0o666 & ~umask
-
-    def prepare(self) -> None:
-        """Create the directory (or check it is a layout, or empty) and its ``oci-layout`` file."""
-        marker = self.root / LAYOUT_FILE
-        if self.root.exists() and not self.root.is_dir():
-            raise LayoutError(self.root, "exists and is not a directory", "choose another --dest")
-        self.root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(self.root)
-        if marker.exists():
-            try:
-                doc = json.loads(_read_document(marker))
-                version = doc.get("imageLayoutVersion") if isinstance(doc, dict) else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                version = None
-            if version != LAYOUT_VERSION:
-                raise LayoutError(
-                    marker,
-                    f"imageLayoutVersion is {version!r}, this tool writes only {LAYOUT_VERSION!r}",
-                    "choose another --dest",
-                )
-        elif any(self.root.iterdir()):
-            raise LayoutError(
-                self.root,
-                f"is not empty and not an OCI image layout (no {LAYOUT_FILE} file)",
-                "choose an empty or new directory as --dest",
-            )
-        else:
-            body = json.dumps({"imageLayoutVersion": LAYOUT_VERSION}).encode()
-            self.write_atomic(marker, lambda f: f.write(body))
-
-    def blob_path(self, digest: Digest) -> Path:
-        algorithm, _, hexpart = digest.partition(":")
-        return self.root / "blobs" / algorithm / hexpart
-
-    def write_atomic(
-        self,
-        path: Path,
-        fill: Callable[[_ProgressFile], object],
-        report: Callable[[int], None] | None = None,
-        cancelled: threading.Event | None = None,
-    ) -> None:
-        """Create `path` by `fill`-ing a temp file beside it, fsync, rename, fsync the directory.
-
-        On any failure (and on cancellation) the temp file is removed and `path` is untouched."""
-        prefix = f".{path.name}.{os.getpid()}."
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=PARTIAL_SUFFIX, dir=path.parent)
-        try:
-            with _ProgressFile(fd, report or _ignore, cancelled or threading.Event()) as f:
-                fill(f)
-                os.fchmod(fd, self.mode)  # mkstemp's 0600 would hide the blob from other users
-                os.fsync(fd)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-    def has_valid(self, desc: Descriptor, report: Callable[[int], None]) -> bool:
-        """Whether the blob file exists with exactly the descriptor's size and digest (hashed in full)."""
-        path = self.blob_path(desc.digest)
-        try:
-            f = path.open("rb")
-        except FileNotFoundError:
-            return False
-        with f:
-            if os.fstat(f.fileno()).st_size != desc.size:
-                return False
-            v = Verifier(desc.digest, desc.size)
-            while block := f.read(HASH_BLOCK):
-                v.update(block)
-                report(v.count)
-        return v.count == desc.size and v.digest() == desc.digest
-
-    def add_reference(self, ref: Reference, top: Descriptor) -> None:
-        """List `top` in ``index.json`` under `ref`'s tag, replacing an entry with the same tag."""
-        annotations = {CONTAINERD_NAME: str(ref)}
-        if ref.tag is not None:
-            annotations[REF_NAME] = ref.tag
-        entry = Descriptor(top.media_type, top.digest, top.size, annotations).to_json()
-        path = self.root / INDEX_FILE
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
-            doc = self._load_index(path)
-            manifests = [m for m in doc["manifests"] if not _same_reference(m, entry)]
-            doc["manifests"] = [*manifests, entry]
-            body = (json.dumps(doc, indent=2) + "\n").encode()
-            self.write_atomic(path, lambda f: f.write(body))
-        finally:
-            os.close(fd)
-
-    @staticmethod
-    def _load_index(path: Path) -> dict[str, Any]:
-        try:
-            raw = _read_document(path)
-        except FileNotFoundError:
-            return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-        try:
-            doc = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LayoutError(path, f"not valid JSON ({e})", "repair or remove it") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
-            raise LayoutError(path, "not an image index (no manifests list)", "repair or remove it")
-        return doc
-
-
-def _same_reference(existing: object, new: dict[str, Any]) -> bool:
-    """An index.json entry that `new` supersedes: the same tag, or, untagged, the same digest."""
-    if not isinstance(existing, dict):
-        return False
-    old_ann = existing.get("annotations") or {}
-    old_tag = old_ann.get(REF_NAME) if isinstance(old_ann, dict) else None
-    new_tag = new["annotations"].get(REF_NAME)
-    if new_tag is not None:
-        return bool(old_tag == new_tag)
-    return old_tag is None and existing.get("digest") == new["digest"]
+def add_reference(layout: LayoutWriter, ref: Reference, top: Descriptor) -> None:
+    """List `top` in ``index.json`` under `ref`'s tag (the name ``skopeo oci:DIR:TAG`` and ``ctr
+    import`` look up) and the whole reference (containerd's image name)."""
+    annotations = {CONTAINERD_NAME: str(ref)}
+    if ref.tag is not None:
+        annotations[REF_NAME] = ref.tag
+    layout.add_to_index(Descriptor(top.media_type, top.digest, top.size, annotations))
 
 
 def _plan(resolved: Resolved) -> tuple[list[_Blob], list[_Blob], Descriptor]:
@@ -348,10 +164,10 @@ def _progress(quiet: bool) -> Iterator[Progress]:
 
 
 class Fetcher:
-    """Pulls one resolved image into a `Layout` through a `RegistryClient`."""
+    """Pulls one resolved image into an open `LayoutWriter` through a `RegistryClient`."""
 
     def __init__(
-        self, client: RegistryClient, layout: Layout, repository: str, progress: Progress, jobs: int
+        self, client: RegistryClient, layout: LayoutWriter, repository: str, progress: Progress, jobs: int
     ) -> None:
         self.client = client
         self.layout = layout
@@ -364,9 +180,6 @@ class Fetcher:
 
     def run(self, resolved: Resolved) -> Descriptor:
         downloads, documents, top = _plan(resolved)
-        for directory in {self.layout.blob_path(b.desc.digest).parent for b in downloads + documents}:
-            directory.mkdir(parents=True, exist_ok=True)
-            _remove_stale_partials(directory)
         tasks = {
             b.desc.digest: self.progress.add_task(
                 f"{b.label:<12} {b.desc.digest.partition(':')[2][:12]}", total=b.desc.size
@@ -405,21 +218,20 @@ class Fetcher:
         def report(n: int) -> None:
             self.progress.update(task, completed=n)
 
-        if self.layout.has_valid(desc, report):
+        if self.layout.has_blob(desc, report=report):
             self.progress.update(task, completed=desc.size, description=f"{blob.label:<12} (present)")
             with self._lock:
                 self.outcome.present += 1
             return
-        path = self.layout.blob_path(desc.digest)
-        data = blob.data
 
-        def fill(f: _ProgressFile) -> None:
-            if data is not None:
-                f.write(data)
+        def opener(fd: int) -> io.FileIO:
+            return _ProgressFile(fd, report, self.cancelled)
+
+        with self.layout.new_blob(desc.digest, opener) as f:
+            if blob.data is not None:
+                f.write(blob.data)
             else:
                 self.client.download_blob(self.repository, desc.digest, f, desc.size)
-
-        self.layout.write_atomic(path, fill, report, self.cancelled)
         with self._lock:
             self.outcome.fetched += 1
             self.outcome.fetched_bytes += desc.size
@@ -430,15 +242,6 @@ def _platform(ctx: click.Context, param: click.Parameter, value: str) -> Platfor
         return Platform.parse(value)
     except InvalidReferenceError:
         raise click.BadParameter(f"{value!r} is not os/architecture[/variant], e.g. linux/arm64") from None
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 @click.command()
@@ -498,18 +301,18 @@ def fetch(
             password = click.prompt(f"Password for {username}@{ref.registry}", hide_input=True, err=True)
         credentials = static_credentials({ref.registry: Credentials(username, password or "")})
     root = dest if dest is not None else Path(ref.repository.rsplit("/", 1)[-1])
-    layout = Layout(root, _current_umask())
+    layout = layout_for(root)
     with RegistryClient(
         ref.registry, plain_http=True if plain_http else None, insecure=insecure, credentials=credentials
     ) as client:
         resolved = client.resolve(ref, platform)
-        layout.prepare()
+        layout.open()
         with _progress(quiet) as progress:
             fetcher = Fetcher(client, layout, ref.repository, progress, jobs)
             top = fetcher.run(resolved)
-        layout.add_reference(ref, top)
+        add_reference(layout, ref, top)
     o = fetcher.outcome
     click.echo(
-        f"{resolved.reference} -> {root}: {o.fetched} blob(s) fetched ({_human(o.fetched_bytes)}), "
+        f"{resolved.reference} -> {root}: {o.fetched} blob(s) fetched ({binary_size(o.fetched_bytes)}), "
         f"{o.present} already present"
     )

@@ -17,7 +17,8 @@ from ..config import LOG_LEVELS, Config, load, to_toml
 from ..device.supervisor import DeviceDaemon
 from ..errors import SnapshotterError
 from ..metrics import MetricsServer
-from ..remote.snapshots import RemoteOptions, RemoteSnapshots
+from ..remote.blobcheck import RemoteOptions
+from ..remote.snapshots import RemoteSnapshots
 from ..service.metadata import MetaStore
 from ..service.overlay import OverlayDriver
 from ..service.server import build_server

@@ -1,4 +1,11 @@
 """Image conversion (`damselfly convert`): OCI layers in, damselfly block layers out (DESIGN §4).
 
-`applytar` applies one OCI layer tar onto a mounted root filesystem with the image-spec's semantics.
+- `converter`: the pipeline, source to destination; `plan`: what of the source converts and what the
+  result's config and manifest say; `layercache`: converted layers reused by source chain and options.
+- `sources` / `archive`: where the image comes from (registry, OCI layout, OCI archive, docker save);
+  `sinks`: where it goes (registry, OCI layout).
+- `ext4layer`: one layer built as ext4 on a block device over the layers below it.
+- Applying a layer tar: `layerstream` (gzip/zstd decoded as read), `tarentries` (the tar stream and what
+  its entries say), `applytar` (OCI whiteout semantics, entry by entry), `roottree` (safe paths under
+  the root, removals, directory times), `entryfiles` (file data, sparse holes, xattrs).
 """

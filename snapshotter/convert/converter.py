@@ -13,11 +13,8 @@
                  every layer of every platform converted, so a failure publishes nothing
 
 Deterministic: the same source and options give the same blobs and manifest digest (see
-`ext4layer` for the filesystem side; JSON here is written with sorted keys and no spaces).
-
-Layer reuse: a converted layer is determined by the chain of source layers under and including it
-(their diff_ids, as containerd's chain IDs are) and the options that shape the bytes; the cache maps
-that key to the blob, so a second image on the same base converts only its new layers.
+`ext4layer` for the filesystem side, `plan` for the documents). What is read and checked before any
+layer converts, and what the result's config and manifest say: `plan`. Layer reuse: `layercache`.
 """
 
 from __future__ import annotations
@@ -31,30 +28,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from blockformat.annotations import MEDIA_TYPE_LAYER, LayerAnnotations
-from blockformat.chunkfile import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT, BlobInfo
-from blockformat.durable import private_dir
+from blockformat.chunkfile import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT
+from blockformat.digest import Digest
 from blockformat.layer import LAYER_MAJOR
-from p2p.digest import Digest
-from p2p.manifest import (
-    DEFAULT_PLATFORM,
-    OCI_CONFIG,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    Descriptor,
-    Index,
-    Manifest,
-    Platform,
-    build_index,
-    build_manifest,
-)
+from p2p.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Index, build_index
 
-from ..errors import ConvertError, ImageError, LayerError
-from ..image.ocilayout import write_atomic
-from .applytar import LAYER_MEDIA_TYPES, open_layer_stream
+from ..errors import ConvertError, LayerError
 from .ext4layer import (
     Ext4LayerBuilder,
     FsIdentity,
@@ -63,6 +45,9 @@ from .ext4layer import (
     raise_fd_limit,
     release_mounts,
 )
+from .layercache import CachedLayer, LayerCache
+from .layerstream import open_layer_stream
+from .plan import PlatformPlan, converted_documents, plan
 from .sinks import Sink, open_sink
 from .sources import ImageSource, open_source
 
@@ -147,61 +132,6 @@ def _no_progress(event: str, label: str, value: Any) -> None:
     pass
 
 
-# -- the layer cache --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CachedLayer:
-    path: str
-    digest: str
-    size: int
-    index_digest: str
-    uncompressed_size: int  # bytes of the source layer's tar
-    data_size: int  # bytes of layer data in the blob (the annotation's size)
-
-
-class LayerCache:
-    """Converted layer blobs by (source chain, options). Files: ``blobs/<hex>``, ``layers/<key>.json``."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.blobs = os.path.join(root, "blobs")
-        self.layers = os.path.join(root, "layers")
-        # Root's alone: converted layers are images' files, and the work directories under it hold
-        # the layer being built, mounted.
-        for d in (root, self.blobs, self.layers):
-            private_dir(d)
-
-    @staticmethod
-    def key(chain: list[str], options: ConvertOptions) -> str:
-        doc = json.dumps({"chain": chain, **options.key()}, sort_keys=True).encode()
-        return hashlib.sha256(doc).hexdigest()
-
-    def get(self, key: str) -> CachedLayer | None:
-        try:
-            with open(os.path.join(self.layers, key + ".json"), "rb") as f:
-                entry = CachedLayer(**json.loads(f.read()))
-        except (OSError, ValueError, TypeError):
-            return None
-        try:
-            if os.path.getsize(entry.path) != entry.size:
-                return None
-        except OSError:
-            return None
-        return entry
-
-    def put(self, key: str, blob: str, info: BlobInfo, tar_size: int) -> CachedLayer:
-        assert info.blob_digest is not None
-        path = os.path.join(self.blobs, info.blob_digest.partition(":")[2])
-        if not (os.path.exists(path) and os.path.getsize(path) == info.blob_size):
-            os.replace(blob, path)
-        entry = CachedLayer(
-            path, info.blob_digest, info.blob_size, info.index_digest, tar_size, info.uncompressed_size
-        )
-        write_atomic(os.path.join(self.layers, key + ".json"), json.dumps(asdict(entry)).encode())
-        return entry
-
-
 # -- checks -----------------------------------------------------------------------------------------
 
 
@@ -225,53 +155,6 @@ def require_root() -> None:
         raise ConvertError(
             NEEDS_ROOT, "run it as root, or in a privileged CI job with /dev/fuse and loop devices"
         )
-
-
-def _platform_of(desc: Descriptor) -> str:
-    p = desc.platform
-    if p is None:
-        return "unknown"
-    return f"{p.os}/{p.architecture}" + (f"/{p.variant}" if p.variant else "")
-
-
-def choose_platforms(index: Index, wanted: tuple[str, ...], where: str) -> list[Descriptor]:
-    entries = [d for d in index.manifests if d.platform is not None and d.platform.os != "unknown"]
-    if wanted == ("all",):
-        if not entries:
-            raise ImageError(where, "the index names no platforms", "pass a single-platform image")
-        return entries
-    chosen: list[Descriptor] = []
-    for text in wanted or (str(DEFAULT_PLATFORM),):
-        desc = index.select(Platform.parse(text), where)
-        if desc not in chosen:
-            chosen.append(desc)
-    return chosen
-
-
-def _check_layers(manifest: Manifest, config: dict[str, Any], where: str) -> list[str]:
-    """The config's diff_ids, after checking every layer can be converted (before converting any)."""
-    for i, desc in enumerate(manifest.layers):
-        if desc.media_type == MEDIA_TYPE_LAYER:
-            raise ImageError(
-                where, f"layer {i} ({desc.digest}) is already a damselfly layer", "it is converted"
-            )
-        if desc.media_type not in LAYER_MEDIA_TYPES:
-            raise ImageError(
-                where,
-                f"layer {i} ({desc.digest}) has unsupported media type {desc.media_type!r}",
-                "convert images whose layers are plain, gzip or zstd tars",
-            )
-    rootfs = config.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
-        raise ImageError(where, "the config has no rootfs.diff_ids list", "fix the image config")
-    if len(diff_ids) != len(manifest.layers):
-        raise ImageError(
-            where,
-            f"the config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers",
-            "fix the image config",
-        )
-    return list(diff_ids)
 
 
 class _Counting:
@@ -328,23 +211,7 @@ class Converter:
 
     def _run(self, source: ImageSource, sink: Sink, work: str) -> ConvertResult:
         top = source.top()
-        images: list[tuple[Descriptor | None, Manifest]]
-        if isinstance(top.doc, Index):
-            entries = choose_platforms(top.doc, self.options.platforms, top.where)
-            images = [(d, source.manifest(d)) for d in entries]
-        else:
-            images = [(None, top.doc)]
-        plans = []
-        for desc, manifest in images:
-            where = f"{source.name}@{manifest.digest}"
-            try:
-                config = json.loads(source.read_small(manifest.config, "config"))
-            except ValueError as e:
-                raise ImageError(where, f"the config is not JSON ({e})", "fix the image config") from None
-            if not isinstance(config, dict):
-                raise ImageError(where, "the config is not a JSON object", "fix the image config")
-            plans.append((desc, manifest, config, _check_layers(manifest, config, where)))
-
+        plans = plan(source, top.doc, self.options.platforms, top.where)
         built: list[tuple[Descriptor | None, PlatformResult, bytes, bytes]] = []
         with private_daemon(os.path.join(work, "devd")) as daemon:
             builder = Ext4LayerBuilder(
@@ -355,16 +222,16 @@ class Converter:
                 self.options.chunk_size,
                 self.options.level,
             )
-            for desc, manifest, config, diff_ids in plans:
-                label = (
-                    _platform_of(desc)
-                    if desc is not None
-                    else str(config.get("os", "?")) + "/" + str(config.get("architecture", "?"))
+            for p in plans:
+                layers = self._convert_layers(source, builder, p)
+                new_config, new_manifest = converted_documents(
+                    p.manifest,
+                    p.config,
+                    [(x.blob_digest, x.blob_size, x.index_digest, x.data_size) for x in layers],
+                    self.options.vsize or DEFAULT_VSIZE,
+                    sink.repository,
                 )
-                layers = self._convert_layers(source, builder, manifest, diff_ids, label)
-                new_config, new_manifest = self._documents(manifest, config, layers, sink.repository)
-                result = PlatformResult(label, "", layers)
-                built.append((desc, result, new_config, new_manifest))
+                built.append((p.desc, PlatformResult(p.label, "", layers), new_config, new_manifest))
 
         # Publish: only now does the destination see anything.
         for _, result, new_config, _ in built:
@@ -395,10 +262,9 @@ class Converter:
         self,
         source: ImageSource,
         builder: Ext4LayerBuilder,
-        manifest: Manifest,
-        diff_ids: list[str],
-        label: str,
+        p: PlatformPlan,
     ) -> list[LayerResult]:
+        manifest, diff_ids, label = p.manifest, p.diff_ids, p.label
         results: list[LayerResult] = []
         lowers: list[LowerBlob] = []
         identity = FsIdentity.derive(
@@ -407,7 +273,7 @@ class Converter:
         n = len(manifest.layers)
         for i, desc in enumerate(manifest.layers):
             started = time.monotonic()
-            key = LayerCache.key(diff_ids[: i + 1], self.options)
+            key = LayerCache.key(diff_ids[: i + 1], self.options.key())
             name = f"{label} layer {i + 1}/{n} {desc.digest[:19]}"
             cached = self.cache.get(key)
             reused = cached is not None
@@ -471,30 +337,6 @@ class Converter:
             build.freed_inodes,
         )
         return self.cache.put(key, out, info, tar.count)
-
-    def _documents(
-        self, manifest: Manifest, config: dict[str, Any], layers: list[LayerResult], repository: str | None
-    ) -> tuple[bytes, bytes]:
-        new_config = dict(config)
-        new_config["rootfs"] = {"type": "layers", "diff_ids": [x.blob_digest for x in layers]}
-        raw_config = json.dumps(new_config, sort_keys=True, separators=(",", ":")).encode()
-        config_desc = Descriptor(
-            OCI_CONFIG, Digest("sha256:" + hashlib.sha256(raw_config).hexdigest()), len(raw_config)
-        )
-        vsize = self.options.vsize or DEFAULT_VSIZE
-        descs = [
-            Descriptor(
-                MEDIA_TYPE_LAYER,
-                Digest(x.blob_digest),
-                x.blob_size,
-                LayerAnnotations(
-                    x.index_digest, x.data_size, vsize, repository=repository, blob_digest=x.blob_digest
-                ).to_dict(),
-            )
-            for x in layers
-        ]
-        raw_manifest = build_manifest(config_desc, descs, OCI_MANIFEST, manifest.annotations or None)
-        return raw_config, raw_manifest
 
 
 def convert(src: str, dst: str, options: ConvertOptions, progress: Progress | None = None) -> ConvertResult:

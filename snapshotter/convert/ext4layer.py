@@ -49,32 +49,27 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from blockformat.chunkfile import BlobInfo
+from blockformat.digest import Digest
 
-from ..device import control
-from ..device.daemon import Paths
-from ..device.fuse import MNT_DETACH, unmount_path
+from ..config import DeviceSection
+from ..device import client
+from ..device.client import DeviceClient
 from ..device.manager import DeviceSpec, LayerSpec, SourceSpec
-from ..errors import ControlError, ConvertError, LayerError, MountError
-from ..host.mounts import (
-    find_mount,
-    loop_detach,
-    loop_devices,
-    mkfs_ext4,
-    mount_loop,
-    mountinfo,
-    umount,
-    umount_loop,
-)
-from .applytar import ApplyStats, Readable, apply_layer
+from ..errors import ConvertError, LayerError, MountError, SnapshotterError
+from ..host.loop import loop_detach, loop_devices
+from ..host.mkfs import mkfs_ext4
+from ..host.mountinfo import mountinfo
+from ..host.mounts import mount_loop, umount, umount_loop
+from .applytar import ApplyStats, apply_layer
+from .layerstream import Readable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,8 +96,8 @@ _FIRST_INO = 11
 _SUPERBLOCK = 1024
 _LAST_MOUNTED = 0x88
 _LAST_MOUNTED_LEN = 64
-_DAEMON_START = 30.0
-_DAEMON_STOP = 30.0
+#: The conversion's daemon reads local files only: a long bound spares a slow disk a spurious EIO.
+CONVERT_READ_TIMEOUT = 600.0
 DEBUGFS_TIMEOUT = 1800.0
 
 
@@ -129,94 +124,10 @@ class FsIdentity:
         return cls(str(uuid.uuid5(ns, "fs-uuid:" + seed)), str(uuid.uuid5(ns, "hash-seed:" + seed)))
 
 
-class PrivateDaemon:
-    """A device daemon of our own, in `state_dir`, stopped (by pid) when the conversion ends."""
-
-    def __init__(self, state_dir: str) -> None:
-        self.paths = Paths(state_dir)
-        self.log_path = os.path.join(state_dir, "devd.log")
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        os.makedirs(self.paths.state, exist_ok=True)
-        with open(self.log_path, "ab") as logf:
-            self._proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "snapshotter.cli",
-                    "device-daemon",
-                    "--state-dir",
-                    self.paths.state,
-                    "--read-timeout",
-                    "600",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                # Its own session: a Ctrl-C reaches us, and we unmount before the daemon goes away.
-                start_new_session=True,
-                close_fds=True,
-            )
-        deadline = time.monotonic() + _DAEMON_START
-        while True:
-            if self._proc.poll() is not None:
-                status = self._proc.returncode
-                self.stop()  # it may have mounted its FUSE filesystem before it failed
-                raise ConvertError(
-                    f"the conversion's device daemon exited at start (status {status}): " + self._log_tail(),
-                    "check /dev/fuse and that the FUSE module is loaded",
-                )
-            try:
-                control.call(self.paths.socket, {"op": "ping"}, timeout=2)
-                return
-            except ControlError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise ConvertError(
-                        f"the conversion's device daemon did not answer within {_DAEMON_START:.0f}s",
-                        f"see {self.log_path}",
-                    ) from None
-                time.sleep(0.05)
-
-    def _log_tail(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                lines = f.read().decode(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(lines[-3:]) or "(empty log)"
-
-    def call(self, request: dict[str, Any], timeout: float = 3600.0) -> dict[str, Any]:
-        return control.call(self.paths.socket, request, timeout=timeout)
-
-    def stop(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ControlError):
-                control.call(self.paths.socket, {"op": "shutdown"}, timeout=5)
-            try:
-                proc.wait(_DAEMON_STOP)
-            except subprocess.TimeoutExpired:
-                log.warning("device daemon %d did not stop; killing it", proc.pid)
-                proc.kill()
-                proc.wait(_DAEMON_STOP)
-        self._proc = None
-        # A killed daemon leaves its FUSE mount behind: remove it by its exact path.
-        if find_mount(self.paths.mountpoint) is not None:
-            unmount_path(self.paths.mountpoint, MNT_DETACH)
-
-
-@contextlib.contextmanager
-def private_daemon(state_dir: str) -> Iterator[PrivateDaemon]:
-    daemon = PrivateDaemon(state_dir)
-    try:
-        daemon.start()  # inside: an interrupt while it starts must stop it too
-        yield daemon
-    finally:
-        daemon.stop()
+def private_daemon(state_dir: str) -> contextlib.AbstractContextManager[DeviceClient]:
+    """The conversion's own device daemon in `state_dir`, stopped (by pid) when the block ends."""
+    settings = DeviceSection(state_dir=state_dir, read_timeout=CONVERT_READ_TIMEOUT)
+    return client.private_daemon(state_dir, settings)
 
 
 @dataclass
@@ -345,7 +256,7 @@ def release_mounts(root: str) -> None:
         (m for m in mountinfo() if m.mount_point.startswith(prefix)), key=lambda m: -len(m.mount_point)
     ):
         if m.fstype == "fuse" or m.fstype.startswith("fuse."):
-            continue  # the device daemon's own mount: PrivateDaemon.stop removes it
+            continue  # the device daemon's own mount: DaemonProcess.stop removes it
         try:
             umount(m.mount_point)
         except MountError:
@@ -441,7 +352,7 @@ class Ext4LayerBuilder:
 
     def __init__(
         self,
-        daemon: PrivateDaemon,
+        daemon: DeviceClient,
         work_dir: str,
         vsize: int,
         codec: str,
@@ -473,11 +384,11 @@ class Ext4LayerBuilder:
         os.makedirs(mnt, exist_ok=True)
         spec = DeviceSpec(
             name,
-            [LayerSpec(b.digest, b.size, b.index_digest, SourceSpec(path=b.path)) for b in lowers],
+            [LayerSpec(Digest(b.digest), b.size, b.index_digest, SourceSpec(path=b.path)) for b in lowers],
             self.vsize if not lowers else None,
             upper,
         )
-        device = str(self.daemon.call({"op": "attach", "spec": spec.to_json()})["path"])
+        device = self.daemon.attach(spec)
         phases: dict[str, float] = {}
         mark = time.monotonic()
 
@@ -522,23 +433,14 @@ class Ext4LayerBuilder:
             run_debugfs(device, commands, os.path.join(self.work_dir, f"debugfs-{index}.cmd"))
             clear_last_mounted(device)
             phase("debugfs")
-            request: dict[str, Any] = {
-                "op": "commit",
-                "name": name,
-                "out": out_path,
-                "codec": self.codec,
-                "chunk_size": self.chunk_size,
-            }
-            if self.level is not None:
-                request["level"] = self.level
-            info = BlobInfo(**self.daemon.call(request)["info"])
+            info = self.daemon.commit(name, out_path, self.codec, self.chunk_size, self.level)
             phase("commit")
         finally:
             # Wherever an interrupt landed (even inside mount_loop, before the inner finally): the
             # filesystem and its loop device go before the device does.
             release_mounts(self.work_dir)
-            with contextlib.suppress(ControlError):
-                self.daemon.call({"op": "detach", "name": name}, timeout=60)
+            with contextlib.suppress(SnapshotterError):  # cleanup: the first error is reported
+                self.daemon.detach(name, timeout=60)
             shutil.rmtree(upper, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.rmdir(mnt)

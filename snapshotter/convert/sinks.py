@@ -9,26 +9,16 @@ middle leaves only unreferenced, content-addressed blobs.
 from __future__ import annotations
 
 import abc
-import os
 
-from p2p.digest import Digest, digest_of, parse_digest
+from blockformat.digest import Digest, digest_of, parse_digest
 from p2p.errors import P2PError
-from p2p.manifest import OCI_INDEX, Descriptor, build_index
+from p2p.manifest import Descriptor
 from p2p.reference import Reference, parse_reference
 from p2p.registry import RegistryClient
 
 from ..errors import ImageError
-from ..image.ocilayout import (
-    INDEX_FILE,
-    OCI_LAYOUT_FILE,
-    OCI_LAYOUT_VERSION,
-    REF_NAME,
-    put_blob_bytes,
-    put_blob_file,
-    read_index,
-    write_atomic,
-)
-from .sources import is_local, split_layout_arg
+from ..image.ocilayout import REF_NAME, LayoutWriter, split_ref
+from .sources import is_local
 
 
 class Sink(abc.ABC):
@@ -59,34 +49,27 @@ class Sink(abc.ABC):
 
 
 class LayoutSink(Sink):
+    """An OCI layout directory (`LayoutWriter`): created on the first blob, named in ``index.json`` last."""
+
     def __init__(self, path: str, ref: str | None) -> None:
         self.path = path
         self.ref = ref or "latest"
         self.name = f"{path}:{self.ref}"
-
-    def _prepare(self) -> None:
-        os.makedirs(os.path.join(self.path, "blobs", "sha256"), exist_ok=True)
-        write_atomic(
-            os.path.join(self.path, OCI_LAYOUT_FILE),
-            f'{{"imageLayoutVersion":"{OCI_LAYOUT_VERSION}"}}'.encode(),
-        )
+        self.layout = LayoutWriter(path, remedy="pass an empty or new directory, or an OCI layout")
+        self.layout.check()  # before anything is converted: a bad destination fails first
 
     def put_file(self, path: str, digest: str, size: int) -> None:
-        self._prepare()
-        put_blob_file(self.path, path, digest, size)
+        self.layout.put_file(path, digest, size)
 
     def put_bytes(self, data: bytes) -> Digest:
-        self._prepare()
-        return put_blob_bytes(self.path, data)
+        return self.layout.put_bytes(data)
 
     def put_manifest(self, raw: bytes, media_type: str) -> Digest:
         return self.put_bytes(raw)
 
     def publish(self, raw: bytes, media_type: str) -> Digest:
         digest = self.put_bytes(raw)
-        entry = Descriptor(media_type, digest, len(raw), {REF_NAME: self.ref})
-        entries = [e for e in read_index(self.path) if e.annotations.get(REF_NAME) != self.ref]
-        write_atomic(os.path.join(self.path, INDEX_FILE), build_index([*entries, entry], OCI_INDEX))
+        self.layout.add_to_index(Descriptor(media_type, digest, len(raw), {REF_NAME: self.ref}))
         return digest
 
 
@@ -119,15 +102,7 @@ class RegistrySink(Sink):
 
 def open_sink(dst: str, *, plain_http: bool | None, oci_layout: bool) -> Sink:
     if oci_layout or is_local(dst):
-        path, ref = split_layout_arg(dst)
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ImageError(path, "exists and is not a directory", "pass a directory for the OCI layout")
-        if (
-            os.path.isdir(path)
-            and os.listdir(path)
-            and not os.path.exists(os.path.join(path, OCI_LAYOUT_FILE))
-        ):
-            raise ImageError(path, "is a non-empty directory that is not an OCI layout", "pass another one")
+        path, ref = split_ref(dst)
         return LayoutSink(path, ref)
     try:
         reference = parse_reference(dst)

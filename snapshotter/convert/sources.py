@@ -10,10 +10,12 @@ SRC                    read as
 =====================  ========================================================================
 ``DIR`` / ``DIR:REF``  an OCI image layout (``oci-layout``, ``index.json``, ``blobs/``); REF picks
                        the ``org.opencontainers.image.ref.name`` entry when there are several
-``FILE.tar``           an OCI archive (a layout in a tar) or a ``docker save`` tarball
+``FILE.tar``           an OCI archive (a layout in a tar, `archive`) or a ``docker save`` tarball
                        (``manifest.json``, config and layer tars by path)
 anything else          a registry reference (``host/repo:tag`` or ``@sha256:...``)
 =====================  ========================================================================
+
+Layouts, in directories and archives alike, are read through `snapshotter.image.ocilayout`.
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ import contextlib
 import hashlib
 import json
 import os
-import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, BinaryIO, Protocol, cast
 
-from p2p.digest import Digest, digest_of, parse_digest
+from blockformat.digest import Digest, parse_digest
 from p2p.errors import P2PError
 from p2p.manifest import (
     DOCKER_CONFIG,
@@ -39,21 +40,25 @@ from p2p.manifest import (
     Index,
     Manifest,
     build_manifest,
-    parse_manifest,
 )
 from p2p.reference import Reference, parse_reference
 from p2p.registry import RegistryClient
 
 from ..errors import ImageError, LayerError
-from ..image.ocilayout import INDEX_FILE, OCI_LAYOUT_FILE, REF_NAME
-from .applytar import MAX_EXTENDED_HEADER  # tarfile reads such headers whole, also while listing
+from ..image.documents import (
+    Files,
+    Reader,
+    check_document_size,
+    parse_document,
+    read_document,
+    read_verified,
+    verify_document,
+)
+from ..image.ocilayout import INDEX_FILE, OCI_LAYOUT_FILE, LayoutReader, blob_name, split_ref
+from .archive import open_files
 
 _PIECE = 1 << 20
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
-
-
-class Reader(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class VerifiedReader:
@@ -137,204 +142,40 @@ class ImageSource(abc.ABC):
     def manifest(self, desc: Descriptor) -> Manifest:
         """The image manifest an index entry points to, verified."""
         where = f"{self.name}@{desc.digest}"
-        raw = self.read_small(desc, "manifest")
-        doc = _parse(raw, desc.media_type, where, desc.digest)
+        doc = parse_document(self.read_small(desc, "manifest"), where, desc.media_type, desc.digest)
         if not isinstance(doc, Manifest):
             raise ImageError(where, "an index entry points to another index", "flatten the index")
         return doc
 
 
-def _parse(raw: bytes, media_type: str | None, where: str, digest: Digest | None = None) -> Manifest | Index:
-    try:
-        return parse_manifest(raw, media_type, where, digest)
-    except P2PError as e:
-        raise ImageError(where, f"the manifest does not parse: {e}", "fix or rebuild the image") from e
-
-
-def _check_small(desc: Descriptor, where: str, what: str) -> None:
-    """Refuse a manifest or config whose descriptor declares more than MAX_DOCUMENT_SIZE bytes, before
-    the declared size sizes any read."""
-    if desc.size > MAX_DOCUMENT_SIZE:
-        raise ImageError(
-            where,
-            f"{what}: its descriptor declares {desc.size} bytes, more than the {MAX_DOCUMENT_SIZE}-byte "
-            "limit for manifests, indexes and configs",
-            "the image is damaged; fix or rebuild it",
-        )
-
-
-def _check(data: bytes, desc: Descriptor, where: str, what: str) -> bytes:
-    if len(data) != desc.size or digest_of(data, desc.digest.partition(":")[0]) != desc.digest:
-        raise ImageError(
-            where,
-            f"{what} {desc.digest} does not match its descriptor ({len(data)} bytes, "
-            f"digest {digest_of(data, desc.digest.partition(':')[0])})",
-            "the source is damaged; fetch or rebuild the image",
-        )
-    return data
-
-
 # -- OCI layout directories and OCI archives ------------------------------------------------------
-
-
-class _Files:
-    """Named files: a directory's, or the regular members of an uncompressed tar (by offset)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._tar: BinaryIO | None = None
-        self._members: dict[str, tuple[int, int]] = {}
-        if os.path.isfile(path):
-            self._tar = open(path, "rb")  # noqa: SIM115 - closed by close()
-            try:
-                # tarfile checks that each member's data lies inside the file (it reads the byte before
-                # the next header), so the sizes kept here are bounded by the archive itself.
-                headers = cast(IO[bytes], _HeaderReads(self._tar, path))  # tarfile only reads, seeks, tells
-                with tarfile.open(fileobj=headers, mode="r:") as tf:
-                    for m in tf:
-                        if m.isreg():
-                            self._members[os.path.normpath(m.name)] = (m.offset_data, m.size)
-            except tarfile.TarError as e:
-                self.close()
-                raise ImageError(
-                    path,
-                    f"is not an uncompressed tar archive ({e})",
-                    "pass `docker save` or OCI archive output",
-                ) from None
-            except BaseException:
-                self.close()
-                raise
-
-    def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-
-    def exists(self, name: str) -> bool:
-        if self._tar is None:
-            return os.path.isfile(os.path.join(self.path, name))
-        return os.path.normpath(name) in self._members
-
-    @contextlib.contextmanager
-    def open(self, name: str) -> Iterator[Reader]:
-        if self._tar is None:
-            try:
-                f = open(os.path.join(self.path, name), "rb")  # noqa: SIM115
-            except OSError as e:
-                raise ImageError(
-                    os.path.join(self.path, name), e.strerror or str(e), "the image is incomplete"
-                ) from None
-            with f:
-                yield f
-            return
-        entry = self._members.get(os.path.normpath(name))
-        if entry is None:
-            raise ImageError(
-                f"{self.path}:{name}", "is missing from the archive", "the archive is incomplete"
-            )
-        offset, size = entry
-        yield _Slice(self._tar, offset, size)
-
-    def read(self, name: str, limit: int = MAX_DOCUMENT_SIZE) -> bytes:
-        """The whole file, refused past `limit` bytes (at most ``limit + 1`` are read)."""
-        with self.open(name) as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise ImageError(
-                f"{self.path}:{name}", f"is larger than {limit} bytes", "the image is damaged or not an image"
-            )
-        return data
-
-
-class _HeaderReads:
-    """The archive file as tarfile sees it while listing members: it only seeks and reads headers, so a
-    read larger than a header can be is a hostile size (a PAX or GNU long-name header declaring GiBs)
-    and is refused before tarfile allocates for it."""
-
-    def __init__(self, f: BinaryIO, path: str) -> None:
-        self._f = f
-        self._path = path
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0 or n > MAX_EXTENDED_HEADER:
-            raise ImageError(
-                f"{self._path} (at byte {self._f.tell()})",
-                f"a tar header declares {n} bytes of extended header (at most {MAX_EXTENDED_HEADER})",
-                "the archive is damaged or hostile; pass `docker save` or OCI archive output",
-            )
-        return self._f.read(n)
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-
-class _Slice:
-    """A window of an open file (a tar member), read with pread: no shared file position."""
-
-    def __init__(self, f: BinaryIO, offset: int, size: int) -> None:
-        self._fd = f.fileno()
-        self._pos = offset
-        self._end = offset + size
-
-    def read(self, n: int = -1) -> bytes:
-        left = self._end - self._pos
-        n = left if n is None or n < 0 else min(n, left)
-        if n <= 0:
-            return b""
-        data = os.pread(self._fd, n, self._pos)
-        self._pos += len(data)
-        return data
 
 
 class LayoutSource(ImageSource):
     """An OCI image layout, as a directory or inside a tar (an OCI archive)."""
 
-    def __init__(self, files: _Files, ref: str | None) -> None:
-        self.files = files
+    def __init__(self, files: Files, ref: str | None) -> None:
+        self.layout = LayoutReader(files)
         self.ref = ref
         self.name = files.path + (f":{ref}" if ref else "")
 
     def top(self) -> TopDocument:
-        raw = self.files.read(INDEX_FILE)
-        where = f"{self.name} {INDEX_FILE}"
-        index = _parse(raw, "application/vnd.oci.image.index.v1+json", where)
-        if not isinstance(index, Index):
-            raise ImageError(where, "is not an image index", "fix the layout")
-        entries = list(index.manifests)
-        names = [e.annotations.get(REF_NAME, e.digest) for e in entries]
-        if self.ref is not None:
-            entries = [e for e in entries if e.annotations.get(REF_NAME) == self.ref or e.digest == self.ref]
-            if not entries:
-                raise ImageError(self.name, f"has no image {self.ref!r}; it has {names}", "pass one of those")
-        elif len(entries) != 1:
-            raise ImageError(self.name, f"holds {len(entries)} images {names}", "name one as DIR:REF")
-        entry = entries[-1]
+        self.layout.check()
+        entry = self.layout.select(self.ref)
         where = f"{self.name}@{entry.digest}"
-        return TopDocument(
-            _parse(self.read_small(entry, "manifest"), entry.media_type, where, entry.digest), where
-        )
+        raw = self.read_small(entry, "manifest")
+        return TopDocument(parse_document(raw, where, entry.media_type, entry.digest), where)
 
     def read_small(self, desc: Descriptor, what: str) -> bytes:
-        name = _blob_name(desc)
-        where = f"{self.files.path}:{name}"
-        _check_small(desc, where, what)
-        return _check(self.files.read(name, desc.size + 1), desc, where, what)
+        return self.layout.read_blob(desc, what)
 
     @contextlib.contextmanager
     def open_layer(self, desc: Descriptor, layer: str) -> Iterator[VerifiedReader]:
-        with self.files.open(_blob_name(desc)) as f:
+        with self.layout.open_blob(desc) as f:
             yield VerifiedReader(f, desc, layer)
 
     def close(self) -> None:
-        self.files.close()
-
-
-def _blob_name(desc: Descriptor) -> str:
-    algo, _, hexpart = desc.digest.partition(":")
-    return f"blobs/{algo}/{hexpart}"
+        self.layout.close()
 
 
 # -- docker save ----------------------------------------------------------------------------------
@@ -347,7 +188,7 @@ class DockerArchiveSource(ImageSource):
     becomes a descriptor of the file's digest and size (computed here), the config likewise.
     """
 
-    def __init__(self, files: _Files, ref: str | None) -> None:
+    def __init__(self, files: Files, ref: str | None) -> None:
         self.files = files
         self.ref = ref
         self.name = files.path
@@ -356,7 +197,7 @@ class DockerArchiveSource(ImageSource):
     def _entry(self) -> dict[str, object]:
         where = f"{self.name}:manifest.json"
         try:
-            doc = json.loads(self.files.read("manifest.json"))
+            doc = json.loads(read_document(self.files, "manifest.json", "manifest.json"))
         except ValueError as e:
             raise ImageError(where, f"is not JSON ({e})", "pass `docker save` output") from None
         if not isinstance(doc, list) or not doc or not all(isinstance(e, dict) for e in doc):
@@ -391,17 +232,17 @@ class DockerArchiveSource(ImageSource):
         config = self._describe(config_name, DOCKER_CONFIG)
         layers = [self._describe(str(n), DOCKER_LAYER_TAR) for n in layer_names]
         raw = build_manifest(config, layers, DOCKER_MANIFEST)
-        return TopDocument(_parse(raw, DOCKER_MANIFEST, where), where)
+        return TopDocument(parse_document(raw, where, DOCKER_MANIFEST), where)
 
     def read_small(self, desc: Descriptor, what: str) -> bytes:
-        name = self._by_digest.get(desc.digest) or _blob_name(desc)
-        where = f"{self.name}:{name}"
-        _check_small(desc, where, what)
-        return _check(self.files.read(name, desc.size + 1), desc, where, what)
+        return read_verified(self.files, self._name(desc), desc, what)
+
+    def _name(self, desc: Descriptor) -> str:
+        return self._by_digest.get(desc.digest) or blob_name(desc.digest)
 
     @contextlib.contextmanager
     def open_layer(self, desc: Descriptor, layer: str) -> Iterator[VerifiedReader]:
-        with self.files.open(self._by_digest.get(desc.digest) or _blob_name(desc)) as f:
+        with self.files.open(self._name(desc)) as f:
             yield VerifiedReader(f, desc, layer)
 
     def close(self) -> None:
@@ -412,7 +253,8 @@ class DockerArchiveSource(ImageSource):
 
 
 class RegistrySource(ImageSource):
-    """An image in a registry. Layers are downloaded (verified) to `spool_dir`, then read from there."""
+    """An image in a registry. A layer is downloaded (verified) to an unnamed file in `spool_dir`, read
+    from there, and gone when it is closed (a crash leaves nothing either: the file has no name)."""
 
     def __init__(self, ref: Reference, client: RegistryClient, spool_dir: str) -> None:
         self.ref = ref
@@ -426,63 +268,36 @@ class RegistrySource(ImageSource):
 
     def read_small(self, desc: Descriptor, what: str) -> bytes:
         where = f"{self.ref.repository}@{desc.digest}"
-        _check_small(desc, where, what)
+        check_document_size(desc, where, what)
         if desc.media_type in MANIFEST_TYPES:
             doc = self.client.get_manifest(self.ref.repository, desc.digest)
-            return _check(doc.raw, desc, where, what)
+            return verify_document(doc.raw, desc, where, what)
         return self.client.get_blob(self.ref.repository, desc.digest, desc.size, MAX_DOCUMENT_SIZE)
-
-    def spool_path(self, desc: Descriptor) -> str:
-        return os.path.join(self.spool_dir, desc.digest.replace(":", "-"))
-
-    def download(self, desc: Descriptor) -> str:
-        """Download a layer blob (verified by the client against digest and size) to the spool."""
-        path = self.spool_path(desc)
-        if os.path.exists(path) and os.path.getsize(path) == desc.size:
-            return path
-        tmp = path + ".part"
-        with open(tmp, "wb") as f:
-            self.client.download_blob(self.ref.repository, parse_digest(desc.digest), f, desc.size)
-        os.replace(tmp, path)
-        return path
 
     @contextlib.contextmanager
     def open_layer(self, desc: Descriptor, layer: str) -> Iterator[VerifiedReader]:
-        path = self.download(desc)
-        try:
-            with open(path, "rb") as f:
-                yield VerifiedReader(f, desc, layer)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        with tempfile.TemporaryFile(prefix="layer-", dir=self.spool_dir) as f:
+            self.client.download_blob(self.ref.repository, parse_digest(desc.digest), f, desc.size)
+            f.seek(0)
+            yield VerifiedReader(f, desc, layer)
 
     def close(self) -> None:
         self.client.close()
 
 
-def split_layout_arg(arg: str) -> tuple[str, str | None]:
-    """``DIR`` or ``DIR:REF`` (also for archives: ``FILE.tar:REF``)."""
-    if os.path.exists(arg):
-        return arg, None
-    head, sep, ref = arg.rpartition(":")
-    if sep and os.path.exists(head):
-        return head, ref
-    return arg, None
-
-
 def is_local(arg: str) -> bool:
-    path, _ = split_layout_arg(arg)
+    path, _ = split_ref(arg)
     return os.path.exists(path) or arg.startswith(("/", "./", "../"))
 
 
 def open_source(src: str, *, plain_http: bool | None, spool_dir: str) -> ImageSource:
     if is_local(src):
-        path, ref = split_layout_arg(src)
+        path, ref = split_ref(src)
         if not os.path.exists(path):
             raise ImageError(
                 path, "does not exist", "pass an OCI layout directory, an archive or a reference"
             )
-        files = _Files(path)
+        files = open_files(path)
         try:
             if files.exists(OCI_LAYOUT_FILE) and files.exists(INDEX_FILE):
                 return LayoutSource(files, ref)
@@ -514,5 +329,4 @@ __all__ = [
     "VerifiedReader",
     "is_local",
     "open_source",
-    "split_layout_arg",
 ]

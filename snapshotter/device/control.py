@@ -10,8 +10,12 @@ One request per line, one reply per line::
     {"op": "status"}                                 -> {"ok": true, "status": {...}}
     {"op": "shutdown"}                               -> {"ok": true}
 
-A failure replies ``{"ok": false, "error": "<message>", "kind": "<exception class>"}``.
-The socket is created mode 0600: only root (the snapshotter, the CLI) may use it.
+A failure replies ``{"ok": false, "error": "<message>", "kind": "<exception class>", "fields": {...}}``;
+`call` raises it again on the client's side as the same class with the same fields (`WIRE_ERRORS`), so
+a corrupt blob found by the daemon is a `CorruptBlobError` (exit 3) in the CLI that asked, not a
+generic `ControlError`. Other kinds arrive as `ControlError(message, kind)`.
+The socket is bound mode 0600 (`host.sockets`): only root (the snapshotter, the CLI) may use it.
+Clients use `snapshotter.device.client.DeviceClient`, not this module.
 """
 
 from __future__ import annotations
@@ -26,7 +30,17 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ControlError, SnapshotterError
+from blockformat.errors import (
+    BlockFormatError,
+    CorruptBlobError,
+    InvalidArgumentError,
+    SourceError,
+    TruncatedBlobError,
+    UnsupportedFormatError,
+)
+from p2p.errors import CacheError, P2PError
+
+from ..errors import ControlError, DeviceError, ImageError, LayerError, MountError, SnapshotterError
 from ..host.sockets import bind_privately
 
 log = logging.getLogger(__name__)
@@ -35,6 +49,55 @@ MAX_LINE = 16 << 20
 
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+#: Exceptions that cross the socket as themselves: class -> the constructor arguments, by attribute
+#: name (empty: the message is the only argument).
+WIRE_ERRORS: dict[str, tuple[type[Exception], tuple[str, ...]]] = {
+    cls.__name__: (cls, fields)
+    for cls, fields in (
+        (CorruptBlobError, ("blob", "offset", "what", "expected", "got", "remedy")),
+        (TruncatedBlobError, ("blob", "offset", "what", "expected", "got", "remedy")),
+        (SourceError, ("blob", "offset", "length", "cause")),
+        (UnsupportedFormatError, ()),
+        (InvalidArgumentError, ()),
+        (CacheError, ()),
+        (DeviceError, ()),
+        (ImageError, ("where", "why", "remedy")),
+        (LayerError, ("layer", "entry", "why", "remedy")),
+        (MountError, ("what", "command", "returncode", "stderr", "remedy")),
+    )
+}
+
+
+def _jsonable(value: object) -> object:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def error_reply(e: BaseException) -> dict[str, Any]:
+    """The reply for a failed request: message, class, and the fields to raise it again with."""
+    reply: dict[str, Any] = {"ok": False, "error": str(e), "kind": type(e).__name__}
+    known = WIRE_ERRORS.get(type(e).__name__)
+    if known is not None and type(e) is known[0]:
+        reply["fields"] = {name: _jsonable(getattr(e, name, None)) for name in known[1]}
+    return reply
+
+
+def error_from_reply(reply: dict[str, Any]) -> Exception:
+    """The exception a failed reply stands for (`error_reply` in reverse)."""
+    message, kind = str(reply.get("error")), str(reply.get("kind"))
+    known = WIRE_ERRORS.get(kind)
+    fields = reply.get("fields")
+    if known is None or not isinstance(fields, dict):
+        return ControlError(message, kind)
+    cls, names = known
+    try:
+        return cls(**{n: fields[n] for n in names}) if names else cls(message)
+    except (KeyError, TypeError):
+        return ControlError(message, kind)
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -57,9 +120,11 @@ class _RequestHandler(socketserver.StreamRequestHandler):
                     raise ValueError("a request is a JSON object")
                 reply = {"ok": True, **self.server.handler(request)}
             except Exception as e:
-                if not isinstance(e, (SnapshotterError, ValueError, KeyError, OSError)):
+                if not isinstance(
+                    e, SnapshotterError | BlockFormatError | P2PError | ValueError | KeyError | OSError
+                ):
                     log.exception("control request failed")
-                reply = {"ok": False, "error": str(e), "kind": type(e).__name__}
+                reply = error_reply(e)
             self.wfile.write(json.dumps(reply).encode() + b"\n")
             self.wfile.flush()
 
@@ -111,5 +176,5 @@ def call(path: str, request: dict[str, Any], timeout: float = 120.0) -> dict[str
     except ValueError:
         raise ControlError(f"the device daemon at {path} sent a malformed reply") from None
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error")), str(reply.get("kind")))
+        raise error_from_reply(reply)
     return reply

@@ -25,8 +25,8 @@ from typing import Any
 from blockformat.durable import private_dir, write_file_atomic
 
 from ..config import DeviceSection
+from ..host.syscalls import MNT_DETACH, unmount_path
 from .control import ControlServer
-from .fuse import MNT_DETACH, unmount_path
 from .manager import DeviceManager, DeviceSpec
 
 log = logging.getLogger(__name__)

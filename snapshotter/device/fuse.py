@@ -30,87 +30,28 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import logging
-import mmap
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from blockformat.chunkfile import Part
 from p2p import deadline
 from p2p.errors import CoolingDownError, DeadlineExceededError, UnavailableError
 
-from ..host.mounts import parse_mountinfo
+from ..host.mountinfo import parse_mountinfo
 from ..host.syscalls import MNT_DETACH, MS_NODEV, MS_NOSUID, mount, unmount_path
-from .fuseabi import (
-    ACCESS,
-    ASYNC_DIO,
-    ASYNC_READ,
-    ATTR,
-    ATTR_OUT_HEAD,
-    BATCH_FORGET,
-    BIG_WRITES,
-    DESTROY,
-    DIRENT_HEAD,
-    ENTRY_OUT_HEAD,
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    FALLOC_FL_ZERO_RANGE,
-    FALLOCATE,
-    FALLOCATE_IN,
-    FATTR_SIZE,
-    FLUSH,
-    FOPEN_KEEP_CACHE,
-    FORGET,
-    FSYNC,
-    FSYNCDIR,
-    GETATTR,
-    IN_HEADER,
-    INIT,
-    INIT_IN,
-    INIT_OUT,
-    INTERRUPT,
-    KERNEL_MAJOR,
-    KERNEL_MINOR,
-    KSTATFS,
-    LOOKUP,
-    LSEEK,
-    LSEEK_IN,
-    LSEEK_OUT,
-    MAX_PAGES,
-    NOTIFY_STORE,
-    NOTIFY_STORE_OUT,
-    OPEN,
-    OPEN_IN,
-    OPEN_OUT,
-    OPENDIR,
-    OUT_HEADER,
-    PARALLEL_DIROPS,
-    READ,
-    READ_IN,
-    READDIR,
-    RELEASE,
-    RELEASEDIR,
-    ROOT_INODE,
-    SETATTR,
-    SETATTR_IN,
-    STATFS,
-    WRITE,
-    WRITE_IN,
-    WRITE_OUT,
-)
+from . import fuseabi as abi
+from .blockdev import BlockDevice, discard, write_bytes
+from .pagestore import PageStore
 from .watchdog import Pending, Watchdog
-
-__all__ = ["MNT_DETACH", "BlockDevice", "BlockFS", "FuseError", "unmount_path"]
 
 log = logging.getLogger(__name__)
 
 MAX_WRITE = 1 << 20  # 1 MiB requests (FUSE_MAX_PAGES = 256)
 BUFFER_SIZE = MAX_WRITE + 4096
-PAGE = mmap.PAGESIZE  # the page cache's unit: only whole pages are stored
 
 #: Modes of the root directory and of the device files (owned by the daemon's uid: root).
 ROOT_MODE = 0o700
@@ -123,41 +64,8 @@ WRITABLE_MODE = 0o600
 #: requests are 1 MiB (max_pages) and several are in flight, so the request threads decode in parallel
 #: while the loop device copies; 2 MiB was slower for one reader (scripts/bench_device.py).
 DEFAULT_READAHEAD_KB = 8192
-#: Reads smaller than this hand the rest of their decoded chunks to the kernel (FUSE_NOTIFY_STORE).
-#: Larger ones are readahead, which asks for the neighbours itself.
-STORE_BELOW = 256 * 1024
 #: A read that fails this close to its deadline failed for want of time (counted as a timeout).
 LATE = 1.0
-
-
-class BlockDevice(Protocol):
-    """What the filesystem needs of a device."""
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def writable(self) -> bool: ...
-
-    def is_local(self, offset: int, length: int) -> bool:
-        """True when reading [offset, offset+length) cannot wait on the network (its bytes are here)."""
-        ...
-
-    def read(self, offset: int, length: int) -> bytes: ...
-
-    def read_parts(self, offset: int, length: int) -> list[Part]:
-        """`read` as read-only pieces (no copy); the reply is written from them as they are."""
-        ...
-
-    def chunk_window(self, offset: int, end: int) -> tuple[int, int]:
-        """A range around [offset, end) whose bytes come with reading [offset, end) at no extra cost."""
-        ...
-
-    def write(self, offset: int, data: bytes) -> None: ...
-
-    def trim(self, offset: int, length: int) -> None: ...
-
-    def flush(self) -> None: ...
 
 
 @dataclass
@@ -168,40 +76,10 @@ class _Entry:
     mtime: float = field(default_factory=time.time)
 
 
-@dataclass(frozen=True, slots=True)
-class _Store:
-    """What a read decoded beyond its reply: bytes [lo, start of the reply) and [end of it, ...)."""
-
-    nodeid: int
-    lo: int
-    before: list[Part]
-    end: int
-    after: list[Part]
-
-
 class FuseError(Exception):
     def __init__(self, err: int) -> None:
         super().__init__(os.strerror(err))
         self.errno = err
-
-
-def _split(parts: list[Part], start: int, length: int) -> tuple[list[Part], list[Part], list[Part]]:
-    """Cut a list of pieces into the bytes before `start`, the `length` bytes from it, and the rest."""
-    out: tuple[list[Part], list[Part], list[Part]] = ([], [], [])
-    cuts = (start, start + length)
-    pos = 0
-    for part in parts:
-        n = len(part)
-        a = 0
-        for k, cut in enumerate(cuts):
-            if a < n and pos + a < cut:
-                b = min(n, cut - pos)
-                out[k].append(part if a == 0 and b == n else memoryview(part)[a:b])
-                a = b
-        if a < n:
-            out[2].append(part if a == 0 else memoryview(part)[a:])
-        pos += n
-    return out
 
 
 def _unavailable(e: BaseException) -> UnavailableError | None:
@@ -228,13 +106,8 @@ class BlockFS:
         self.read_timeout = read_timeout
         self.threads = threads
         self.readahead_kb = readahead_kb
-        # FUSE_NOTIFY_STORE of what small reads decoded beyond what they were asked (see `_read`).
-        self.store = store
-        self._pending = threading.local()  # .store: the store a request thread makes after its reply
-        self._storing = 0  # request threads storing right now
-        self._storing_lock = threading.Lock()
-        self.stores = 0  # FUSE_NOTIFY_STORE messages the kernel accepted
-        self.stores_skipped = 0  # windows not stored: every other request thread was storing
+        # FUSE_NOTIFY_STORE of what small reads decoded beyond what they were asked (`pagestore`).
+        self.pages = PageStore(store, threads, lambda: self._fd)
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="fuse-io")
         self._watchdog: Watchdog | None = None
         self._lock = threading.Lock()
@@ -254,6 +127,16 @@ class BlockFS:
         self.fast_failures = 0  # reads answered with EIO at once: their unit or upstream is cooling down
         self.refused_opens = 0  # OPENs refused because the caller is not root (nor the daemon's uid)
         self.on_error: Callable[[str, BaseException], None] | None = None
+
+    @property
+    def stores(self) -> int:
+        """FUSE_NOTIFY_STORE messages the kernel accepted."""
+        return self.pages.stores
+
+    @property
+    def stores_skipped(self) -> int:
+        """Windows not stored: every other request thread was storing."""
+        return self.pages.skipped
 
     # -- devices ---------------------------------------------------------------------------------
 
@@ -371,10 +254,10 @@ class BlockFS:
                     return  # unmounted
                 log.error("reading /dev/fuse failed: %s", e)
                 return
-            if n < IN_HEADER.size:
+            if n < abi.IN_HEADER.size:
                 continue
-            _len, opcode, unique, nodeid, uid, _gid, _pid, _ext, _pad = IN_HEADER.unpack_from(buf)
-            body = mv[IN_HEADER.size : n]
+            _len, opcode, unique, nodeid, uid, _gid, _pid, _ext, _pad = abi.IN_HEADER.unpack_from(buf)
+            body = mv[abi.IN_HEADER.size : n]
             try:
                 reply = self._dispatch(opcode, unique, nodeid, uid, body)
             except FuseError as e:
@@ -387,18 +270,15 @@ class BlockFS:
             if reply is None:
                 continue  # FORGET, INTERRUPT, or a READ the I/O pool answers
             self._reply(unique, 0, reply)
-            if opcode == DESTROY:
+            if opcode == abi.DESTROY:
                 return
-            pending: _Store | None = getattr(self._pending, "store", None)
-            if pending is not None:
-                self._pending.store = None
-                self._store_after_reply(pending)
+            self.pages.store_pending()
 
     def _reply(self, unique: int, error: int, payload: bytes | list[Part] = b"") -> None:
         parts = payload if isinstance(payload, list) else [payload]
-        size = OUT_HEADER.size + sum(len(p) for p in parts)
+        size = abi.OUT_HEADER.size + sum(len(p) for p in parts)
         try:
-            os.writev(self._fd, [OUT_HEADER.pack(size, error, unique), *parts])
+            os.writev(self._fd, [abi.OUT_HEADER.pack(size, error, unique), *parts])
         except OSError as e:
             # ENOENT: the request was interrupted and withdrawn; anything else is logged.
             if e.errno != errno.ENOENT:
@@ -419,46 +299,52 @@ class BlockFS:
 
     def _attr(self, nodeid: int) -> bytes:
         uid, gid = self._uid, self._gid
-        if nodeid == ROOT_INODE:
+        if nodeid == abi.ROOT_INODE:
             t = int(self._started)
             mode = stat.S_IFDIR | ROOT_MODE
-            return ATTR.pack(ROOT_INODE, 0, 0, t, t, t, 0, 0, 0, mode, 2, uid, gid, 0, 4096, 0)
+            return abi.ATTR.pack(abi.ROOT_INODE, 0, 0, t, t, t, 0, 0, 0, mode, 2, uid, gid, 0, 4096, 0)
         e = self._entry(nodeid)
         size = e.device.size
         mode = stat.S_IFREG | (WRITABLE_MODE if e.device.writable else READ_ONLY_MODE)
         t = int(e.mtime)
-        return ATTR.pack(e.inode, size, (size + 511) // 512, t, t, t, 0, 0, 0, mode, 1, uid, gid, 0, 4096, 0)
+        return abi.ATTR.pack(
+            e.inode, size, (size + 511) // 512, t, t, t, 0, 0, 0, mode, 1, uid, gid, 0, 4096, 0
+        )
 
     def _dispatch(
         self, opcode: int, unique: int, nodeid: int, uid: int, body: memoryview
     ) -> bytes | list[Part] | None:
-        if opcode == READ:
-            _fh, offset, size, *_ = READ_IN.unpack_from(body)
+        if opcode == abi.READ:
+            _fh, offset, size, *_ = abi.READ_IN.unpack_from(body)
             return self._read(unique, nodeid, offset, size)
-        if opcode == WRITE:
-            _fh, offset, size, *_ = WRITE_IN.unpack_from(body)
-            data = bytes(body[WRITE_IN.size : WRITE_IN.size + size])
+        if opcode == abi.WRITE:
+            _fh, offset, size, *_ = abi.WRITE_IN.unpack_from(body)
+            data = bytes(body[abi.WRITE_IN.size : abi.WRITE_IN.size + size])
             self._write(nodeid, offset, data)
-            return WRITE_OUT.pack(size, 0)
-        if opcode == LOOKUP:
+            return abi.WRITE_OUT.pack(size, 0)
+        if opcode == abi.LOOKUP:
             name = bytes(body).rstrip(b"\0").decode("utf-8", "surrogateescape")
             with self._lock:
-                entry = self._by_name.get(name) if nodeid == ROOT_INODE else None
+                entry = self._by_name.get(name) if nodeid == abi.ROOT_INODE else None
             if entry is None:
                 raise FuseError(errno.ENOENT)
-            return ENTRY_OUT_HEAD.pack(entry.inode, 0, 0, 0, 0, 0) + self._attr(entry.inode)
-        if opcode == GETATTR:
-            return ATTR_OUT_HEAD.pack(0, 0, 0) + self._attr(nodeid)
-        if opcode == SETATTR:
-            valid, _p, _fh, size, *_ = SETATTR_IN.unpack_from(body)
-            if valid & FATTR_SIZE and nodeid != ROOT_INODE and size != self._entry(nodeid).device.size:
+            return abi.ENTRY_OUT_HEAD.pack(entry.inode, 0, 0, 0, 0, 0) + self._attr(entry.inode)
+        if opcode == abi.GETATTR:
+            return abi.ATTR_OUT_HEAD.pack(0, 0, 0) + self._attr(nodeid)
+        if opcode == abi.SETATTR:
+            valid, _p, _fh, size, *_ = abi.SETATTR_IN.unpack_from(body)
+            if (
+                valid & abi.FATTR_SIZE
+                and nodeid != abi.ROOT_INODE
+                and size != self._entry(nodeid).device.size
+            ):
                 raise FuseError(errno.EPERM)  # devices have a fixed size
-            if valid & ~FATTR_SIZE:
+            if valid & ~abi.FATTR_SIZE:
                 raise FuseError(errno.EPERM)  # modes, owners and times are ours to say
-            return ATTR_OUT_HEAD.pack(0, 0, 0) + self._attr(nodeid)
-        if opcode == OPEN:
+            return abi.ATTR_OUT_HEAD.pack(0, 0, 0) + self._attr(nodeid)
+        if opcode == abi.OPEN:
             entry = self._entry(nodeid)
-            flags, _open_flags = OPEN_IN.unpack_from(body)
+            flags, _open_flags = abi.OPEN_IN.unpack_from(body)
             if uid not in self._allowed_uids:
                 # default_permissions has the kernel check our modes first; this holds even if it did
                 # not (an older kernel, a mount made by other means).
@@ -466,81 +352,58 @@ class BlockFS:
                 raise FuseError(errno.EACCES)
             if flags & os.O_ACCMODE != os.O_RDONLY and not entry.device.writable:
                 raise FuseError(errno.EROFS)
-            return OPEN_OUT.pack(nodeid, FOPEN_KEEP_CACHE, 0)
-        if opcode in (FLUSH, FSYNC):
-            if nodeid != ROOT_INODE:
+            return abi.OPEN_OUT.pack(nodeid, abi.FOPEN_KEEP_CACHE, 0)
+        if opcode in (abi.FLUSH, abi.FSYNC):
+            if nodeid != abi.ROOT_INODE:
                 entry = self._entry(nodeid)
                 if entry.device.writable:
                     entry.device.flush()
             return b""
-        if opcode == FALLOCATE:
-            _fh, offset, length, mode, _p = FALLOCATE_IN.unpack_from(body)
+        if opcode == abi.FALLOCATE:
+            _fh, offset, length, mode, _p = abi.FALLOCATE_IN.unpack_from(body)
             self._fallocate(nodeid, offset, length, mode)
             return b""
-        if opcode == INIT:
+        if opcode == abi.INIT:
             return self._init(body)
-        if opcode in (RELEASE, RELEASEDIR, FSYNCDIR, ACCESS):
+        if opcode in (abi.RELEASE, abi.RELEASEDIR, abi.FSYNCDIR, abi.ACCESS):
             return b""
-        if opcode == OPENDIR:
-            if nodeid != ROOT_INODE:
+        if opcode == abi.OPENDIR:
+            if nodeid != abi.ROOT_INODE:
                 raise FuseError(errno.ENOTDIR)
             if uid not in self._allowed_uids:
                 self._count("refused_opens")
                 raise FuseError(errno.EACCES)
-            return OPEN_OUT.pack(0, 0, 0)
-        if opcode == READDIR:
-            _fh, offset, size, *_ = READ_IN.unpack_from(body)
+            return abi.OPEN_OUT.pack(0, 0, 0)
+        if opcode == abi.READDIR:
+            _fh, offset, size, *_ = abi.READ_IN.unpack_from(body)
             return self._readdir(offset, size)
-        if opcode == STATFS:
-            return KSTATFS.pack(0, 0, 0, len(self._by_name), 0, 4096, 255, 4096, 0)
-        if opcode == LSEEK:
-            _fh, offset, whence, _p = LSEEK_IN.unpack_from(body)
+        if opcode == abi.STATFS:
+            return abi.KSTATFS.pack(0, 0, 0, len(self._by_name), 0, 4096, 255, 4096, 0)
+        if opcode == abi.LSEEK:
+            _fh, offset, whence, _p = abi.LSEEK_IN.unpack_from(body)
             if whence in (os.SEEK_DATA, os.SEEK_HOLE):  # the whole device counts as data
                 size = self._entry(nodeid).device.size
                 if offset >= size:
                     raise FuseError(errno.ENXIO)
-                return LSEEK_OUT.pack(offset if whence == os.SEEK_DATA else size)
+                return abi.LSEEK_OUT.pack(offset if whence == os.SEEK_DATA else size)
             raise FuseError(errno.EINVAL)
-        if opcode in (FORGET, BATCH_FORGET, INTERRUPT):
+        if opcode in (abi.FORGET, abi.BATCH_FORGET, abi.INTERRUPT):
             return None
-        if opcode == DESTROY:
+        if opcode == abi.DESTROY:
             return b""
         raise FuseError(errno.ENOSYS)
 
     def _init(self, body: memoryview) -> bytes:
-        major, minor, max_readahead, flags = INIT_IN.unpack_from(body)
-        if major != KERNEL_MAJOR:
+        major, minor, max_readahead, flags = abi.INIT_IN.unpack_from(body)
+        if major != abi.KERNEL_MAJOR:
             raise FuseError(errno.EPROTO)
-        want = ASYNC_READ | BIG_WRITES | MAX_PAGES | PARALLEL_DIROPS | ASYNC_DIO
-        return INIT_OUT.pack(
-            KERNEL_MAJOR,
-            min(minor, KERNEL_MINOR),
-            max(max_readahead, self.readahead_kb * 1024),  # the kernel keeps the smaller of it and ours
-            flags & want,
-            64,  # max_background
-            48,  # congestion_threshold
-            MAX_WRITE,
-            1,  # time_gran
-            MAX_WRITE // 4096,  # max_pages
-            0,
-            0,
-        )
+        # The kernel keeps the smaller of its readahead and ours: answer with at least ours.
+        return abi.init_reply(minor, max(max_readahead, self.readahead_kb * 1024), flags, MAX_WRITE)
 
     def _readdir(self, offset: int, size: int) -> bytes:
         with self._lock:
-            names = [(ROOT_INODE, ".", stat.S_IFDIR), (ROOT_INODE, "..", stat.S_IFDIR)] + [
-                (e.inode, e.name, stat.S_IFREG) for e in sorted(self._by_name.values(), key=lambda e: e.inode)
-            ]
-        out = bytearray()
-        for i in range(offset, len(names)):
-            ino, name, mode = names[i]
-            raw = name.encode("utf-8", "surrogateescape")
-            rec = DIRENT_HEAD.pack(ino, i + 1, len(raw), mode >> 12) + raw
-            rec += bytes(-len(rec) % 8)
-            if len(out) + len(rec) > size:
-                break
-            out += rec
-        return bytes(out)
+            files = [(e.inode, e.name) for e in sorted(self._by_name.values(), key=lambda e: e.inode)]
+        return abi.dirents(files, offset, size)
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -559,9 +422,7 @@ class BlockFS:
                 if p.claim():
                     raise FuseError(errno.EIO) from None
             return None
-        lo, hi = offset, end
-        if self.store and size < STORE_BELOW and not device.writable:
-            lo, hi = self._store_window(device, offset, end)
+        lo, hi = self.pages.window(device, offset, end, device.writable)
         try:
             # Local bytes need no network, but a bound costs nothing and covers a blob that lost its
             # bytes between the check and the read (a corrupt chunk found, refetched).
@@ -572,7 +433,7 @@ class BlockFS:
         except Exception as e:
             self._failed(offset, size, e, arrived + self.read_timeout)
             raise FuseError(errno.EIO) from None
-        return self._handed_out(nodeid, lo, offset, end, parts)
+        return self.pages.hand_out(nodeid, lo, offset, end, parts)
 
     def _read_remote(self, p: Pending, device: BlockDevice) -> None:
         """On the I/O pool: read, and answer unless the watchdog did already."""
@@ -615,66 +476,6 @@ class BlockFS:
             self.on_error("timeout", TimeoutError(f"read at {p.offset} outlasted {self.read_timeout}s"))
         self._reply(p.unique, -errno.EIO)
 
-    # -- FUSE_NOTIFY_STORE -----------------------------------------------------------------------
-    #
-    # A small read (a 4 KiB O_DIRECT read through the loop device, a small file) costs the daemon a
-    # whole chunk: fetched, checked, decompressed, and all but the asked-for pages thrown away. So for
-    # read-only devices the read covers the whole window those chunks hold, the reply takes its part,
-    # and the rest goes into the kernel's page cache of the device file (FUSE_NOTIFY_STORE), where the
-    # next read of a neighbour finds it without a request. Every stored byte comes out of the same
-    # checked read path as a reply, and a read-only device's bytes never change, so a stored page is
-    # exactly what a later read would return.
-
-    @staticmethod
-    def _store_window(device: BlockDevice, offset: int, end: int) -> tuple[int, int]:
-        lo, hi = device.chunk_window(offset, end)
-        # Whole pages only: the kernel marks a stored page up to date only when it gets all of it.
-        lo = min(offset, -(-lo // PAGE) * PAGE)
-        hi = max(end, hi // PAGE * PAGE)
-        return lo, hi
-
-    def _handed_out(self, nodeid: int, lo: int, offset: int, end: int, parts: list[Part]) -> list[Part]:
-        """The reply's part of `parts` (the bytes of [lo, ...)); the rest is stored after the reply."""
-        if not self.store or (lo == offset and sum(len(p) for p in parts) <= end - offset):
-            return parts
-        before, reply, after = _split(parts, offset - lo, end - offset)
-        self._pending.store = _Store(nodeid, lo, before, end, after)
-        return reply
-
-    def _store_after_reply(self, pending: _Store) -> None:
-        """Store a read's extra bytes, on the request thread that just replied to it.
-
-        A store waits for the lock of each page it fills, and a page stays locked while a READ of it
-        is in flight, which only a request thread can answer. So at least one request thread must
-        always be free of stores: then every in-flight READ gets answered, its pages unlocked, and
-        every store finishes. A thread stores only while fewer than `threads - 1` others do; otherwise
-        the window is dropped (the kernel asks for those pages when it needs them)."""
-        with self._storing_lock:
-            if self._storing >= self.threads - 1:
-                self.stores_skipped += 1
-                return
-            self._storing += 1
-        try:
-            for offset, parts in ((pending.lo, pending.before), (pending.end, pending.after)):
-                if parts:
-                    self._notify_store(pending.nodeid, offset, parts)
-        finally:
-            with self._storing_lock:
-                self._storing -= 1
-
-    def _notify_store(self, nodeid: int, offset: int, parts: list[Part]) -> None:
-        """Hand [offset, ...) to the kernel's page cache of the node (FUSE_NOTIFY_STORE)."""
-        size = sum(len(p) for p in parts)
-        head = OUT_HEADER.pack(OUT_HEADER.size + NOTIFY_STORE_OUT.size + size, NOTIFY_STORE, 0)
-        try:
-            os.writev(self._fd, [head, NOTIFY_STORE_OUT.pack(nodeid, offset, size, 0), *parts])
-            self.stores += 1
-        except OSError as e:
-            # ENOENT: the kernel holds no inode for the node (its file is not open): nothing to store.
-            # ENODEV/EBADF: unmounted; the request loop notices on its next read.
-            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
-                log.debug("FUSE_NOTIFY_STORE of %d bytes at %d failed: %s", size, offset, e)
-
     # -- writes ----------------------------------------------------------------------------------
 
     def _write(self, nodeid: int, offset: int, data: bytes) -> None:
@@ -683,32 +484,20 @@ class BlockFS:
             raise FuseError(errno.EROFS)
         if offset + len(data) > device.size:
             raise FuseError(errno.ENOSPC)
-        head = offset % 512
-        tail = -(offset + len(data)) % 512
-        if head or tail:
-            # Unaligned (page-cache writeback sends whole pages, so this is rare): read-modify-write.
-            start = offset - head
-            old = device.read(start, head + len(data) + tail)
-            data = old[:head] + data + old[head + len(data) :]
-            offset = start
         try:
-            device.write(offset, data)
+            write_bytes(device, offset, data)
         except OSError as e:
             raise FuseError(e.errno or errno.EIO) from None
 
     def _fallocate(self, nodeid: int, offset: int, length: int, mode: int) -> None:
         device = self._entry(nodeid).device
-        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+        if mode & ~(abi.FALLOC_FL_KEEP_SIZE | abi.FALLOC_FL_PUNCH_HOLE | abi.FALLOC_FL_ZERO_RANGE):
             raise FuseError(errno.EOPNOTSUPP)
-        if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+        if not mode & (abi.FALLOC_FL_PUNCH_HOLE | abi.FALLOC_FL_ZERO_RANGE):
             return  # preallocation: every byte of a device already exists
         if not device.writable:
             raise FuseError(errno.EROFS)
-        end = min(offset + length, device.size)
-        # Trim the sector-aligned middle; zero the unaligned edges by writing.
-        a, b = -(-offset // 512) * 512, end // 512 * 512
-        if a < b:
-            device.trim(a, b - a)
-        for lo, hi in ((offset, min(a, end)), (max(b, offset), end)):
-            if lo < hi:
-                self._write(nodeid, lo, bytes(hi - lo))
+        try:
+            discard(device, offset, length)
+        except OSError as e:
+            raise FuseError(e.errno or errno.EIO) from None

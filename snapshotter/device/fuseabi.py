@@ -9,6 +9,7 @@ that precedes a nested structure or a variable tail (the C ``attr`` member, a ``
 
 from __future__ import annotations
 
+import stat
 import struct
 
 KERNEL_MAJOR = 7
@@ -47,106 +48,62 @@ LSEEK_IN = struct.Struct("<QQII")  # fuse_lseek_in
 LSEEK_OUT = struct.Struct("<Q")  # fuse_lseek_out
 NOTIFY_STORE_OUT = struct.Struct("<QQII")  # fuse_notify_store_out (the data follows)
 
+
 #: C type -> (our structure, the C fields it covers in order, the C member where it stops or None).
 #: Fields we pad over (``unused``, ``spare``) are named only to place the end of the structure.
+def _fields(names: str) -> tuple[str, ...]:
+    return tuple(names.split())
+
+
 LAYOUTS: dict[str, tuple[struct.Struct, tuple[str, ...], str | None]] = {
-    "fuse_in_header": (
-        IN_HEADER,
-        ("len", "opcode", "unique", "nodeid", "uid", "gid", "pid", "total_extlen", "padding"),
-        None,
-    ),
-    "fuse_out_header": (OUT_HEADER, ("len", "error", "unique"), None),
-    "fuse_init_in": (INIT_IN, ("major", "minor", "max_readahead", "flags"), "flags2"),
+    "fuse_in_header": (IN_HEADER, _fields("len opcode unique nodeid uid gid pid total_extlen padding"), None),
+    "fuse_out_header": (OUT_HEADER, _fields("len error unique"), None),
+    "fuse_init_in": (INIT_IN, _fields("major minor max_readahead flags"), "flags2"),
     "fuse_init_out": (
         INIT_OUT,
-        (
-            "major",
-            "minor",
-            "max_readahead",
-            "flags",
-            "max_background",
-            "congestion_threshold",
-            "max_write",
-            "time_gran",
-            "max_pages",
-            "map_alignment",
-            "flags2",
+        _fields(
+            "major minor max_readahead flags max_background congestion_threshold max_write time_gran"
+            " max_pages map_alignment flags2"
         ),
         None,
     ),
     "fuse_attr": (
         ATTR,
-        (
-            "ino",
-            "size",
-            "blocks",
-            "atime",
-            "mtime",
-            "ctime",
-            "atimensec",
-            "mtimensec",
-            "ctimensec",
-            "mode",
-            "nlink",
-            "uid",
-            "gid",
-            "rdev",
-            "blksize",
-            "flags",
+        _fields(
+            "ino size blocks atime mtime ctime atimensec mtimensec ctimensec"
+            " mode nlink uid gid rdev blksize flags"
         ),
         None,
     ),
     "fuse_entry_out": (
         ENTRY_OUT_HEAD,
-        ("nodeid", "generation", "entry_valid", "attr_valid", "entry_valid_nsec", "attr_valid_nsec"),
+        _fields("nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec"),
         "attr",
     ),
-    "fuse_attr_out": (ATTR_OUT_HEAD, ("attr_valid", "attr_valid_nsec", "dummy"), "attr"),
-    "fuse_open_in": (OPEN_IN, ("flags", "open_flags"), None),
-    "fuse_open_out": (OPEN_OUT, ("fh", "open_flags"), None),
-    "fuse_read_in": (
-        READ_IN,
-        ("fh", "offset", "size", "read_flags", "lock_owner", "flags", "padding"),
-        None,
-    ),
-    "fuse_write_in": (
-        WRITE_IN,
-        ("fh", "offset", "size", "write_flags", "lock_owner", "flags", "padding"),
-        None,
-    ),
-    "fuse_write_out": (WRITE_OUT, ("size", "padding"), None),
-    "fuse_fallocate_in": (FALLOCATE_IN, ("fh", "offset", "length", "mode", "padding"), None),
-    "fuse_dirent": (DIRENT_HEAD, ("ino", "off", "namelen", "type"), "name"),
+    "fuse_attr_out": (ATTR_OUT_HEAD, _fields("attr_valid attr_valid_nsec dummy"), "attr"),
+    "fuse_open_in": (OPEN_IN, _fields("flags open_flags"), None),
+    "fuse_open_out": (OPEN_OUT, _fields("fh open_flags"), None),
+    "fuse_read_in": (READ_IN, _fields("fh offset size read_flags lock_owner flags padding"), None),
+    "fuse_write_in": (WRITE_IN, _fields("fh offset size write_flags lock_owner flags padding"), None),
+    "fuse_write_out": (WRITE_OUT, _fields("size padding"), None),
+    "fuse_fallocate_in": (FALLOCATE_IN, _fields("fh offset length mode padding"), None),
+    "fuse_dirent": (DIRENT_HEAD, _fields("ino off namelen type"), "name"),
     "fuse_kstatfs": (
         KSTATFS,
-        ("blocks", "bfree", "bavail", "files", "ffree", "bsize", "namelen", "frsize", "padding", "spare"),
+        _fields("blocks bfree bavail files ffree bsize namelen frsize padding spare"),
         None,
     ),
     "fuse_setattr_in": (
         SETATTR_IN,
-        (
-            "valid",
-            "padding",
-            "fh",
-            "size",
-            "lock_owner",
-            "atime",
-            "mtime",
-            "ctime",
-            "atimensec",
-            "mtimensec",
-            "ctimensec",
-            "mode",
-            "unused4",
-            "uid",
-            "gid",
-            "unused5",
+        _fields(
+            "valid padding fh size lock_owner atime mtime ctime atimensec mtimensec ctimensec"
+            " mode unused4 uid gid unused5"
         ),
         None,
     ),
-    "fuse_lseek_in": (LSEEK_IN, ("fh", "offset", "whence", "padding"), None),
-    "fuse_lseek_out": (LSEEK_OUT, ("offset",), None),
-    "fuse_notify_store_out": (NOTIFY_STORE_OUT, ("nodeid", "offset", "size", "padding"), None),
+    "fuse_lseek_in": (LSEEK_IN, _fields("fh offset whence padding"), None),
+    "fuse_lseek_out": (LSEEK_OUT, _fields("offset"), None),
+    "fuse_notify_store_out": (NOTIFY_STORE_OUT, _fields("nodeid offset size padding"), None),
 }
 
 # -- flags ---------------------------------------------------------------------------------------
@@ -168,3 +125,43 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 ROOT_INODE = 1  # FUSE_ROOT_ID
+
+
+# -- encoders ------------------------------------------------------------------------------------
+
+#: What we ask of INIT's flags (the kernel grants the ones it knows).
+INIT_FLAGS = ASYNC_READ | BIG_WRITES | MAX_PAGES | PARALLEL_DIROPS | ASYNC_DIO
+
+
+def init_reply(kernel_minor: int, max_readahead: int, kernel_flags: int, max_write: int) -> bytes:
+    """The fuse_init_out of a server that speaks `KERNEL_MINOR` and writes `max_write`-byte requests."""
+    return INIT_OUT.pack(
+        KERNEL_MAJOR,
+        min(kernel_minor, KERNEL_MINOR),
+        max_readahead,
+        kernel_flags & INIT_FLAGS,
+        64,  # max_background
+        48,  # congestion_threshold
+        max_write,
+        1,  # time_gran
+        max_write // 4096,  # max_pages
+        0,  # map_alignment
+        0,  # flags2
+    )
+
+
+def dirents(files: list[tuple[int, str]], offset: int, size: int) -> bytes:
+    """A READDIR reply of a flat directory holding `files` ((inode, name), in order): the entries from
+    index `offset` on ("." and ".." first) that fit in `size` bytes, each 8-byte aligned."""
+    entries = [(ROOT_INODE, ".", stat.S_IFDIR), (ROOT_INODE, "..", stat.S_IFDIR)]
+    entries += [(ino, name, stat.S_IFREG) for ino, name in files]
+    out = bytearray()
+    for i in range(offset, len(entries)):
+        ino, name, mode = entries[i]
+        raw = name.encode("utf-8", "surrogateescape")
+        rec = DIRENT_HEAD.pack(ino, i + 1, len(raw), mode >> 12) + raw
+        rec += bytes(-len(rec) % 8)
+        if len(out) + len(rec) > size:
+            break
+        out += rec
+    return bytes(out)

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from blockformat.chunkfile import Part, join_parts
+from blockformat.digest import Digest, parse_digest
+from blockformat.durable import atomic_write
 from blockformat.errors import CorruptBlobError
 from blockformat.layer import LayerReader
 from blockformat.source import FileSource, RangeSource
@@ -26,7 +28,6 @@ from p2p import deadline
 from p2p.background import BackgroundDownload, Status
 from p2p.blobsource import RegistryBlobSource
 from p2p.cache import BlobCache, CachedBlob
-from p2p.digest import Digest, parse_digest
 from p2p.health import Breaker
 from p2p.registry import RegistryClient
 
@@ -53,7 +54,7 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    digest: str
+    digest: Digest
     size: int
     index_digest: str
     source: SourceSpec
@@ -77,7 +78,7 @@ class DeviceSpec:
         try:
             layers = [
                 LayerSpec(
-                    x["digest"],
+                    parse_digest(x["digest"]),
                     int(x["size"]),
                     x["index_digest"],
                     SourceSpec(**x["source"]),
@@ -245,7 +246,7 @@ class DeviceManager:
                 upstream = RegistryBlobSource(
                     self._client(src.registry, src.plain_http),
                     src.repository,
-                    Digest(spec.digest),
+                    spec.digest,
                     spec.size,
                     breaker,
                 )
@@ -276,12 +277,13 @@ class DeviceManager:
         # is not ours and may change under us, so its chunks are checked on every read.
         verified = cached.sealed if cached is not None else None
         try:
-            return LayerReader(source, index_digest, verified=verified)
+            index = None if cached is None else cached.index()  # the cache's, parsed once per blob
+            return LayerReader(source, index_digest, index=index, verified=verified)
         except CorruptBlobError as e:
             if cached is None or e.blob != cached.name:
                 raise
             cached.repair(e.offset)  # its index or trailer was damaged on disk: fetch them again
-            return LayerReader(source, index_digest, verified=verified)
+            return LayerReader(source, index_digest, index=cached.index(), verified=verified)
 
     def _release_blob(self, digest: str) -> None:
         blob = self._blobs[digest]
@@ -306,8 +308,6 @@ class DeviceManager:
                 if existing[0] != spec:
                     raise DeviceError(f"device {spec.name!r} is attached with a different spec")
                 return self.fs.path(spec.name)
-            for layer in spec.layers:
-                parse_digest(layer.digest)
             opened: list[str] = []
             try:
                 for layer in spec.layers:
@@ -360,17 +360,8 @@ class DeviceManager:
         upper = entry[1].upper
         if upper is None:
             raise DeviceError(f"device {name!r} has no writable upper to commit")
-        tmp = out_path + ".tmp"
-        try:
-            with open(tmp, "wb") as f:
-                info = upper.commit(f, codec, chunk_size, level)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(out_path) as f:  # whole or not at all, durable with its directory entry
+            info = upper.commit(f, codec, chunk_size, level)
         return asdict(info)
 
     def status(self) -> dict[str, Any]:

@@ -31,6 +31,8 @@ def bind_privately(path: str) -> Iterator[str]:
         # Bound through /proc/self/fd: a short path whatever the directory's (sun_path holds 108 bytes).
         yield f"/proc/self/fd/{fd}/socket"
         os.chmod(tmp, SOCKET_MODE)
+        # No fsync of the directory: a socket lives only while its server runs, and a reboot that
+        # lost the rename also lost the server; the next start binds afresh.
         os.replace(tmp, path)
     finally:
         os.close(fd)

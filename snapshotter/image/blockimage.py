@@ -17,7 +17,6 @@ hard links, symlinks, special files, xattrs), plus ``lost+found``; the root dire
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -30,43 +29,28 @@ from typing import Any
 
 from blockformat.annotations import MEDIA_TYPE_LAYER, LayerAnnotations
 from blockformat.chunkfile import DEFAULT_CHUNK_SIZE, BlobInfo
+from blockformat.digest import Digest
+from blockformat.durable import atomic_write
 from blockformat.errors import BlockFormatError
 from blockformat.extents import HOLE, ZERO
 from blockformat.stack import Stack
 from blockformat.upper import WritableUpper
-from p2p.digest import Digest
 from p2p.errors import P2PError
 from p2p.manifest import (
     DEFAULT_PLATFORM,
     MANIFEST_TYPES,
     OCI_CONFIG,
-    OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
     Index,
     Manifest,
-    build_index,
     build_manifest,
 )
 
 from ..errors import ImageError
-from ..host.mounts import mkfs_ext4
-from .ocilayout import (
-    INDEX_FILE,
-    OCI_LAYOUT_FILE,
-    OCI_LAYOUT_VERSION,
-    REF_NAME,
-    blob_path,
-    file_digest,
-    fsync_dir,
-    parse_doc,
-    put_blob_bytes,
-    put_blob_file,
-    read_blob,
-    read_document,
-    read_index,
-    write_atomic,
-)
+from ..host.mkfs import mkfs_ext4
+from ..host.umask import shared_file_mode
+from .ocilayout import REF_NAME, LayoutReader, LayoutWriter, blob_path, file_digest
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -260,20 +244,8 @@ def _pread_exact(fd: int, n: int, off: int, name: str) -> bytes:
 
 
 def _commit(upper: WritableUpper, blob_path: str, codec: str, chunk_size: int, level: int | None) -> BlobInfo:
-    directory = os.path.dirname(os.path.abspath(blob_path))
-    fd, tmp = tempfile.mkstemp(prefix=".blob-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            info = upper.commit(f, codec, chunk_size, level)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, blob_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
-    return info
+    with atomic_write(blob_path, shared_file_mode()) as f:
+        return upper.commit(f, codec, chunk_size, level)
 
 
 def write_device_file(stack: Stack, path: str | os.PathLike[str]) -> int:
@@ -315,8 +287,9 @@ def write_oci_layout(
     layout = os.fspath(layout_dir)
     if config_extra and "rootfs" in config_extra:
         raise ImageError(layout, "config_extra may not set rootfs", "leave rootfs to write_oci_layout")
+    writer = LayoutWriter(layout, remedy="pass an empty or new directory, or an OCI layout")
     try:
-        os.makedirs(os.path.join(layout, "blobs", "sha256"), exist_ok=True)
+        writer.open()
         descriptors: list[Descriptor] = []
         for blob, info, annotations in layers:
             path = os.fspath(blob)
@@ -324,7 +297,7 @@ def write_oci_layout(
             if size != info.blob_size:
                 raise ImageError(path, f"is {size} bytes, its BlobInfo says {info.blob_size}", "rebuild it")
             digest = Digest(info.blob_digest) if info.blob_digest else file_digest(path)
-            put_blob_file(layout, path, digest, size)
+            writer.put_file(path, digest, size)
             descriptors.append(Descriptor(MEDIA_TYPE_LAYER, digest, size, annotations.to_dict()))
         config_doc: dict[str, Any] = {
             "architecture": DEFAULT_PLATFORM.architecture,
@@ -337,14 +310,10 @@ def write_oci_layout(
             "rootfs": {"type": "layers", "diff_ids": [d.digest for d in descriptors]},
         }
         config = json.dumps(config_doc, sort_keys=True, separators=(",", ":")).encode()
-        config_desc = Descriptor(OCI_CONFIG, put_blob_bytes(layout, config), len(config))
+        config_desc = Descriptor(OCI_CONFIG, writer.put_bytes(config), len(config))
         manifest = build_manifest(config_desc, descriptors, OCI_MANIFEST)
-        manifest_digest = put_blob_bytes(layout, manifest)
-        entry = Descriptor(OCI_MANIFEST, manifest_digest, len(manifest), {REF_NAME: ref_name})
-        entries = [e for e in read_index(layout) if e.annotations.get(REF_NAME) != ref_name]
-        write_atomic(os.path.join(layout, INDEX_FILE), build_index([*entries, entry], OCI_INDEX))
-        layout_doc = json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode()
-        write_atomic(os.path.join(layout, OCI_LAYOUT_FILE), layout_doc)
+        manifest_digest = writer.put_bytes(manifest)
+        writer.add_to_index(Descriptor(OCI_MANIFEST, manifest_digest, len(manifest), {REF_NAME: ref_name}))
     except OSError as e:
         raise ImageError(
             e.filename or layout, e.strerror or str(e), "check free space and permissions"
@@ -390,36 +359,21 @@ def read_oci_layout(layout_dir: str | os.PathLike[str], ref: str | None = None) 
     digest in the annotations). Every layer must be a damselfly layer.
     """
     layout = os.fspath(layout_dir)
-    try:
-        raw = read_document(os.path.join(layout, OCI_LAYOUT_FILE), "the oci-layout file")
-        version = json.loads(raw).get("imageLayoutVersion")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ImageError(layout, f"is not an OCI image layout ({e})", "pass a layout directory") from e
-    if version != OCI_LAYOUT_VERSION:
-        raise ImageError(layout, f"image layout version {version!r} is not {OCI_LAYOUT_VERSION}")
-    entries = read_index(layout)
-    names = [e.annotations.get(REF_NAME, e.digest) for e in entries]
-    if ref is None:
-        if len(entries) != 1:
-            raise ImageError(layout, f"holds {len(entries)} images {names}", "name one with its ref")
-        entry = entries[0]
-    else:
-        matches = [e for e in entries if e.annotations.get(REF_NAME) == ref or e.digest == ref]
-        if not matches:
-            raise ImageError(layout, f"has no image {ref!r}; it has {names}", "pass one of those")
-        entry = matches[-1]
+    reader = LayoutReader(layout)
+    reader.check()
+    entry = reader.select(ref)
     where = f"{layout}@{entry.digest}"
-    doc = parse_doc(read_blob(layout, entry, "manifest"), where, entry.media_type)
+    doc = reader.read_document(entry, "manifest")
     if isinstance(doc, Index):
         try:
             chosen = doc.select(DEFAULT_PLATFORM, where)
         except P2PError as e:
             raise ImageError(where, str(e)) from e
-        doc = parse_doc(read_blob(layout, chosen, "manifest"), where, chosen.media_type)
+        doc = reader.read_document(chosen, "manifest")
     if not isinstance(doc, Manifest) or doc.media_type not in MANIFEST_TYPES:
         raise ImageError(where, "is not an image manifest")
     try:
-        config = json.loads(read_blob(layout, doc.config, "config"))
+        config = json.loads(reader.read_blob(doc.config, "config"))
     except ValueError as e:
         raise ImageError(where, f"config is not JSON ({e})") from e
     if not isinstance(config, dict):

@@ -18,15 +18,14 @@ from p2p.registry import RegistryClient
 from ..device.manager import DeviceSpec, LayerSpec, SourceSpec
 from ..errors import ImageError
 from .blockimage import layer_annotations, read_oci_layout
+from .ocilayout import is_layout, split_ref
 
 
 def _split_layout(src: str) -> tuple[str, str | None] | None:
     """`DIR` or `DIR:REF` naming an existing OCI layout directory, else None."""
-    if os.path.isdir(src):
-        return src, None
-    head, sep, ref = src.rpartition(":")
-    if sep and os.path.isdir(head) and os.path.exists(os.path.join(head, "oci-layout")):
-        return head, ref
+    path, ref = split_ref(src)
+    if os.path.isdir(path) and (ref is None or is_layout(path)):
+        return path, ref
     return None
 
 
@@ -82,5 +81,5 @@ def device_spec_for(
         raise ImageError(src, "the image has no layers")
     if len(vsizes) != 1:
         raise ImageError(src, f"its layers disagree on the device size: {sorted(vsizes)}")
-    digests = [x.digest for x in layers]
+    digests: list[str] = [x.digest for x in layers]
     return DeviceSpec(name or device_name(digests, upper), layers, None, upper)

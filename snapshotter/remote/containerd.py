@@ -33,11 +33,10 @@ from ..api.containerd.services.snapshots.v1 import snapshots_pb2 as snapshots_pb
 from ..api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as snapshots_grpc
 from ..api.containerd.types import descriptor_pb2, mount_pb2
 from ..errors import ContainerdError
+from ..labels import LABEL_GC_EXPIRE
 
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
-#: containerd's GC deletes a lease (and what only it holds) once this RFC 3339 time has passed.
-LABEL_GC_EXPIRE = "containerd.io/gc.expire"
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 
 #: Bytes per content Write message (containerd's gRPC server takes up to 16 MiB per message).
@@ -130,6 +129,15 @@ class ContainerdClient:
             code, detail = _status(e)
             raise ContainerdError(what, code.name, detail, _remedy(code, self.address)) from None
 
+    def _lookup(self, what: str, fn: Callable[[], T]) -> T | None:
+        """`_call`, with containerd's NOT_FOUND as None."""
+        try:
+            return self._call(what, fn)
+        except ContainerdError as e:
+            if e.code == "NOT_FOUND":
+                return None
+            raise
+
     # -- leases --
 
     def create_lease(self, lease_id: str, ttl: datetime.timedelta) -> str:
@@ -172,16 +180,11 @@ class ContainerdClient:
     def content_info(self, digest: str) -> content_pb.Info | None:
         """The content store's record of `digest` in this namespace, or None."""
         req = content_pb.InfoRequest(digest=digest)
-        try:
-            resp: content_pb.InfoResponse = self._call(
-                f"Content.Info {digest}",
-                lambda: self._content.Info(req, metadata=self._metadata(), timeout=CALL_TIMEOUT),
-            )
-        except ContainerdError as e:
-            if e.code == "NOT_FOUND":
-                return None
-            raise
-        return resp.info
+        resp: content_pb.InfoResponse | None = self._lookup(
+            f"Content.Info {digest}",
+            lambda: self._content.Info(req, metadata=self._metadata(), timeout=CALL_TIMEOUT),
+        )
+        return resp.info if resp is not None else None
 
     def update_content_labels(self, digest: str, labels: Mapping[str, str]) -> None:
         """Set `labels` on the blob `digest`, leaving its other labels alone."""
@@ -253,16 +256,11 @@ class ContainerdClient:
     def snapshot_stat(self, snapshotter: str, key: str) -> SnapshotInfo | None:
         """The snapshot `key` of `snapshotter`, or None if there is none."""
         req = snapshots_pb.StatSnapshotRequest(snapshotter=snapshotter, key=key)
-        try:
-            resp: snapshots_pb.StatSnapshotResponse = self._call(
-                f"Snapshots.Stat {key} (snapshotter {snapshotter})",
-                lambda: self._snapshots.Stat(req, metadata=self._metadata(), timeout=CALL_TIMEOUT),
-            )
-        except ContainerdError as e:
-            if e.code == "NOT_FOUND":
-                return None
-            raise
-        return resp.info
+        resp: snapshots_pb.StatSnapshotResponse | None = self._lookup(
+            f"Snapshots.Stat {key} (snapshotter {snapshotter})",
+            lambda: self._snapshots.Stat(req, metadata=self._metadata(), timeout=CALL_TIMEOUT),
+        )
+        return resp.info if resp is not None else None
 
     def prepare(self, snapshotter: str, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         req = snapshots_pb.PrepareSnapshotRequest(

@@ -42,30 +42,25 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
 
-from blockformat.annotations import MEDIA_TYPE_LAYER
-from p2p.digest import Digest, digest_of
-from p2p.manifest import Descriptor, Index, Manifest, Platform
+from blockformat.annotations import MEDIA_TYPE_LAYER, PREFIX
+from blockformat.digest import Digest, digest_of
+from p2p.manifest import Descriptor, Platform
 from p2p.reference import Reference
 from p2p.registry import RegistryClient
 
 from ..api.containerd.types import descriptor_pb2
 from ..errors import ContainerdError, ImageError
+from ..labels import (
+    LABEL_UNCOMPRESSED,
+    config_gc_labels,
+    distribution_source_labels,
+    index_gc_labels,
+    manifest_gc_labels,
+    snapshot_labels,
+)
+from ..units import binary_size
 from .containerd import WRITE_CHUNK, ContainerdClient, Mount
 
-LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
-#: Descriptor annotations under this prefix reach the snapshotter as labels (snapshots.FilterInheritedLabels).
-INHERITED_PREFIX = "containerd.io/snapshot/"
-# containerd's pkg/snapshotters/annotations.go: "cri" in the name, but meant for every client.
-LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
-LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
-LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
-LABEL_UNCOMPRESSED = "containerd.io/uncompressed"
-GC_REF_CONTENT = "containerd.io/gc.ref.content."
-GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
-LABEL_DISTRIBUTION_SOURCE = "containerd.io/distribution.source."
-#: containerd's labels.Validate: key plus value at most this many bytes.
-MAX_LABEL_SIZE = 4096
 #: A lease left by a killed rpull stops protecting its content after this long (containerd's client
 #: uses the same for its pulls, ``Client.WithLease``); long enough for any pull to finish.
 LEASE_TTL = datetime.timedelta(hours=24)
@@ -104,55 +99,6 @@ def unpack_key(chain_id: str) -> str:
     ``extract-<nanoseconds>-<random> <chainID>``); snapshotters recognise unpacks by the prefix."""
     unique = base64.urlsafe_b64encode(os.urandom(3)).decode()
     return f"extract-{time.time_ns() % 1_000_000_000}-{unique} {chain_id}"
-
-
-def image_layers_label(layers: Sequence[Descriptor]) -> str:
-    """The comma-separated digests of `layers`, as many as fit in one label (containerd's
-    ``getLayers``: skipping some only costs a snapshotter some prefetching)."""
-    out = ""
-    for d in layers:
-        item = d.digest if not out else f",{d.digest}"
-        if len(LABEL_IMAGE_LAYERS) + len(out) + len(item) > MAX_LABEL_SIZE:
-            break
-        out += item
-    return out
-
-
-def snapshot_labels(
-    layers: Sequence[Descriptor], i: int, chain_id: str, image_ref: str, manifest_digest: str
-) -> dict[str, str]:
-    """Labels for the Prepare (and Commit) of layer `i`: the layer's inherited annotations, then the
-    ``cri.*`` labels and ``containerd.io/snapshot.ref``."""
-    layer = layers[i]
-    labels = {k: v for k, v in layer.annotations.items() if k.startswith(INHERITED_PREFIX)}
-    labels[LABEL_IMAGE_REF] = image_ref
-    labels[LABEL_LAYER_DIGEST] = layer.digest
-    labels[LABEL_IMAGE_LAYERS] = image_layers_label(layers[i:])
-    labels[LABEL_MANIFEST_DIGEST] = manifest_digest
-    labels[LABEL_SNAPSHOT_REF] = chain_id
-    return labels
-
-
-def manifest_gc_labels(manifest: Manifest) -> dict[str, str]:
-    """The manifest references its config and layers (``images.ChildGCLabels``)."""
-    labels: dict[str, str] = {GC_REF_CONTENT + "config": manifest.config.digest}
-    labels.update({f"{GC_REF_CONTENT}l.{i}": d.digest for i, d in enumerate(manifest.layers)})
-    return labels
-
-
-def index_gc_labels(index: Index) -> dict[str, str]:
-    """The index references every manifest it lists (those not pulled are simply absent)."""
-    return {f"{GC_REF_CONTENT}m.{i}": d.digest for i, d in enumerate(index.manifests)}
-
-
-def config_gc_labels(snapshotter: str, top_chain_id: str) -> dict[str, str]:
-    """The config references the image's top snapshot, which references its parents."""
-    return {GC_REF_SNAPSHOT + snapshotter: top_chain_id}
-
-
-def distribution_source_labels(ref: Reference) -> dict[str, str]:
-    """Where a blob came from (containerd's ``docker.AppendDistributionSourceLabel``)."""
-    return {LABEL_DISTRIBUTION_SOURCE + ref.registry: ref.repository}
 
 
 def image_name(ref: Reference) -> str:
@@ -194,15 +140,6 @@ def to_pb(d: Descriptor) -> descriptor_pb2.Descriptor:
 
 def _short(digest: str) -> str:
     return digest.partition(":")[2][:12]
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _chunks(f: BinaryIO) -> Iterator[bytes]:
@@ -289,7 +226,7 @@ class Puller:
             parent = chains[i - 1] if i else ""
             res = self._unpack(ref, layer, diff_ids[i], chains[i], parent, labels, source)
             result.layers.append(res)
-            extra = f", {_human(res.fetched)} fetched" if res.fetched else ""
+            extra = f", {binary_size(res.fetched)} fetched" if res.fetched else ""
             self.report(
                 f"layer {i + 1}/{len(manifest.layers)} {_short(layer.digest)}: {res.how}"
                 f"{extra} ({self.clock() - t0:.2f}s)"
@@ -345,9 +282,7 @@ class Puller:
         source: Mapping[str, str],
     ) -> LayerResult:
         c, sn = self.containerd, self.snapshotter
-        remote_kind: How = (
-            "remote" if any(k.startswith(INHERITED_PREFIX + "damselfly/") for k in labels) else "exists"
-        )
+        remote_kind: How = "remote" if any(k.startswith(PREFIX) for k in labels) else "exists"
         try:
             if c.snapshot_stat(sn, chain_id) is not None:
                 c.lease_resource(chain_id, f"snapshots/{sn}")

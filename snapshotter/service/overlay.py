@@ -37,9 +37,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockformat.durable import private_dir
+from blockformat.durable import fsync_dir, private_dir
 
-from .metadata import Kind, Snapshot, Usage
+from .records import Kind, Snapshot, Usage
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class OverlayDriver:
         """Rename a built directory to its final name (the last step of creating a snapshot)."""
         final = self.dir_path(snapshot_id)
         os.rename(temp, final)
+        fsync_dir(final.parent)  # durable before the metadata transaction that names it commits
         return final
 
     def discard(self, path: Path) -> None:

@@ -44,8 +44,8 @@ from ..errors import (
     UnavailableError,
 )
 from ..host.sockets import bind_privately
-from .metadata import Info, Kind
 from .overlay import Mount
+from .records import Info, Kind
 from .snapshots import Snapshots
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,10 @@ from typing import Protocol
 
 from ..errors import AlreadyExistsError
 from .filters import parse_all
-from .metadata import Info, Kind, MetaStore, Snapshot, Tx, Usage
+from .metadata import MetaStore
 from .overlay import Mount, OverlayDriver
+from .records import Info, Kind, Snapshot, Usage
+from .transaction import Tx
 
 log = logging.getLogger(__name__)
 

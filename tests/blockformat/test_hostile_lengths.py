@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 
-from blockformat import chunkfile
+from blockformat import chunkfile, chunkwriter
 from blockformat.annotations import KEY_INDEX_DIGEST, KEY_SIZE, KEY_VSIZE, LayerAnnotations
 from blockformat.chunkfile import (
     CRC,
@@ -29,7 +29,7 @@ from blockformat.chunkfile import (
 )
 from blockformat.errors import CorruptBlobError, InvalidArgumentError
 from blockformat.layer import EXTENT, LAYER_HEADER, LAYER_MAGIC, LayerReader, LayerWriter
-from blockformat.source import BytesSource
+from blockformat.source import BytesSource, RangeSource
 from tests.conftest import SampleBlob
 
 #: The largest read a source here serves: opening a blob never needs more than its tail read.
@@ -83,13 +83,18 @@ def hostile_index_length(blob: bytes, index_length: int) -> SparseSource:
     return SparseSource(head, _trailer(index_offset, index_length, index), size)
 
 
+def _refused(src: RangeSource) -> CorruptBlobError:
+    """The error opening `src` raises (it must raise one)."""
+    with pytest.raises(CorruptBlobError) as ei:
+        ChunkReader(src)
+    return ei.value
+
+
 def test_a_trailer_declaring_a_16_gib_index_is_refused_before_any_index_read(
     sample_blob: SampleBlob,
 ) -> None:
     src = hostile_index_length(sample_blob.blob, 16 << 30)
-    with pytest.raises(CorruptBlobError) as ei:
-        ChunkReader(src)
-    e = ei.value
+    e = _refused(src)
     assert e.what == "trailer index length"
     assert e.offset == src.size() - TRAILER_SIZE
     assert str(16 << 30) in str(e) and str(MAX_INDEX_SIZE) in str(e)
@@ -104,10 +109,9 @@ def test_an_index_just_over_the_bound_is_refused_and_one_at_the_bound_is_read(
     # At the bound the length is admitted, and it is the index header that disagrees with it: the rest
     # of the index (256 MiB of it) is never read.
     src = hostile_index_length(sample_blob.blob, MAX_INDEX_SIZE)
-    with pytest.raises(CorruptBlobError) as ei:
-        ChunkReader(src)
-    assert ei.value.what.startswith("index length (header: 6 chunks")
-    assert ei.value.offset == _parts(sample_blob.blob)[0]
+    e = _refused(src)
+    assert e.what.startswith("index length (header: 6 chunks")
+    assert e.offset == _parts(sample_blob.blob)[0]
     assert all(length <= TAIL_READ for _, length in src.reads), src.reads
 
 
@@ -116,10 +120,9 @@ def test_the_index_header_is_checked_before_the_rest_of_a_large_index_is_read(
 ) -> None:
     # A trailer that says 64 MiB, over an index whose header says 6 chunks and 60 bytes of metadata.
     src = hostile_index_length(sample_blob.blob, 64 << 20)
-    with pytest.raises(CorruptBlobError) as ei:
-        ChunkReader(src)
-    assert "index length" in ei.value.what
-    assert ei.value.expected == f"{_parts(sample_blob.blob)[1]} bytes"
+    e = _refused(src)
+    assert "index length" in e.what
+    assert e.expected == f"{_parts(sample_blob.blob)[1]} bytes"
     index_offset = _parts(sample_blob.blob)[0]
     assert src.reads == [(src.size() - TAIL_READ, TAIL_READ), (index_offset, TAIL_READ)]
 
@@ -147,10 +150,9 @@ def test_index_header_counts_beyond_the_trailer_length_are_refused_before_the_in
         _trailer(index_offset, hostile_length, bytes(index)),
         index_offset + hostile_length + TRAILER_SIZE,
     )
-    with pytest.raises(CorruptBlobError) as ei:
-        ChunkReader(src)
-    assert ei.value.what.startswith(what)
-    assert ei.value.offset == index_offset
+    e = _refused(src)
+    assert e.what.startswith(what)
+    assert e.offset == index_offset
     assert all(length <= TAIL_READ for _, length in src.reads), src.reads
 
 
@@ -168,10 +170,9 @@ def test_a_stored_chunk_longer_than_a_chunk_is_refused_when_the_blob_is_opened(
     chunks = chunks[: 32 + first] + bytes(grow) + chunks[32 + first :]
     new_offset = index_offset + grow
     blob = chunks + bytes(index) + _trailer(new_offset, index_length, bytes(index))
-    with pytest.raises(CorruptBlobError) as ei:
-        ChunkReader(BytesSource(blob, "test.blob"))
-    assert ei.value.what == "index chunk lengths"
-    assert ei.value.got == sample_blob.chunk_size + 1
+    e = _refused(BytesSource(blob, "test.blob"))
+    assert e.what == "index chunk lengths"
+    assert e.got == sample_blob.chunk_size + 1
 
 
 def test_a_blob_larger_than_any_valid_one_is_refused_before_its_tail_is_read() -> None:
@@ -182,7 +183,7 @@ def test_a_blob_larger_than_any_valid_one_is_refused_before_its_tail_is_read() -
 
 
 def test_the_writer_refuses_more_chunks_than_an_index_may_hold(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chunkfile, "MAX_CHUNKS", 3)
+    monkeypatch.setattr(chunkwriter, "MAX_CHUNKS", 3)
     w = ChunkWriter(io.BytesIO(), "lz4", 4096)
     w.write(b"x" * 3 * 4096)
     with pytest.raises(InvalidArgumentError, match="larger chunk size"):
@@ -190,7 +191,7 @@ def test_the_writer_refuses_more_chunks_than_an_index_may_hold(monkeypatch: pyte
 
 
 def test_the_writer_refuses_an_index_longer_than_a_reader_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chunkfile, "MAX_INDEX_SIZE", INDEX_HEADER.size + 37 * 2 + 10)
+    monkeypatch.setattr(chunkwriter, "MAX_INDEX_SIZE", INDEX_HEADER.size + 37 * 2 + 10)
     w = ChunkWriter(io.BytesIO(), "lz4", 4096)
     w.write(b"x" * 2 * 4096)
     with pytest.raises(InvalidArgumentError, match="longer than"):

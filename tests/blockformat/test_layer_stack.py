@@ -12,23 +12,13 @@ from blockformat.extents import ZERO, ExtentMap
 from blockformat.layer import EXTENT, LAYER_HEADER, LAYER_MAGIC, LayerReader, LayerWriter
 from blockformat.source import BytesSource
 from blockformat.stack import MAX_LAYERS, Stack, flatten
+from tests.conftest import Extents, layer_reader
 
 VSIZE = 1 << 20
 
 
-def make_layer(
-    extents: list[tuple[int, bytes | int]], vsize: int = VSIZE, chunk_size: int = 4096
-) -> LayerReader:
-    """extents: (offset, data) for data, (offset, length:int) for a zeroed range; increasing offsets."""
-    out = io.BytesIO()
-    w = LayerWriter(out, vsize, "lz4", chunk_size)
-    for off, what in extents:
-        if isinstance(what, int):
-            w.add_zero(off, what)
-        else:
-            w.add_data(off, what)
-    info = w.close()
-    return LayerReader(BytesSource(out.getvalue(), "layer"), info.index_digest)
+def make_layer(extents: Extents, vsize: int = VSIZE, chunk_size: int = 4096) -> LayerReader:
+    return layer_reader(extents, vsize, chunk_size)
 
 
 def test_layer_round_trip_keeps_data_and_zeroed_extents() -> None:

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 from blockformat.chunkfile import KIND_RAW, ChunkReader, ChunkWriter
 from blockformat.errors import CorruptBlobError
-from blockformat.layer import LayerReader, LayerWriter
+from blockformat.layer import LayerReader
 from blockformat.source import BytesSource
 from blockformat.stack import Stack
+from tests.conftest import Extents, layer_blob
 
 VSIZE = 1 << 20
 CHUNK = 16384
@@ -28,16 +29,8 @@ def _pattern(seed: int, n: int) -> bytes:
     return b"".join(rng.randbytes(16) * 32 for _ in range(-(-n // 512)))[:n]
 
 
-def _layer_blob(extents: list[tuple[int, bytes | int]], chunk_size: int = CHUNK) -> tuple[bytes, str]:
-    out = io.BytesIO()
-    w = LayerWriter(out, VSIZE, "lz4", chunk_size)
-    for off, what in extents:
-        if isinstance(what, int):
-            w.add_zero(off, what)
-        else:
-            w.add_data(off, what)
-    info = w.close()
-    return out.getvalue(), info.index_digest
+def _layer_blob(extents: Extents, chunk_size: int = CHUNK) -> tuple[bytes, str]:
+    return layer_blob(extents, VSIZE, chunk_size)
 
 
 def _stack(readers: Callable[[bytes, str, str], LayerReader] | None = None) -> Stack:

@@ -1,7 +1,7 @@
 """Fixtures for end-to-end tests with a real containerd and a real registry on loopback.
 
-- `registry` (session): a docker-registry without auth (`tests.p2p.registry_server`);
-  `registry_client`: a `RegistryClient` for it; `repo`: a repository name unique to the test.
+- `registry` (module, tests/conftest.py): a docker-registry without auth; `repo`: a repository name
+  unique to the test.
 - `containerd` (module): a private containerd with no proxy plugins (overlayfs, runc).
 - `make_containerd` (test): ``make_containerd(proxy_plugins={"damselfly": "/x/snapshotter.sock"})``
   starts another one; all are stopped at the end of the test.
@@ -21,11 +21,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
-from p2p.auth import static_credentials
-from p2p.registry import RegistryClient
-from tests.p2p.conftest import FAST_RETRY, FAST_TIMEOUTS
-from tests.p2p.registry_server import RegistryServer
 
 from .containerd import LEDGER, Containerd
 
@@ -51,32 +46,6 @@ def _no_containerd_leaks() -> Iterator[None]:
     yield
     leaks = LEDGER.leaks()
     assert not leaks, f"containerd instances left behind: {leaks}"
-
-
-@pytest.fixture(scope="session")
-def registry() -> Iterator[RegistryServer]:
-    """A registry without authentication on 127.0.0.1."""
-    server = RegistryServer(name="e2e")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def registry_client(registry: RegistryServer) -> Iterator[RegistryClient]:
-    client = RegistryClient(
-        registry.host,
-        plain_http=True,
-        retry=FAST_RETRY,
-        timeouts=FAST_TIMEOUTS,
-        credentials=static_credentials({}),
-    )
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 _counter = itertools.count()

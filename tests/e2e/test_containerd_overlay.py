@@ -24,7 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.convert.applytar import apply_layer, open_layer_stream
+from scripts.demolib.procs import processes as _processes
+from snapshotter.convert.applytar import apply_layer
+from snapshotter.convert.layerstream import open_layer_stream
 from tests import oci_images as oi
 from tests import trees
 from tests.p2p.registry_server import RegistryServer
@@ -34,7 +36,6 @@ from .containerd import (
     SHIM_SOCKET_DIR,
     Containerd,
     ContainerdError,
-    _processes,
     mount_all,
     overlay_tree,
 )

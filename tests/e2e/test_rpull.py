@@ -22,12 +22,13 @@ from click.testing import CliRunner, Result
 
 from p2p.auth import static_credentials
 from p2p.registry import RegistryClient
+from scripts.demolib.serve import release as release_remote
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_ERROR, EXIT_OK
 from tests import oci_images as oi
 from tests.p2p.registry_server import RegistryServer
 from tests.snapshotter import serving
-from tests.snapshotter.remote_lab import release_remote, serve_config
+from tests.snapshotter.remote_lab import serve_config
 
 from .conftest import ContainerdFactory
 from .containerd import Containerd
@@ -84,6 +85,15 @@ def push_busybox(
 ) -> tuple[str, oi.BuiltImage]:
     built = oi.write_layout(oi.busybox_image(*extra), tmp_path / "layout")
     return oi.push_image(registry.host, built, repo, "v1"), built
+
+
+def assert_failed_leaving_nothing(containerd: Containerd, r: Result, *needles: str) -> None:
+    """The pull failed, saying each of `needles`, and left containerd no image and no lease."""
+    assert r.exit_code == EXIT_ERROR, r.output
+    for needle in needles:
+        assert needle in r.output, (needle, r.output)
+    assert containerd.ctr("image", "ls", "-q").stdout.strip() == ""
+    assert not containerd.ctr("leases", "ls").stdout.splitlines()[1:]
 
 
 def content_labels(containerd: Containerd) -> dict[str, dict[str, str]]:
@@ -256,12 +266,9 @@ def test_snapshotter_not_registered_in_containerd_is_named_with_the_remedy(
 ) -> None:
     ref, _ = push_busybox(registry, tmp_path, repo)
     c = make_containerd(namespace=NS)  # no proxy plugins
-    r = rpull(c, ref)
-    assert r.exit_code == EXIT_ERROR, r.output
-    assert "containerd has no snapshotter 'damselfly'" in r.output
-    assert "[proxy_plugins.damselfly]" in r.output
-    assert c.ctr("image", "ls", "-q").stdout.strip() == ""
-    assert not c.ctr("leases", "ls").stdout.splitlines()[1:]
+    assert_failed_leaving_nothing(
+        c, rpull(c, ref), "containerd has no snapshotter 'damselfly'", "[proxy_plugins.damselfly]"
+    )
 
 
 def test_snapshotter_not_running_is_named_and_nothing_is_left(
@@ -269,12 +276,9 @@ def test_snapshotter_not_running_is_named_and_nothing_is_left(
 ) -> None:
     ref, _ = push_busybox(registry, tmp_path, repo)
     c = make_containerd(proxy_plugins={SNAPSHOTTER: str(serve_dir / "nobody.sock")}, namespace=NS)
-    r = rpull(c, ref)
-    assert r.exit_code == EXIT_ERROR, r.output
-    assert "cannot reach the snapshotter 'damselfly'" in r.output
-    assert "damselfly serve" in r.output
-    assert c.ctr("image", "ls", "-q").stdout.strip() == ""
-    assert not c.ctr("leases", "ls").stdout.splitlines()[1:]
+    assert_failed_leaving_nothing(
+        c, rpull(c, ref), "cannot reach the snapshotter 'damselfly'", "damselfly serve"
+    )
 
 
 def test_missing_tag_is_a_registry_error_and_leaves_no_lease(
@@ -282,7 +286,5 @@ def test_missing_tag_is_a_registry_error_and_leaves_no_lease(
 ) -> None:
     c = stack.containerd
     r = rpull(c, f"{registry.host}/{repo}:nope")
-    assert r.exit_code == EXIT_ERROR, r.output
+    assert_failed_leaving_nothing(c, r)
     assert "not found" in r.output.lower()
-    assert not c.ctr("leases", "ls").stdout.splitlines()[1:]
-    assert c.ctr("image", "ls", "-q").stdout.strip() == ""

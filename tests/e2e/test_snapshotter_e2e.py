@@ -34,23 +34,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from scripts.demolib.serve import release as release_remote
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_OK
-from snapshotter.host.mounts import find_mount
+from snapshotter.host.mountinfo import find_mount
 from tests import oci_images as oi
 from tests.p2p.registry_server import RegistryServer
 from tests.programs import euid_program
-from tests.snapshotter import serving
+from tests.snapshotter import remote_lab, serving
 from tests.snapshotter.devd import CountingProxy
-from tests.snapshotter.remote_lab import (
-    attached_devices,
-    chain_mounts,
-    convert,
-    device_loops,
-    manifest_of,
-    release_remote,
-    serve_config,
-)
 
 from .containerd import Containerd
 
@@ -85,7 +77,7 @@ def images(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -
             registry.host, oi.write_layout(oi.busybox_image(layer), tmp / name), f"e2e-remote/{name}", "src"
         )
         dst = f"{registry.host}/e2e-remote/{name}:damselfly"
-        convert(src, dst, tmp / "cache")  # one cache: the busybox layer converts once
+        remote_lab.convert(src, dst, tmp / "cache")  # one cache: the busybox layer converts once
         out[name] = dst
     return Images(plain, out["lazy"], "e2e-remote/lazy", out["shared"])
 
@@ -119,7 +111,7 @@ class Stack:
 def stack() -> Iterator[Stack]:
     """`damselfly serve` on a short temporary directory, and a containerd whose proxy plugin is it."""
     d = Path(tempfile.mkdtemp(prefix="dfly-e2e-", dir="/tmp"))
-    config = serve_config(d / "config.toml", d / "state")
+    config = remote_lab.serve_config(d / "config.toml", d / "state")
     served = serving.start(d, "--config", str(config))
     c = Containerd(proxy_plugins={SNAPSHOTTER: str(served.socket)}, namespace=NS)
     stack = Stack(c, served, d, config)
@@ -156,16 +148,18 @@ def assert_nothing_left(stack: Stack) -> None:
     assert snapshot_names(stack.containerd) == []
     assert serving.names(stack.served.stub, None) == [], "containerd's GC left snapshots in damselfly"
     assert serving.mounts_under(stack.root) == []
-    assert device_loops(stack.state) == []
-    assert attached_devices(stack.state) == []
+    assert remote_lab.device_loops(stack.state) == []
+    assert remote_lab.attached_devices(stack.state) == []
 
 
 def wait_released(stack: Stack, timeout: float = 20.0) -> None:
     """containerd 1.6 removes a snapshot from its own store at once but from the snapshotter only when its
     garbage collector next runs (soon after a deletion): wait for the chain mounts to go."""
     deadline = time.monotonic() + timeout
-    while chain_mounts(stack.root):
-        assert time.monotonic() < deadline, f"chain mounts outlived their users: {chain_mounts(stack.root)}"
+    while remote_lab.chain_mounts(stack.root):
+        assert time.monotonic() < deadline, (
+            f"chain mounts outlived their users: {remote_lab.chain_mounts(stack.root)}"
+        )
         time.sleep(0.1)
 
 
@@ -206,7 +200,7 @@ def test_converted_image_runs_after_fetching_only_part_of_it(
 ) -> None:
     c = stack.containerd
     ref = f"{proxy.host}/{images.lazy_repo}:damselfly"  # every byte of the registry through the proxy
-    manifest = manifest_of(proxy.host, ref)
+    manifest = remote_lab.manifest_of(proxy.host, ref)
     image_bytes = sum(d.size for d in manifest.layers) + manifest.config.size + manifest.size
     before = proxy.served
 
@@ -251,7 +245,7 @@ def test_written_files_commits_and_gc_leave_nothing_behind(stack: Stack, images:
     wait_task(c, "writer", "STOPPED")
     c.ctr("task", "rm", "writer")
     c.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "commit", "writer-committed", "writer")
-    assert chain_mounts(stack.root) == [], "a committed container keeps no chain mount"
+    assert remote_lab.chain_mounts(stack.root) == [], "a committed container keeps no chain mount"
     info = json.loads(c.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "info", "writer-committed").stdout)
     assert info["Kind"] == "Committed"
     with c.view("writer-committed", snapshotter=SNAPSHOTTER) as root:
@@ -259,7 +253,7 @@ def test_written_files_commits_and_gc_leave_nothing_behind(stack: Stack, images:
         assert not (root / "etc" / "group").exists()
         assert (root / "etc" / "passwd").exists()  # from the converted layer below
         assert (root / "bin" / "busybox").stat().st_size > 100_000
-        assert len(chain_mounts(stack.root)) == 1
+        assert len(remote_lab.chain_mounts(stack.root)) == 1
     wait_released(stack)
 
     c.ctr("container", "rm", "writer")  # its snapshot key is gone (committed): tolerated
@@ -301,9 +295,9 @@ def test_ten_containers_started_at_once_share_one_device(stack: Stack, images: I
             assert not errors, errors
             assert time.monotonic() < deadline, f"not all ten started: {task_status(c)}"
             time.sleep(0.2)
-        assert len(chain_mounts(stack.root)) == 1
-        assert len(attached_devices(stack.state)) == 1
-        assert len(device_loops(stack.state)) == 1
+        assert len(remote_lab.chain_mounts(stack.root)) == 1
+        assert len(remote_lab.attached_devices(stack.state)) == 1
+        assert len(remote_lab.device_loops(stack.state)) == 1
     finally:
         for cid in cids:
             with contextlib.suppress(OSError):
@@ -334,7 +328,7 @@ def test_a_setuid_binary_of_a_converted_image_runs_setuid_in_its_container(
     image = dataclasses.replace(oi.busybox_image(layer), user="65534:65534")
     src = oi.push_image(registry.host, oi.write_layout(image, tmp_path / "suid"), "e2e-remote/suid", "src")
     ref = f"{registry.host}/e2e-remote/suid:damselfly"
-    convert(src, ref, tmp_path / "cache")
+    remote_lab.convert(src, ref, tmp_path / "cache")
     c = stack.containerd
     rpull(c, ref)
     c.run(
@@ -347,7 +341,7 @@ def test_a_setuid_binary_of_a_converted_image_runs_setuid_in_its_container(
     )
     try:
         wait_task(c, "suid", "RUNNING")
-        (chain,) = chain_mounts(stack.root)
+        (chain,) = remote_lab.chain_mounts(stack.root)
         info = find_mount(chain)
         assert info is not None and {"ro", "nosuid", "nodev"} <= set(info.options), info
     finally:
@@ -401,7 +395,7 @@ def test_serve_killed_and_restarted_while_a_container_reads(stack: Stack, images
             return count()
 
         advances()
-        [chain] = chain_mounts(stack.root)
+        [chain] = remote_lab.chain_mounts(stack.root)
         mount_before = find_mount(chain)
         assert mount_before is not None
 

@@ -1,14 +1,16 @@
-"""Fixtures: real docker-registry processes on loopback (no auth, htpasswd, token) and client factories.
+"""Fixtures of the registry client's tests: a mirror, token-auth registries, TLS, a DOCKER_CONFIG.
 
-The token registry's token server speaks HTTPS on another port (Docker Hub's shape): credentials go only
-to an HTTPS realm or to the registry's own origin. Its clients trust the test CA (`token_client`).
+The plain and basic-auth registries and the client factories (`registry`, `basic_registry`, `client`,
+`make_client`) are in tests/conftest.py. The token registry's token server speaks HTTPS on another port
+(Docker Hub's shape): credentials go only to an HTTPS realm or to the registry's own origin. Its clients
+trust the test CA (`token_client`).
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,58 +18,25 @@ from typing import Any
 import httpx
 import pytest
 
-from p2p.auth import CredentialProvider, Credentials, static_credentials
 from p2p.registry import RegistryClient
-from p2p.retry import RetryPolicy, Timeouts
+from tests.conftest import ALICE, BOB, ClientFactory
 
 from .registry_server import (
     LoopbackTLS,
     RegistryServer,
     TokenKey,
     TokenServer,
-    htpasswd_line,
     token_auth_config,
 )
 
-ALICE = Credentials("alice", "wonderland")  # may pull and push everywhere
-BOB = Credentials("bob", "builder")  # may only pull
 ALICE_REFRESH_TOKEN = "refresh-token-of-alice"
-
-#: Short bounds so a failing test fails fast instead of waiting for production budgets.
-FAST_RETRY = RetryPolicy(attempts=3, budget=10.0, base_delay=0.05, max_delay=0.5)
-FAST_TIMEOUTS = Timeouts(connect=2.0, read=5.0, write=5.0, pool=2.0, total=20.0)
-
-NO_CREDENTIALS: CredentialProvider = static_credentials({})
-
-
-def _start(server: RegistryServer) -> Iterator[RegistryServer]:
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def registry() -> Iterator[RegistryServer]:
-    """A registry without authentication."""
-    yield from _start(RegistryServer(name="plain"))
 
 
 @pytest.fixture(scope="session")
 def mirror_registry() -> Iterator[RegistryServer]:
     """A second registry without authentication, used as a mirror."""
-    yield from _start(RegistryServer(name="mirror"))
-
-
-@pytest.fixture(scope="session")
-def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    """A registry with htpasswd (bcrypt) basic auth for alice and bob."""
-    path = tmp_path_factory.mktemp("htpasswd") / "htpasswd"
-    path.write_text(htpasswd_line(ALICE.username, ALICE.password) + htpasswd_line(BOB.username, BOB.password))
-    yield from _start(
-        RegistryServer(auth={"htpasswd": {"realm": "damselfly-test", "path": str(path)}}, name="basic")
-    )
+    with RegistryServer(name="mirror") as server:
+        yield server
 
 
 def _acl(user: str | None, repository: str) -> set[str]:
@@ -114,7 +83,7 @@ def _serve_token_registry(tokens: TokenServer, directory: Path, name: str) -> It
     cert.write_bytes(tokens.key.cert_pem())
     tokens.start()
     try:
-        for server in _start(RegistryServer(auth=token_auth_config(tokens, cert), name=name)):
+        with RegistryServer(auth=token_auth_config(tokens, cert), name=name) as server:
             yield TokenRegistry(server, tokens)
     finally:
         tokens.stop()
@@ -162,28 +131,6 @@ def repo(request: pytest.FixtureRequest) -> str:
     return f"t/{name}-{next(_counter)}"
 
 
-ClientFactory = Callable[..., RegistryClient]
-
-
-@pytest.fixture
-def make_client() -> Iterator[ClientFactory]:
-    """``make_client(host, **kwargs)``: a RegistryClient with fast test bounds and no ambient credentials."""
-    made: list[RegistryClient] = []
-
-    def factory(host: str, **kwargs: Any) -> RegistryClient:
-        kwargs.setdefault("plain_http", True)
-        kwargs.setdefault("retry", FAST_RETRY)
-        kwargs.setdefault("timeouts", FAST_TIMEOUTS)
-        kwargs.setdefault("credentials", NO_CREDENTIALS)
-        client = RegistryClient(host, **kwargs)
-        made.append(client)
-        return client
-
-    yield factory
-    for c in made:
-        c.close()
-
-
 @pytest.fixture
 def token_client(
     token_registry: TokenRegistry, make_client: ClientFactory, loopback_tls: LoopbackTLS
@@ -195,12 +142,6 @@ def token_client(
         return make_client(token_registry.host, **kwargs)
 
     return factory
-
-
-@pytest.fixture
-def client(registry: RegistryServer, make_client: ClientFactory) -> RegistryClient:
-    """A client for the no-auth registry."""
-    return make_client(registry.host)
 
 
 @pytest.fixture

@@ -20,18 +20,10 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from http.server import ThreadingHTTPServer
+from typing import Literal
 
-_HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-}
+from .servers import HOP_BY_HOP, BackgroundServer, QuietHandler
 
 
 @dataclass
@@ -45,7 +37,7 @@ class Fault:
     seconds: float = 5.0
 
 
-class FaultProxy:
+class FaultProxy(BackgroundServer):
     def __init__(self, upstream_host: str) -> None:
         self.upstream = upstream_host
         self.faults: list[Fault] = []
@@ -54,13 +46,10 @@ class FaultProxy:
         self._stop = threading.Event()
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _handle(self) -> None:
+            def handle_request(self) -> None:
                 fault = owner._take(self.command, self.path)
                 owner.seen.append((self.command, self.path, fault.kind if fault else ""))
                 length = int(self.headers.get("Content-Length", "0"))
@@ -72,7 +61,7 @@ class FaultProxy:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 # Host stays the proxy's: the registry builds absolute Location URLs from it, and uploads
                 # must come back through the proxy.
                 conn = http.client.HTTPConnection(owner.upstream, timeout=10)
@@ -91,7 +80,7 @@ class FaultProxy:
                     data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
                 self.send_response(resp.status, resp.reason)
                 for k, v in upstream_headers:
-                    if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
+                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
                         self.send_header(k, v)
                 declared = dict((k.lower(), v) for k, v in upstream_headers).get("content-length")
                 if self.command == "HEAD":
@@ -115,23 +104,7 @@ class FaultProxy:
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.close_connection = True
 
-            def do_GET(self) -> None:
-                self._handle()
-
-            def do_HEAD(self) -> None:
-                self._handle()
-
-            def do_POST(self) -> None:
-                self._handle()
-
-            def do_PUT(self) -> None:
-                self._handle()
-
-            def do_PATCH(self) -> None:
-                self._handle()
-
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
 
     def _take(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -147,19 +120,14 @@ class FaultProxy:
         with self._lock:
             self.faults.extend(faults)
 
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.server.server_address[1]}"
-
     def faults_applied(self, kind: str) -> int:
         return sum(1 for _, _, k in self.seen if k == kind)
 
     def __enter__(self) -> FaultProxy:
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        super().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self._stop.set()  # first: a stalled handler wakes up and ends its connection
+        super().__exit__(*exc)
         time.sleep(0)  # let handler threads observe the stop event

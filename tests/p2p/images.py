@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2p.digest import Digest, digest_of
+from blockformat.digest import Digest, digest_of
 from p2p.manifest import (
     DEFAULT_PLATFORM,
     DOCKER_CONFIG,

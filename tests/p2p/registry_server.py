@@ -1,7 +1,9 @@
 """A real distribution registry (Debian's docker-registry 2.8) for tests, with optional basic or token auth.
 
-Each server gets a free loopback port, its own temporary storage directory and a generated config (JSON,
-which is YAML). `stop` ends exactly the process it started, by pid, and removes the directory.
+`RegistryServer` is the demo's `scripts.demolib.registry.Registry` on a temporary directory of its own:
+a free loopback port, its own storage and a generated config (JSON, which is YAML). `stop` ends exactly
+the process it started, by pid, and removes the directory; ``with RegistryServer(...) as server`` starts
+and stops it.
 
 Token auth follows distribution's token spec: the registry trusts a self-signed certificate
 (``rootcertbundle``), and `TokenServer` issues RS256 JWTs signed by its key, carrying the certificate in
@@ -16,10 +18,7 @@ import base64
 import datetime as dt
 import ipaddress
 import json
-import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -39,16 +38,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-REGISTRY_BIN = "/usr/bin/docker-registry"
+from scripts.demolib.registry import Registry
+
+from .servers import serve_tls
+
 SERVICE = "damselfly-test-registry"
 ISSUER = "damselfly-test-issuer"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def htpasswd_line(user: str, password: str) -> str:
@@ -70,6 +65,29 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(subject: x509.Name, issuer: x509.Name, key: rsa.RSAPrivateKey) -> x509.CertificateBuilder:
+    """A certificate of `subject`'s `key` by `issuer`, valid from a day ago (clock skew) for a week; the
+    caller adds the extensions and signs it."""
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=7))
+    )
+
+
+def _new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 @dataclass
 class TokenKey:
     key: rsa.RSAPrivateKey
@@ -77,17 +95,10 @@ class TokenKey:
 
     @classmethod
     def generate(cls, common_name: str = "damselfly test token signer") -> TokenKey:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        now = dt.datetime.now(dt.UTC)
+        key = _new_key()
+        name = _name(common_name)
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=7))
+            _certificate(name, name, key)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256())
         )
@@ -121,17 +132,10 @@ class LoopbackTLS:
 
     @classmethod
     def generate(cls, directory: Path) -> LoopbackTLS:
-        now = dt.datetime.now(dt.UTC)
-        ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "damselfly test CA")])
+        ca_key = _new_key()
+        ca_name = _name("damselfly test CA")
         ca = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=7))
+            _certificate(ca_name, ca_name, ca_key)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
@@ -139,15 +143,9 @@ class LoopbackTLS:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        key = _new_key()
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=7))
+            _certificate(_name("127.0.0.1"), ca_name, key)
             .add_extension(
                 x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                 critical=False,
@@ -178,12 +176,6 @@ class LoopbackTLS:
     def client_context(self) -> ssl.SSLContext:
         """Verifies servers against this CA only (hostname checks included)."""
         return ssl.create_default_context(cadata=self.ca_pem.decode("ascii"))
-
-
-def serve_tls(server: ThreadingHTTPServer, context: ssl.SSLContext) -> None:
-    """Make `server` speak HTTPS. The handshake happens on the first read, in the request's own thread,
-    so a client that stalls in it does not hold up accept()."""
-    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
 
 
 @dataclass
@@ -310,96 +302,31 @@ class TokenServer:
 # -- registry -------------------------------------------------------------------------------------
 
 
-class RegistryServer:
+class RegistryServer(Registry):
     """One docker-registry process on 127.0.0.1 with its own storage; `auth` is a registry auth config."""
 
     def __init__(self, auth: dict[str, Any] | None = None, name: str = "registry") -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix=f"damselfly-{name}-"))
-        self.auth = auth
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.dir / "registry.log"
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    @property
-    def storage(self) -> Path:
-        return self.dir / "data"
+        directory = Path(tempfile.mkdtemp(prefix=f"damselfly-{name}-"))
+        super().__init__(directory, directory / "registry.log", auth=auth, access_log=False)
 
     def blob_data_path(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob's bytes (to corrupt them in tests)."""
         algo, _, hexd = digest.partition(":")
         return self.storage / "docker/registry/v2/blobs" / algo / hexd[:2] / hexd / "data"
 
-    def start(self, timeout: float = 15.0) -> None:
-        if not os.access(REGISTRY_BIN, os.X_OK):
-            raise RuntimeError(
-                f"{REGISTRY_BIN} is missing: apt-get install docker-registry apache2-utils skopeo"
-            )
-        for _ in range(3):  # a free port can be taken between probing and binding; try again then
-            self.port = free_port()
-            config: dict[str, Any] = {
-                "version": "0.1",
-                "log": {"level": "warn", "accesslog": {"disabled": True}},
-                "storage": {
-                    "filesystem": {"rootdirectory": str(self.storage)},
-                    "delete": {"enabled": True},
-                    "maintenance": {"uploadpurging": {"enabled": False}},
-                },
-                "http": {"addr": self.host, "secret": uuid.uuid4().hex},
-            }
-            if self.auth is not None:
-                config["auth"] = self.auth
-            cfg = self.dir / "config.yml"
-            cfg.write_text(json.dumps(config, indent=2))
-            env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-            log = self.log_path.open("ab")
-            self.proc = subprocess.Popen(
-                [REGISTRY_BIN, "serve", str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-            log.close()
-            if self._wait_ready(timeout):
-                return
-            self._terminate()
-        raise RuntimeError(
-            f"docker-registry did not start; log:\n{self.log_path.read_text(errors='replace')}"
-        )
+    def error(self, message: str) -> Exception:
+        return RuntimeError(f"{message}; log:\n{self.log_tail()}")
 
-    def _wait_ready(self, timeout: float) -> bool:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
-                    return True
-            except urllib.error.HTTPError:
-                return True  # 401 with auth: the API answers
-            except OSError:
-                time.sleep(0.05)
-        return False
-
-    def _terminate(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-
-    def stop(self) -> None:
-        self._terminate()
+    def stop(self) -> str | None:
+        note = super().stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+        return note
+
+    def __enter__(self) -> RegistryServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def token_auth_config(server: TokenServer, cert_path: Path) -> dict[str, Any]:

@@ -6,6 +6,10 @@
 - `RawServer`: a socket server whose connection handler is a plain function, for stalls and trickles.
 - `AuthProbe`: a registry stand-in that wants credentials and is its own token server, over HTTP or
   HTTPS, recording every request — to prove where credentials go (and where they do not).
+
+Their common parts, also used by `faultproxy.FaultProxy` and `registry_server.TokenServer`:
+`BackgroundServer` (a ThreadingHTTPServer in a daemon thread for a ``with`` block), `QuietHandler` (a
+handler that logs nothing and sends every method to one function) and `serve_tls`.
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-from .registry_server import serve_tls
-
-_HOP_BY_HOP = {
+#: Headers that belong to one connection, never forwarded by a proxy (RFC 9110, section 7.6.1).
+HOP_BY_HOP = {
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -36,7 +39,42 @@ _HOP_BY_HOP = {
 }
 
 
-class _Background:
+def serve_tls(server: ThreadingHTTPServer, context: ssl.SSLContext) -> None:
+    """Make `server` speak HTTPS. The handshake happens on the first read, in the request's own thread,
+    so a client that stalls in it does not hold up accept()."""
+    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that logs nothing and hands every method (GET, HEAD, POST, PUT, PATCH, DELETE)
+    to `handle_request`."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def handle_request(self) -> None:
+        raise NotImplementedError
+
+    def do_GET(self) -> None:
+        self.handle_request()
+
+    def do_HEAD(self) -> None:
+        self.handle_request()
+
+    def do_POST(self) -> None:
+        self.handle_request()
+
+    def do_PUT(self) -> None:
+        self.handle_request()
+
+    def do_PATCH(self) -> None:
+        self.handle_request()
+
+    def do_DELETE(self) -> None:
+        self.handle_request()
+
+
+class BackgroundServer:
     """Run a ThreadingHTTPServer in a daemon thread for the duration of a ``with`` block."""
 
     server: ThreadingHTTPServer
@@ -60,27 +98,18 @@ class _Background:
         self.server.server_close()
 
 
-class RedirectServer(_Background):
+class RedirectServer(BackgroundServer):
     def __init__(self, target: str, status: int = 307) -> None:
         self.redirects = 0
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _redirect(self) -> None:
+        class Handler(QuietHandler):
+            def handle_request(self) -> None:
                 owner.redirects += 1
                 self.send_response(status)
                 self.send_header("Location", target + self.path)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-
-            def do_GET(self) -> None:
-                self._redirect()
-
-            def do_HEAD(self) -> None:
-                self._redirect()
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 
@@ -89,18 +118,15 @@ class RedirectServer(_Background):
         return self
 
 
-class ForwardProxy(_Background):
+class ForwardProxy(BackgroundServer):
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []  # (method, absolute URL)
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _forward(self) -> None:
+            def handle_request(self) -> None:
                 url = urllib.parse.urlsplit(self.path)
                 if url.scheme != "http" or not url.netloc:
                     self.send_error(400, "forward proxy wants absolute http:// URLs")
@@ -108,7 +134,7 @@ class ForwardProxy(_Background):
                 owner.requests.append((self.command, self.path))
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length) if length else None
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 conn = http.client.HTTPConnection(url.netloc, timeout=10)
                 try:
                     target = url.path + (f"?{url.query}" if url.query else "")
@@ -117,7 +143,7 @@ class ForwardProxy(_Background):
                     data = resp.read()
                     self.send_response(resp.status, resp.reason)
                     for k, v in resp.getheaders():
-                        if k.lower() not in _HOP_BY_HOP and not (
+                        if k.lower() not in HOP_BY_HOP and not (
                             k.lower() == "content-length" and self.command != "HEAD"
                         ):
                             self.send_header(k, v)
@@ -128,24 +154,6 @@ class ForwardProxy(_Background):
                         self.wfile.write(data)
                 finally:
                     conn.close()
-
-            def do_GET(self) -> None:
-                self._forward()
-
-            def do_HEAD(self) -> None:
-                self._forward()
-
-            def do_POST(self) -> None:
-                self._forward()
-
-            def do_PUT(self) -> None:
-                self._forward()
-
-            def do_PATCH(self) -> None:
-                self._forward()
-
-            def do_DELETE(self) -> None:
-                self._forward()
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 
@@ -223,7 +231,7 @@ class Seen:
     body: bytes
 
 
-class AuthProbe(_Background):
+class AuthProbe(BackgroundServer):
     """A registry that wants credentials, and a token server, in one loopback server (HTTPS with `tls`).
 
     Registry side, for ``/v2/<name>/blobs/<digest>``:
@@ -264,10 +272,7 @@ class AuthProbe(_Background):
         self.upload_location: str | None = None
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def _record(self) -> bytes:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length) if length else b""
@@ -336,24 +341,12 @@ class AuthProbe(_Background):
                 else:
                     self._send(404)
 
-            def _handle(self) -> None:
+            def handle_request(self) -> None:
                 body = self._record()
                 if self.path.startswith("/token"):
                     self._token(body)
                 else:
                     self._registry()
-
-            def do_GET(self) -> None:
-                self._handle()
-
-            def do_HEAD(self) -> None:
-                self._handle()
-
-            def do_POST(self) -> None:
-                self._handle()
-
-            def do_PUT(self) -> None:
-                self._handle()
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         if tls is not None:

@@ -9,10 +9,10 @@ import random
 import pytest
 
 from blockformat.chunkfile import ChunkReader, pack_file
+from blockformat.digest import digest_of
 from blockformat.errors import CorruptBlobError, SourceError
 from blockformat.source import RangeSource
 from p2p.blobsource import RegistryBlobSource
-from p2p.digest import digest_of
 from p2p.errors import NotFoundError
 from p2p.registry import RegistryClient
 

@@ -19,7 +19,7 @@ from blockformat.chunkfile import ChunkReader, pack_file
 from blockformat.errors import BlockFormatError, SourceError
 from p2p import deadline
 from p2p.background import BackgroundDownload, State
-from p2p.cache import BlobCache
+from p2p.cache import BlobCache, CachedBlob
 from p2p.errors import CoolingDownError, DeadlineExceededError
 
 UNIT = 64 * 1024
@@ -128,7 +128,7 @@ def test_concurrent_reads_of_a_missing_unit_make_one_request(tmp_path: Path) -> 
     up = Upstream(blob)
     cache = BlobCache(str(tmp_path), unit_size=UNIT)
     cb = cache.open(digest, len(blob), up, idx)
-    cb.geometry()
+    cb.index()
     up.requests.clear()
     up.delay = 0.2
     results: list[bytes] = []
@@ -146,12 +146,17 @@ def test_concurrent_reads_of_a_missing_unit_make_one_request(tmp_path: Path) -> 
     assert len(up.requests) == 1
 
 
-def test_complete_blob_is_digest_checked_then_needs_no_network(tmp_path: Path) -> None:
+def _all_present(tmp_path: Path) -> tuple[bytes, bytes, str, str, BlobCache, CachedBlob]:
+    """(data, blob, digest, index digest, cache, cached blob) with every unit of the blob fetched."""
     data, blob, digest, idx = make_blob()
-    up = Upstream(blob)
     cache = BlobCache(str(tmp_path), unit_size=UNIT)
-    cb = cache.open(digest, len(blob), up, idx)
+    cb = cache.open(digest, len(blob), Upstream(blob), idx)
     cb.ensure(0, len(blob))
+    return data, blob, digest, idx, cache, cb
+
+
+def test_complete_blob_is_digest_checked_then_needs_no_network(tmp_path: Path) -> None:
+    data, blob, digest, idx, cache, cb = _all_present(tmp_path)
     assert cb.progress().present_units == cb.units
     assert cb.verify_complete()
     assert os.path.exists(os.path.join(cb.dir, "complete"))
@@ -164,11 +169,7 @@ def test_complete_blob_is_digest_checked_then_needs_no_network(tmp_path: Path) -
 
 
 def test_whole_blob_digest_mismatch_discards_and_refetches(tmp_path: Path) -> None:
-    _data, blob, digest, idx = make_blob()
-    up = Upstream(blob)
-    cache = BlobCache(str(tmp_path), unit_size=UNIT)
-    cb = cache.open(digest, len(blob), up, idx)
-    cb.ensure(0, len(blob))
+    _data, blob, _digest, _idx, _cache, cb = _all_present(tmp_path)
     # Damage the cached copy on disk behind the cache's back.
     with open(os.path.join(cb.dir, "data"), "r+b") as f:
         f.seek(40 * UNIT)
@@ -233,7 +234,7 @@ def test_background_download_retries_through_an_outage(tmp_path: Path) -> None:
     _data, blob, digest, idx = make_blob(size=1 << 20)
     up = Upstream(blob)
     cb = BlobCache(str(tmp_path), unit_size=UNIT).open(digest, len(blob), up, idx)
-    cb.geometry()
+    cb.index()
     up.fail = True
     bg = BackgroundDownload(cb, delay=0, max_backoff=0.2).start()
     time.sleep(0.5)
@@ -284,7 +285,7 @@ def test_a_reader_waiting_for_another_readers_fetch_gives_up_at_its_own_deadline
     _data, blob, digest, idx = make_blob()
     cache = BlobCache(str(tmp_path), unit_size=UNIT)
     cb = cache.open(digest, len(blob), Upstream(blob), idx)
-    cb.geometry()
+    cb.index()
     cb.upstream = slow = Upstream(blob, delay=2.0)  # the next fetch takes 2 s
     first = threading.Thread(target=cb.ensure, args=(1_000_000, 4096))
     first.start()

@@ -32,19 +32,20 @@ from pathlib import Path
 import pytest
 
 from blockformat.chunkfile import TAIL_READ, ChunkReader, pack_file
+from blockformat.digest import Digest
 from blockformat.errors import BlockFormatError
 from blockformat.source import RangeSource
 from p2p.background import BackgroundDownload, State
 from p2p.blobsource import RegistryBlobSource
 from p2p.cache import BlobCache, CachedBlob
-from p2p.digest import Digest
 from p2p.errors import RegistryUnavailableError
 from p2p.registry import RegistryClient
 from p2p.retry import RetryPolicy, Timeouts
+from scripts.demolib.registry import free_port
+from tests.conftest import FAST_RETRY, FAST_TIMEOUTS, NO_CREDENTIALS, ClientFactory
 
-from .conftest import FAST_RETRY, FAST_TIMEOUTS, NO_CREDENTIALS, ClientFactory
 from .faultproxy import Fault, FaultProxy
-from .registry_server import RegistryServer, free_port
+from .registry_server import RegistryServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -344,7 +345,7 @@ from blockformat.chunkfile import ChunkReader
 from p2p.auth import static_credentials
 from p2p.blobsource import RegistryBlobSource
 from p2p.cache import BlobCache
-from p2p.digest import Digest
+from blockformat.digest import Digest
 from p2p.registry import RegistryClient
 
 client = RegistryClient(args["host"], plain_http=True, credentials=static_credentials({}))
@@ -503,12 +504,8 @@ def test_a_cache_filled_by_a_killed_process_serves_present_units_offline_and_ref
 @pytest.fixture
 def own_registry() -> Iterator[RegistryServer]:
     """A registry of this test alone, so it can be stopped without breaking the others."""
-    server = RegistryServer(name="offline")
-    server.start()
-    try:
+    with RegistryServer(name="offline") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_after_the_background_download_completes_reads_succeed_with_the_registry_stopped(

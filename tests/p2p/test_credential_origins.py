@@ -18,8 +18,8 @@ from typing import Literal
 import httpx
 import pytest
 
+from blockformat.digest import digest_of
 from p2p.auth import Credentials, DockerConfig, token_request, withholding_reason
-from p2p.digest import digest_of
 from p2p.errors import AuthError, P2PError
 from p2p.registry import RegistryClient
 
@@ -159,7 +159,7 @@ def test_plain_http_realm_on_another_port_gets_no_credentials(
     registry.realm = f"{realm.url}/token"
     client = client_for(registry, kind)
 
-    with caplog.at_level(logging.WARNING, logger="p2p.session"):
+    with caplog.at_level(logging.WARNING, logger="p2p.authflow"):
         error = failure(lambda: client.get_blob("a/b", BLOB_DIGEST))
 
     assert [r.path.split("?")[0] for r in realm.seen] == ["/token"]  # asked, anonymously

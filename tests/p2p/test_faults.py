@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from blockformat.chunkfile import ChunkReader, pack_file
+from blockformat.digest import Digest
 from blockformat.errors import CorruptBlobError
 from p2p.blobsource import RegistryBlobSource
-from p2p.digest import Digest
 from p2p.errors import DigestMismatchError, RegistryUnavailableError
 from p2p.manifest import OCI_MANIFEST
 from p2p.registry import RegistryClient

@@ -31,11 +31,17 @@ def test_a_failure_fails_every_fetch_at_once_for_the_cooldown() -> None:
     assert b.refused == 1
 
 
-def test_after_the_cooldown_one_probe_goes_and_decides() -> None:
+def _tripped(cooldown: float) -> tuple[Breaker, Clock]:
+    """A breaker that failed once, its cool-down just over."""
     clock = Clock()
-    b = Breaker("registry r", cooldown=5.0, clock=clock)
+    b = Breaker("registry r", cooldown=cooldown, clock=clock)
     b.failed(b.admit("x"), "refused")
-    clock.now += 5.0
+    clock.now += cooldown
+    return b, clock
+
+
+def test_after_the_cooldown_one_probe_goes_and_decides() -> None:
+    b, clock = _tripped(5.0)
     probe = b.admit("x")
     assert probe.probe
     with pytest.raises(CoolingDownError, match="a probe is in flight"):
@@ -51,10 +57,7 @@ def test_after_the_cooldown_one_probe_goes_and_decides() -> None:
 
 
 def test_an_answer_closes_it_and_a_neutral_end_frees_the_probe() -> None:
-    clock = Clock()
-    b = Breaker("registry r", cooldown=1.0, clock=clock)
-    b.failed(b.admit("x"), "refused")
-    clock.now += 1.0
+    b, _clock = _tripped(1.0)
     probe = b.admit("x")
     b.done(probe)  # ended for a reason of our own (our deadline): the next caller probes
     assert b.is_open

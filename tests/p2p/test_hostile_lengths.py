@@ -11,13 +11,12 @@ import json
 import httpx
 import pytest
 
-from p2p.digest import Digest, digest_of
+from blockformat.digest import Digest, digest_of
 from p2p.errors import InvalidManifestError, RegistryProtocolError
 from p2p.manifest import MAX_DOCUMENT_SIZE, OCI_MANIFEST, Descriptor, Manifest, build_manifest, parse_manifest
 from p2p.registry import RegistryClient
 from p2p.retry import RetryPolicy
-
-from .conftest import NO_CREDENTIALS
+from tests.conftest import NO_CREDENTIALS
 
 CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER = "application/vnd.oci.image.layer.v1.tar"

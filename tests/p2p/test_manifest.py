@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from p2p.digest import digest_of
+from blockformat.digest import digest_of
 from p2p.errors import (
     InvalidManifestError,
     InvalidReferenceError,

@@ -9,10 +9,11 @@ import pytest
 
 from p2p.errors import NotFoundError, RegistryUnavailableError
 from p2p.registry import MIRROR_COOLDOWN, RegistryClient
+from scripts.demolib.registry import free_port
 
 from .conftest import ClientFactory
 from .images import make_image, push_image
-from .registry_server import RegistryServer, free_port
+from .registry_server import RegistryServer
 from .servers import ForwardProxy, RawServer, RedirectServer
 
 

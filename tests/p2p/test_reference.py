@@ -1,11 +1,11 @@
-"""Image reference and digest parsing."""
+"""Image reference parsing (digests themselves: tests/blockformat/test_digest.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from p2p.digest import Verifier, digest_of, parse_digest
-from p2p.errors import DigestMismatchError, InvalidReferenceError
+from blockformat.digest import parse_digest
+from p2p.errors import InvalidReferenceError
 from p2p.reference import Reference, is_loopback, parse_reference
 
 D = "sha256:" + "ab" * 32
@@ -86,24 +86,3 @@ def test_invalid_references_say_why(text: str) -> None:
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
-
-
-def test_digest_parsing() -> None:
-    assert parse_digest(D) == D
-    assert parse_digest("sha512:" + "0" * 128).startswith("sha512:")
-    with pytest.raises(InvalidReferenceError, match="128 hex digits"):
-        parse_digest("sha512:" + "0" * 64)
-
-
-def test_verifier_names_expected_and_got() -> None:
-    v = Verifier(digest_of(b"right"), 5)
-    v.update(b"wrong")
-    with pytest.raises(DigestMismatchError) as e:
-        v.check("http://r/v2/a/blobs/x")
-    assert e.value.expected == digest_of(b"right") and e.value.got == digest_of(b"wrong")
-    assert str(e.value).startswith("http://r/v2/a/blobs/x: digest mismatch: expected sha256:")
-
-    short = Verifier(digest_of(b"right"), 5)
-    short.update(b"rig")
-    with pytest.raises(DigestMismatchError, match="size mismatch: expected 5 bytes, got 3 bytes"):
-        short.check("somewhere")

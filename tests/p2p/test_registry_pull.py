@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from p2p.digest import Digest, digest_of
+from blockformat.digest import Digest, digest_of
 from p2p.errors import (
     DigestMismatchError,
     InvalidReferenceError,
@@ -32,10 +32,11 @@ from p2p.manifest import (
 )
 from p2p.registry import RegistryClient
 from p2p.retry import RetryPolicy
+from scripts.demolib.registry import free_port
 
 from .conftest import ClientFactory
 from .images import make_image, push_image, push_multiarch, write_oci_layout
-from .registry_server import RegistryServer, free_port
+from .registry_server import RegistryServer
 from .servers import RedirectServer
 
 LAYER = bytes(range(256)) * 4000 + b"tail"  # 1,024,004 bytes, no two neighbouring ranges alike

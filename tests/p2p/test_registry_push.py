@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from p2p.digest import digest_of
+from blockformat.digest import digest_of
 from p2p.errors import DigestMismatchError, NotFoundError
 from p2p.manifest import OCI_MANIFEST
 from p2p.registry import RegistryClient

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from blockformat.digest import digest_of
 from p2p import deadline
-from p2p.digest import digest_of
 from p2p.errors import (
     AuthError,
     DeadlineExceededError,
@@ -30,8 +30,8 @@ from p2p.errors import (
 from p2p.manifest import OCI_MANIFEST, Descriptor, build_manifest
 from p2p.registry import RegistryClient
 from p2p.retry import RetryPolicy, Timeouts, parse_retry_after
+from tests.conftest import NO_CREDENTIALS, ClientFactory
 
-from .conftest import NO_CREDENTIALS, ClientFactory
 from .servers import RawServer, read_request_head
 
 BLOB = bytes(range(256)) * 40

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from p2p.manifest import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, Index, Manifest, parse_manifest
-from snapshotter.convert.applytar import apply_layer, open_layer_stream
+from snapshotter.convert.applytar import apply_layer
+from snapshotter.convert.layerstream import open_layer_stream
 
 REPO = Path(__file__).resolve().parents[2]
 

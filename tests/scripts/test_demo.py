@@ -6,6 +6,7 @@ naming its work dir), mounts and loop devices under the work dir, sockets, its c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.snapshotter.conftest import _attached_loops, _mount_points
+from scripts.demolib.procs import alive, left_below, sockets_below, sweep
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "scripts" / "demo.py"
@@ -46,52 +47,15 @@ def work() -> Iterator[Path]:
     try:
         yield d
     finally:
-        # whatever a failed assertion left: by exact pid and path, never by name
-        for pid, _ in _processes_naming(d):
-            os.kill(pid, signal.SIGKILL)
-        for mp in sorted((m for m in _mount_points() if m.startswith(f"{d}/")), key=len, reverse=True):
-            subprocess.run(["umount", "--lazy", mp], check=False, capture_output=True)
-        for dev, backing in _attached_loops().items():
-            if backing.startswith(f"{d}/"):
-                subprocess.run(["losetup", "--detach", dev], check=False, capture_output=True)
+        sweep(d)  # whatever a failed assertion left: by exact pid and path, never by name
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _processes_naming(path: Path) -> list[tuple[int, str]]:
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(path) in cmdline and _alive(int(name)):
-            out.append((int(name), cmdline))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
-def _unix_sockets_under(path: Path) -> list[str]:
-    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
-    return sorted(
-        {
-            cols[7]
-            for cols in (line.split() for line in lines)
-            if len(cols) >= 8 and cols[7].startswith(f"{path}/")
-        }
-    )
-
-
-def demo(work: Path, image_cache: Path) -> subprocess.Popen[str]:
+@contextlib.contextmanager
+def demo(work: Path, image_cache: Path) -> Iterator[subprocess.Popen[str]]:
+    """``demo.py --small`` in `work`, its output piped; killed on the way out if it still runs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEMO_", "CONTAINERD_"))}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, str(DEMO), "--small", "--work-dir", str(work), "--image-cache", str(image_cache)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -99,6 +63,12 @@ def demo(work: Path, image_cache: Path) -> subprocess.Popen[str]:
         text=True,
         env=env,
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def leftovers(work: Path, output: str) -> list[str]:
@@ -107,11 +77,9 @@ def leftovers(work: Path, output: str) -> list[str]:
     found = []
     pids = {int(p) for p in re.findall(r"\bpid (\d+)", output)}
     assert pids, output
-    found += [f"reported pid {pid} alive" for pid in sorted(pids) if _alive(pid)]
-    found += [f"process {pid}: {cmd}" for pid, cmd in _processes_naming(work)]
-    found += [f"mount {mp}" for mp in _mount_points() if mp.startswith(f"{work}/")]
-    found += [f"loop {dev} on {b}" for dev, b in _attached_loops().items() if b.startswith(f"{work}/")]
-    found += [f"socket {s}" for s in _unix_sockets_under(work)]
+    found += [f"reported pid {pid} alive" for pid in sorted(pids) if alive(pid)]
+    found += left_below(work)  # processes naming it, mounts and loop devices below it
+    found += [f"socket {s}" for s in sockets_below(work)]
     if (work / "run").exists():
         found.append(f"directory {work / 'run'}")
     m = re.search(r"node cgroup \(CPU accounting\): (\S+)", output)
@@ -122,10 +90,9 @@ def leftovers(work: Path, output: str) -> list[str]:
 
 
 def test_interrupt_during_conversion_leaves_nothing_behind(work: Path, image_cache: Path) -> None:
-    proc = demo(work, image_cache)
-    assert proc.stdout is not None
     lines: list[str] = []
-    try:
+    with demo(work, image_cache) as proc:
+        assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
             if "==> [3/6]" in line:  # the conversion step is announced: its converter starts now
@@ -136,10 +103,6 @@ def test_interrupt_during_conversion_leaves_nothing_behind(work: Path, image_cac
         assert proc.poll() is None, "".join(lines)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     output = "".join(lines) + rest
     assert proc.returncode == 130, output
     assert "interrupted (SIGINT) during step 3" in output, output
@@ -151,13 +114,8 @@ def test_interrupt_during_conversion_leaves_nothing_behind(work: Path, image_cac
 
 
 def test_small_run_prints_the_table_and_leaves_nothing_behind(work: Path, image_cache: Path) -> None:
-    proc = demo(work, image_cache)
-    try:
+    with demo(work, image_cache) as proc:
         output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, output
     for step in range(1, 7):
         assert f"==> [{step}/6]" in output, output

@@ -2,7 +2,8 @@
 
 `KernelResources` remembers the mount points a test registers; its teardown unmounts exactly those and
 detaches every loop device bound to a file under the test's own directory, whoever attached it. It
-uses util-linux directly, not the code under test, so a bug there cannot hide a leak.
+uses util-linux and /proc (`scripts.demolib.procs`) directly, not the code under test, so a bug there
+cannot hide a leak.
 """
 
 from __future__ import annotations
@@ -14,38 +15,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _mount_points() -> list[str]:
-    """Mount points from /proc/self/mountinfo (octal escapes decoded), in mount order."""
-    out = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f.read().splitlines():
-            raw = line.split(b" ")[4]
-            i = 0
-            buf = bytearray()
-            while i < len(raw):
-                if raw[i : i + 1] == b"\\" and raw[i + 1 : i + 4].isdigit():
-                    buf.append(int(raw[i + 1 : i + 4], 8))
-                    i += 4
-                else:
-                    buf.append(raw[i])
-                    i += 1
-            out.append(os.fsdecode(bytes(buf)))
-    return out
-
-
-def _attached_loops() -> dict[str, str]:
-    """/dev/loopN -> backing file, for every attached loop device."""
-    out = {}
-    for name in os.listdir("/sys/block"):
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                out[f"/dev/{name}"] = f.read().strip().removesuffix(" (deleted)")
-        except OSError:  # not attached, or being detached right now
-            continue
-    return out
+from scripts.demolib.procs import attached_loops, mount_points
 
 
 class KernelResources:
@@ -70,7 +40,7 @@ class KernelResources:
 
     def loop(self, dev: str) -> str:
         """Note a device the test attached itself (teardown finds it by its backing file anyway)."""
-        backing = _attached_loops().get(dev, "")
+        backing = attached_loops().get(dev, "")
         assert backing.startswith(self.root + os.sep), f"{dev} is bound to {backing!r}, not a file of ours"
         return dev
 
@@ -79,7 +49,7 @@ class KernelResources:
         undone = []
         for target in reversed(self._mounts):
             for _ in range(8):  # stacked mounts: unmount until the point is free
-                if target not in _mount_points():
+                if target not in mount_points():
                     break
                 undone.append(f"umount {target}")
                 r = subprocess.run(["umount", "--", target], capture_output=True, check=False)
@@ -87,7 +57,7 @@ class KernelResources:
                     subprocess.run(["umount", "--lazy", "--", target], capture_output=True, check=False)
         # Only devices bound to files under our directory: device numbers are shared with every other
         # process on the host, and a number we used may already belong to someone else.
-        for dev, backing in sorted(_attached_loops().items()):
+        for dev, backing in sorted(attached_loops().items()):
             if backing.startswith(self.root + os.sep):
                 undone.append(f"losetup -d {dev}")
                 subprocess.run(["losetup", "--detach", dev], capture_output=True, check=False)

@@ -11,28 +11,28 @@ import contextlib
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from blockformat.annotations import LayerAnnotations
 from blockformat.chunkfile import BlobInfo
-from p2p.digest import Digest
+from blockformat.digest import Digest
 from p2p.manifest import OCI_MANIFEST
 from p2p.registry import RegistryClient
+from scripts.demolib.procs import left_below, log_tail, mount_points, processes, spawn, wait_ready
+from scripts.demolib.serve import stop_daemon
 from snapshotter.device import control
 from snapshotter.errors import ControlError
 from snapshotter.image.blockimage import build_layer_from_dir, write_oci_layout
-from tests.p2p.registry_server import REGISTRY_BIN, RegistryServer
+from tests.p2p.registry_server import RegistryServer
 
-from .conftest import KernelResources, _attached_loops, _mount_points
+from .conftest import KernelResources
 from .test_blockimage import make_tree
 
 DAMSELFLY = Path(sys.executable).with_name("damselfly")
@@ -55,34 +55,11 @@ class Ledger:
 
     def leaks(self) -> list[str]:
         """FUSE or other mounts, loop devices and processes below our roots that still exist."""
-        found = []
-        under = tuple(r + os.sep for r in self.roots)
-        for mp in _mount_points():
-            if mp.startswith(under):
-                found.append(f"mount {mp}")
-        for dev, backing in _attached_loops().items():
-            if backing.startswith(under):
-                found.append(f"loop {dev} on {backing}")
-        for pid, cmdline in _processes():
-            if (pid in self.pids and "device-daemon" in cmdline) or any(u in cmdline for u in under):
-                found.append(f"process {pid}: {cmdline}")
+        found = left_below(*self.roots)
+        for pid, argv in processes():
+            if pid in self.pids and "device-daemon" in argv:
+                found.append(f"device daemon {pid}: {' '.join(argv)}")
         return found
-
-
-def _processes() -> Iterator[tuple[int, str]]:
-    me = os.getpid()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                raw = f.read()
-            with open(f"/proc/{name}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if raw and state != b"Z":
-            yield int(name), raw.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
 LEDGER = Ledger()
@@ -128,36 +105,26 @@ class DeviceDaemon:
         return {**os.environ, "DAMSELFLY_STATE_DIR": str(self.state_dir)}
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path)
 
     def start(self, timeout: float = 20.0) -> DeviceDaemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [DAMSELFLY, "device-daemon", "--state-dir", str(self.state_dir), *self.args, "-v"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        LEDGER.pids.append(self.proc.pid)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"device daemon exited with {self.proc.returncode}:\n{self.log()}")
+        argv = [str(DAMSELFLY), "device-daemon", "--state-dir", str(self.state_dir), *self.args, "-v"]
+        proc = self.proc = spawn(argv, self.log_path)
+        LEDGER.pids.append(proc.pid)
+
+        def answers() -> bool:
             try:
                 reply = control.call(self.socket, {"op": "ping"}, timeout=2)
-                assert reply["pid"] == self.proc.pid, f"another daemon answers on {self.socket}: {reply}"
-                return self
             except ControlError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"device daemon did not answer within {timeout}s:\n{self.log()}"
-                    ) from None
-                time.sleep(0.05)
+                return False
+            assert reply["pid"] == proc.pid, f"another daemon answers on {self.socket}: {reply}"
+            return True
+
+        why = wait_ready(proc, answers, timeout)
+        if why is not None:
+            raise RuntimeError(f"device daemon {why}:\n{self.log()}")
+        return self
 
     def call(self, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         return control.call(self.socket, request, timeout=timeout)
@@ -204,19 +171,9 @@ class DeviceDaemon:
         problems: list[str] = []
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ControlError):
-                control.call(self.socket, {"op": "shutdown"}, timeout=5)
-            for sig, wait in ((None, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-                if sig is not None:
-                    problems.append(f"daemon {proc.pid} needed {sig.name}")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, sig)
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if self.fuse_mountpoint in _mount_points():
+            problems += stop_daemon(self.state_dir, proc.pid, timeout=30.0)
+            proc.wait(timeout=10)  # gone: reap it
+        if self.fuse_mountpoint in mount_points():
             problems.append(f"FUSE mount {self.fuse_mountpoint} left behind")
             subprocess.run(["umount", "--lazy", "--", self.fuse_mountpoint], check=False, capture_output=True)
         return problems
@@ -224,28 +181,9 @@ class DeviceDaemon:
 
 # -- a registry that can be stopped and started again ----------------------------------------------
 
-
-class RestartableRegistry(RegistryServer):
-    """A real registry whose process can be stopped and started again on the same port and storage."""
-
-    def halt(self) -> None:
-        """Stop the registry process (SIGTERM, by pid); storage and port stay ours."""
-        self._terminate()
-
-    def resume(self, timeout: float = 15.0) -> None:
-        """Start the registry again with the configuration (port, storage) it had."""
-        assert self.proc is None, "the registry is running"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [REGISTRY_BIN, "serve", str(self.dir / "config.yml")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        if not self._wait_ready(timeout):
-            self._terminate()
-            raise RuntimeError(f"the registry did not restart on {self.host}:\n{self.log_path.read_text()}")
+#: A real registry whose process a test stops (`halt`) and starts again (`resume`) on the same port
+#: and storage.
+RestartableRegistry = RegistryServer
 
 
 # -- a TCP proxy that counts the registry's bytes --------------------------------------------------

@@ -1,16 +1,12 @@
 """Helpers for tests of converted ("remote") layers: converting and pushing images, the Prepare labels
-containerd (through `damselfly rpull` or CRI) sends for them, and undoing by exact path and pid what
-`damselfly serve` leaves on purpose — chain mounts and the detached device daemon, which outlive it so
-that containers survive its restarts.
+containerd (through `damselfly rpull` or CRI) sends for them, what `damselfly serve` leaves on purpose —
+chain mounts and the detached device daemon, which outlive it so that containers survive its restarts —
+and a config for it. `scripts.demolib.serve.release` undoes those by exact path and pid.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +15,14 @@ from click.testing import CliRunner
 from p2p.auth import static_credentials
 from p2p.manifest import Manifest
 from p2p.registry import RegistryClient
+from scripts.demolib.procs import loops_below, mount_points
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_OK
 from snapshotter.device import control
 from snapshotter.device.daemon import Paths
 from snapshotter.errors import ControlError
-from snapshotter.remote.snapshots import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_REF
+from snapshotter.labels import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_SNAPSHOT_REF
 from tests.oci_images import chain_ids
-
-from .conftest import _attached_loops, _mount_points
 
 
 def convert(src: str, dst: str, cache: Path) -> None:
@@ -64,7 +59,7 @@ def unpack_labels(manifest: Manifest, image_ref: str) -> list[PreparedLayer]:
     for i, desc in enumerate(manifest.layers):
         labels = {
             **dict(desc.annotations),
-            LABEL_REF: chain[i],
+            LABEL_SNAPSHOT_REF: chain[i],
             LABEL_IMAGE_REF: image_ref,
             LABEL_LAYER_DIGEST: desc.digest,
         }
@@ -75,13 +70,12 @@ def unpack_labels(manifest: Manifest, image_ref: str) -> list[PreparedLayer]:
 def chain_mounts(root: Path) -> list[str]:
     """Mount points of converted chains under a snapshotter root."""
     top = str(root / "remote") + os.sep
-    return [mp for mp in _mount_points() if mp.startswith(top)]
+    return [mp for mp in mount_points() if mp.startswith(top)]
 
 
 def device_loops(state: Path) -> list[str]:
     """Loop devices bound to a device file of the daemon at `state`."""
-    top = str(state.resolve() / "dev") + os.sep
-    return [dev for dev, backing in _attached_loops().items() if backing.startswith(top)]
+    return loops_below(state / "dev")
 
 
 def attached_devices(state: Path) -> list[str]:
@@ -91,54 +85,6 @@ def attached_devices(state: Path) -> list[str]:
     except ControlError:
         return []
     return sorted(reply["status"]["devices"])
-
-
-def daemon_pid(state: Path) -> int | None:
-    try:
-        return int(control.call(Paths(str(state)).socket, {"op": "ping"}, timeout=5)["pid"])
-    except ControlError:
-        return None
-
-
-def release_remote(root: Path, state: Path) -> list[str]:
-    """Undo what a snapshotter on `root` and its device daemon at `state` left on purpose, by exact path
-    and pid: chain mounts (unmounted), loop devices over device files (detached), the daemon (asked to
-    shut down, then SIGTERM, then SIGKILL) and its FUSE mount. Returns what it had to undo."""
-    undone: list[str] = []
-    for mp in sorted(chain_mounts(root), reverse=True):
-        undone.append(f"umount {mp}")
-        if subprocess.run(["umount", "--", mp], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["umount", "--lazy", "--", mp], capture_output=True, check=False)
-    for dev in device_loops(state):
-        undone.append(f"losetup -d {dev}")
-        subprocess.run(["losetup", "--detach", dev], capture_output=True, check=False)
-    pid = daemon_pid(state)
-    if pid is not None:
-        with contextlib.suppress(ControlError):
-            control.call(Paths(str(state)).socket, {"op": "shutdown"}, timeout=5)
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None:
-                undone.append(f"daemon {pid} needed {sig.name}")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 20
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if not _alive(pid):
-                break
-    fuse = str(state.resolve() / "dev")
-    if fuse in _mount_points():
-        undone.append(f"FUSE mount {fuse}")
-        subprocess.run(["umount", "--lazy", "--", fuse], capture_output=True, check=False)
-    return undone
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def serve_config(path: Path, state: Path, *, metrics: str = "", background_delay: float = 3600.0) -> Path:

@@ -1,11 +1,11 @@
 """Test helpers: a real `damselfly serve` subprocess on a temporary root and socket, a gRPC client for it,
-and real kernel mounts of what it returns (tests run as root)."""
+and real kernel mounts of what it returns (tests run as root). Processes and mounts are found and undone
+with the demo's harness (`scripts.demolib.procs`)."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,15 +14,11 @@ from pathlib import Path
 
 import grpc
 
+from scripts.demolib.procs import mounts_below, spawn, unmount_below, wait_ready
+from scripts.demolib.serve import damselfly_argv
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.api.containerd.types import mount_pb2
-
-
-def damselfly_argv() -> list[str]:
-    """The installed `damselfly` console script next to this interpreter, else `python -m`."""
-    script = Path(sys.executable).parent / "damselfly"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "snapshotter.cli"]
 
 
 @dataclass
@@ -59,41 +55,29 @@ def start(tmp: Path, *extra: str, root: Path | None = None, socket: Path | None 
     socket = socket or tmp / "run" / "snapshotter.sock"
     log = tmp / f"serve-{time.monotonic_ns()}.log"
     argv = [*damselfly_argv(), "serve", "--root", str(root), "--address", str(socket), "--log-level", "debug"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen([*argv, *extra], stdout=out, stderr=subprocess.STDOUT)
+    proc = spawn([*argv, *extra], log)
     channel = grpc.insecure_channel(f"unix:{socket}")
     served = Served(proc, root, socket, log, channel)
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            channel.close()
-            raise AssertionError(f"damselfly serve exited with {proc.returncode}:\n{served.log_text()}")
-        if socket.exists():
-            try:
-                grpc.channel_ready_future(channel).result(timeout=1)
-                return served
-            except grpc.FutureTimeoutError:
-                pass
-        if time.monotonic() > deadline:
+
+    def answers() -> bool:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=1)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
+    why = wait_ready(proc, lambda: socket.exists() and answers(), 30.0)
+    if why is not None:
+        if proc.poll() is None:
             served.stop(signal.SIGKILL)
-            raise AssertionError(f"damselfly serve did not listen on {socket}:\n{served.log_text()}")
-        time.sleep(0.05)
+        channel.close()
+        raise AssertionError(f"damselfly serve on {socket} {why}:\n{served.log_text()}")
+    return served
 
 
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below `path`, deepest first."""
-    prefix = str(path)
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].encode().decode("unicode_escape")
-        if point == prefix or point.startswith(prefix + "/"):
-            points.append(point)
-    return sorted(points, key=len, reverse=True)
-
-
-def unmount_under(path: Path) -> None:
-    for point in mounts_under(path):
-        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+#: Mount points at or below a path, deepest first; and unmounting them all, by exact mount point.
+mounts_under = mounts_below
+unmount_under = unmount_below
 
 
 @contextmanager

@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from snapshotter.convert import applytar
-from snapshotter.convert.applytar import ApplyStats, LayerStream, apply_layer, detect_codec, open_layer_stream
+from snapshotter.convert import layerstream
+from snapshotter.convert.applytar import ApplyStats, apply_layer
+from snapshotter.convert.layerstream import LayerStream, detect_codec, open_layer_stream
 from snapshotter.errors import LayerError
-from snapshotter.host.mounts import mkfs_ext4, mount_loop, umount_loop
+from snapshotter.host.mkfs import mkfs_ext4
+from snapshotter.host.mounts import mount_loop, umount_loop
 
 from .conftest import KernelResources
 
@@ -719,7 +721,7 @@ def test_compressed_layers_apply_the_same_tree(
 
 
 def test_gzip_through_zlib_when_isal_is_missing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(applytar, "_INFLATE", zlib)
+    monkeypatch.setattr(layerstream, "_INFLATE", zlib)
     _apply_blob(root, gzip.compress(_small_layer()))
     assert (root / "a" / "one").read_bytes() == b"1" * 3000
     with pytest.raises(LayerError, match="truncated"):

@@ -22,7 +22,8 @@ from blockformat.layer import LayerReader
 from blockformat.source import FileSource
 from blockformat.stack import Stack
 from snapshotter.errors import ImageError, MountError
-from snapshotter.host.mounts import loops_for, mount_loop, umount_loop
+from snapshotter.host.loop import loops_for
+from snapshotter.host.mounts import mount_loop, umount_loop
 from snapshotter.image.blockimage import (
     MIN_VSIZE,
     build_layer_from_dir,

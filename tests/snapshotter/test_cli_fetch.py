@@ -19,22 +19,24 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from click.testing import CliRunner, Result
 
+from blockformat.digest import digest_of
 from p2p.auth import static_credentials
-from p2p.digest import digest_of
 from p2p.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, Platform
 from p2p.registry import RegistryClient
+from scripts.demolib.registry import free_port
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_CORRUPT, EXIT_ERROR, EXIT_OK, EXIT_USAGE
-from snapshotter.cli.fetch import CONTAINERD_NAME, REF_NAME
-from tests.p2p.conftest import ALICE, FAST_RETRY, FAST_TIMEOUTS
+from snapshotter.cli.fetch import CONTAINERD_NAME
+from snapshotter.image.ocilayout import REF_NAME
+from tests.conftest import ALICE, FAST_RETRY, FAST_TIMEOUTS
 from tests.p2p.faultproxy import Fault, FaultProxy
 from tests.p2p.images import TestImage, make_image, push_image, push_multiarch
-from tests.p2p.registry_server import RegistryServer, free_port, htpasswd_line
+from tests.p2p.registry_server import RegistryServer
 
 DAMSELFLY = Path(sys.executable).with_name("damselfly")
 SKOPEO = shutil.which("skopeo")
@@ -61,28 +63,6 @@ BIG_LAYER = random.Random(7).randbytes(3 * 1024 * 1024 + 5)  # several network r
 # -- fixtures -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryServer]:
-    server = RegistryServer(name="fetch")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    path = tmp_path_factory.mktemp("htpasswd") / "htpasswd"
-    path.write_text(htpasswd_line(ALICE.username, ALICE.password))
-    server = RegistryServer(auth={"htpasswd": {"realm": "damselfly-test", "path": str(path)}}, name="fbasic")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(autouse=True)
 def no_ambient_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets an empty DOCKER_CONFIG, so the machine's own config.json never leaks in."""
@@ -91,14 +71,6 @@ def no_ambient_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     monkeypatch.setenv("DOCKER_CONFIG", str(d))
     monkeypatch.delenv("DAMSELFLY_PASSWORD", raising=False)
     return d
-
-
-@pytest.fixture
-def pusher(registry: RegistryServer) -> Iterator[RegistryClient]:
-    with RegistryClient(
-        registry.host, retry=FAST_RETRY, timeouts=FAST_TIMEOUTS, credentials=static_credentials({})
-    ) as c:
-        yield c
 
 
 _counter = iter(range(1_000_000))
@@ -158,6 +130,29 @@ def partial_of(layout: Path, digest: str) -> bool:
     return False
 
 
+def push_v1(pusher: RegistryClient, repo: str) -> TestImage:
+    """A fresh image, pushed as `repo`:v1."""
+    image = unique_image()
+    push_image(pusher, repo, image, "v1")
+    return image
+
+
+@contextlib.contextmanager
+def faulty_layer(
+    registry: RegistryServer,
+    layer: str,
+    kind: Literal["reset", "stall"],
+    *,
+    times: int = 1,
+    seconds: float = 5.0,
+) -> Iterator[FaultProxy]:
+    """A proxy to `registry` whose GETs of blob `layer` meet the fault `kind` (see `Fault`)."""
+    with FaultProxy(registry.host) as proxy:
+        fault = Fault(kind, path_contains=layer.partition(":")[2], method="GET", times=times, seconds=seconds)
+        proxy.add(fault)
+        yield proxy
+
+
 def assert_error(result: Result, code: int, *needles: str) -> None:
     assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
@@ -166,6 +161,13 @@ def assert_error(result: Result, code: int, *needles: str) -> None:
     assert len(errors) == 1 and result.stderr.splitlines()[-1] == errors[0], result.stderr
     for needle in needles:
         assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+
+
+def assert_fetched(ref: str, dest: Path, image: TestImage, *options: str) -> None:
+    """``damselfly fetch -q REF --dest DEST OPTIONS`` succeeds, and DEST holds `image`."""
+    result = fetch(ref, "--dest", dest, "-q", *options)
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert_holds_image(dest, image)
 
 
 def assert_holds_image(layout: Path, image: TestImage) -> None:
@@ -193,8 +195,7 @@ def flip_byte(path: Path, offset: int) -> None:
 def test_fetch_writes_an_oci_layout_that_skopeo_reads(
     registry: RegistryServer, pusher: RegistryClient, repo: str, tmp_path: Path
 ) -> None:
-    image = unique_image()
-    push_image(pusher, repo, image, "v1")
+    image = push_v1(pusher, repo)
     dest = tmp_path / "layout"
 
     result = fetch(f"{registry.host}/{repo}:v1", "--dest", dest)
@@ -223,8 +224,7 @@ def test_fetch_writes_an_oci_layout_that_skopeo_reads(
 def test_blob_files_are_readable_like_ordinary_files(
     registry: RegistryServer, pusher: RegistryClient, repo: str, tmp_path: Path
 ) -> None:
-    image = unique_image()
-    push_image(pusher, repo, image, "v1")
+    image = push_v1(pusher, repo)
     umask = os.umask(0o022)
     try:
         assert fetch(f"{registry.host}/{repo}:v1", "--dest", tmp_path / "l", "-q").exit_code == EXIT_OK
@@ -300,8 +300,7 @@ def test_default_destination_is_the_repository_name(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    image = unique_image()
-    push_image(pusher, repo, image, "v1")
+    image = push_v1(pusher, repo)
     monkeypatch.chdir(tmp_path)
     assert fetch(f"{registry.host}/{repo}:v1", "-q").exit_code == EXIT_OK
     assert_holds_image(tmp_path / repo.rsplit("/", 1)[1], image)
@@ -313,8 +312,7 @@ def test_default_destination_is_the_repository_name(
 def test_second_fetch_keeps_valid_blobs_and_replaces_a_damaged_one(
     registry: RegistryServer, pusher: RegistryClient, repo: str, tmp_path: Path
 ) -> None:
-    image = unique_image()
-    push_image(pusher, repo, image, "v1")
+    image = push_v1(pusher, repo)
     dest = tmp_path / "layout"
     ref = f"{registry.host}/{repo}:v1"
     assert fetch(ref, "--dest", dest, "-q").exit_code == EXIT_OK
@@ -383,8 +381,7 @@ def test_concurrent_fetches_into_one_directory_keep_both_entries(
 def test_partial_files_of_dead_processes_are_removed(
     registry: RegistryServer, pusher: RegistryClient, repo: str, tmp_path: Path
 ) -> None:
-    image = unique_image()
-    push_image(pusher, repo, image, "v1")
+    push_v1(pusher, repo)
     dest = tmp_path / "layout"
     assert fetch(f"{registry.host}/{repo}:v1", "--dest", dest, "-q").exit_code == EXIT_OK
     ended = subprocess.Popen(["true"])
@@ -405,12 +402,10 @@ def test_partial_files_of_dead_processes_are_removed(
 def test_a_fetch_killed_mid_blob_leaves_only_a_partial_file_which_the_next_fetch_removes(
     registry: RegistryServer, pusher: RegistryClient, repo: str, tmp_path: Path
 ) -> None:
-    image = unique_image()
-    push_image(pusher, repo, image, "v1")
+    image = push_v1(pusher, repo)
     layer = digest_of(image.layers[0])
     dest = tmp_path / "layout"
-    with FaultProxy(registry.host) as proxy:
-        proxy.add(Fault("stall", path_contains=layer.partition(":")[2], method="GET", seconds=30))
+    with faulty_layer(registry, layer, "stall", seconds=30) as proxy:
         proc = subprocess.Popen(
             [DAMSELFLY, "fetch", "-q", "-j", "1", "--dest", str(dest), f"{proxy.host}/{repo}:v1"],
             stdout=subprocess.DEVNULL,
@@ -428,9 +423,7 @@ def test_a_fetch_killed_mid_blob_leaves_only_a_partial_file_which_the_next_fetch
         assert not blob_path(dest, layer).exists()
         assert not (dest / "index.json").exists()
 
-    result = fetch(f"{registry.host}/{repo}:v1", "--dest", dest, "-q")
-    assert result.exit_code == EXIT_OK, result.stderr
-    assert_holds_image(dest, image)
+    assert_fetched(f"{registry.host}/{repo}:v1", dest, image)
     assert leftovers(dest) == []
 
 
@@ -471,8 +464,7 @@ def test_registry_down_fails_in_bounded_time_with_a_clear_message(tmp_path: Path
 def test_wrong_bytes_from_the_registry_fail_as_corrupt_and_leave_no_blob(
     registry: RegistryServer, pusher: RegistryClient, repo: str, tmp_path: Path
 ) -> None:
-    image = unique_image()
-    push_image(pusher, repo, image, "v1")
+    image = push_v1(pusher, repo)
     bad = digest_of(image.layers[0])
     flip_byte(registry.blob_data_path(bad), 1000)
     dest = tmp_path / "layout"
@@ -488,11 +480,9 @@ def test_wrong_bytes_from_the_registry_fail_as_corrupt_and_leave_no_blob(
 def test_a_connection_reset_mid_blob_is_retried_and_the_blob_is_whole(
     registry: RegistryServer, pusher: RegistryClient, repo: str, tmp_path: Path
 ) -> None:
-    image = unique_image()
-    push_image(pusher, repo, image, "v1")
+    image = push_v1(pusher, repo)
     layer = digest_of(image.layers[0])
-    with FaultProxy(registry.host) as proxy:
-        proxy.add(Fault("reset", path_contains=layer.partition(":")[2], method="GET", times=2))
+    with faulty_layer(registry, layer, "reset", times=2) as proxy:
         result = fetch(f"{proxy.host}/{repo}:v1", "--dest", tmp_path / "l", "-q")
         assert proxy.faults_applied("reset") == 2
     assert result.exit_code == EXIT_OK, result.stderr
@@ -503,12 +493,10 @@ def test_a_connection_reset_mid_blob_is_retried_and_the_blob_is_whole(
 def test_a_blob_that_keeps_failing_leaves_no_partial_file(
     registry: RegistryServer, pusher: RegistryClient, repo: str, tmp_path: Path
 ) -> None:
-    image = unique_image()
-    push_image(pusher, repo, image, "v1")
+    image = push_v1(pusher, repo)
     layer = digest_of(image.layers[0])
     dest = tmp_path / "layout"
-    with FaultProxy(registry.host) as proxy:
-        proxy.add(Fault("reset", path_contains=layer.partition(":")[2], method="GET", times=1000))
+    with faulty_layer(registry, layer, "reset", times=1000) as proxy:
         result = fetch(f"{proxy.host}/{repo}:v1", "--dest", dest)
     assert_error(result, EXIT_ERROR, "registry unavailable", layer)
     assert not blob_path(dest, layer).exists()
@@ -597,9 +585,7 @@ def test_auth_without_credentials_fails_and_with_them_succeeds(
     assert_error(
         fetch(ref, "--dest", tmp_path / "b", "-u", ALICE.username, "-p", "wrong"), EXIT_ERROR, "refused"
     )
-    ok = fetch(ref, "--dest", tmp_path / "c", "-q", "-u", ALICE.username, "-p", ALICE.password)
-    assert ok.exit_code == EXIT_OK, ok.stderr
-    assert_holds_image(tmp_path / "c", image)
+    assert_fetched(ref, tmp_path / "c", image, "-u", ALICE.username, "-p", ALICE.password)
 
 
 def test_auth_from_docker_config_json(
@@ -610,16 +596,13 @@ def test_auth_from_docker_config_json(
     (no_ambient_credentials / "config.json").write_text(
         json.dumps({"auths": {basic_registry.host: {"auth": auth}}})
     )
-    ok = fetch(f"{basic_registry.host}/{repo}:v1", "--dest", tmp_path / "l", "-q")
-    assert ok.exit_code == EXIT_OK, ok.stderr
-    assert_holds_image(tmp_path / "l", image)
+    assert_fetched(f"{basic_registry.host}/{repo}:v1", tmp_path / "l", image)
 
 
 def test_progress_goes_to_stderr_and_quiet_silences_it(
     registry: RegistryServer, pusher: RegistryClient, repo: str, tmp_path: Path
 ) -> None:
-    image = unique_image()
-    push_image(pusher, repo, image, "v1")
+    image = push_v1(pusher, repo)
     ref = f"{registry.host}/{repo}:v1"
     loud = fetch(ref, "--dest", tmp_path / "a")
     assert loud.exit_code == EXIT_OK

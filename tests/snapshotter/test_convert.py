@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,8 +22,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from blockformat.annotations import KEY_REPOSITORY, MEDIA_TYPE_LAYER, LayerAnnotations
-from p2p.auth import static_credentials
 from p2p.registry import RegistryClient
+from scripts.demolib.procs import attached_loops as _attached_loops
+from scripts.demolib.procs import mount_points as _mount_points
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_ERROR, EXIT_OK
 from snapshotter.convert.converter import NEEDS_ROOT, ConvertOptions, convert
@@ -43,34 +43,11 @@ from tests.oci_images import (
     write_index_layout,
     write_layout,
 )
-from tests.p2p.conftest import FAST_RETRY, FAST_TIMEOUTS
 from tests.p2p.registry_server import RegistryServer
 
-from .conftest import KernelResources, _attached_loops, _mount_points
+from .conftest import KernelResources
 
 DAMSELFLY = Path(sys.executable).with_name("damselfly")
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryServer]:
-    server = RegistryServer(name="convert")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def pusher(registry: RegistryServer) -> Iterator[RegistryClient]:
-    with RegistryClient(
-        registry.host,
-        plain_http=True,
-        retry=FAST_RETRY,
-        timeouts=FAST_TIMEOUTS,
-        credentials=static_credentials({}),
-    ) as client:
-        yield client
 
 
 def run_convert(*args: str) -> Result:

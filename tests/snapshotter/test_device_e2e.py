@@ -25,11 +25,12 @@ from blockformat.annotations import LayerAnnotations
 from blockformat.chunkfile import ChunkReader
 from blockformat.layer import LayerReader
 from blockformat.source import FileSource
-from p2p.auth import static_credentials
 from p2p.registry import RegistryClient
-from snapshotter.host.mounts import find_mount, loop_attach, loop_detach, loops_for, mount, umount
+from snapshotter.host.loop import loop_attach, loop_detach, loops_for
+from snapshotter.host.mountinfo import find_mount
+from snapshotter.host.mounts import mount, umount
 from snapshotter.image.blockimage import write_oci_layout
-from tests.p2p.conftest import FAST_RETRY, FAST_TIMEOUTS
+from tests.conftest import FAST_RETRY, FAST_TIMEOUTS
 from tests.p2p.registry_server import RegistryServer
 
 from .devd import (
@@ -58,37 +59,11 @@ FIXED_MTIME = 1_650_000_000
 # -- fixtures --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryServer]:
-    server = RegistryServer(name="devd")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def pusher(registry: RegistryServer) -> Iterator[RegistryClient]:
-    with RegistryClient(
-        registry.host,
-        plain_http=True,
-        retry=FAST_RETRY,
-        timeouts=FAST_TIMEOUTS,
-        credentials=static_credentials({}),
-    ) as client:
-        yield client
-
-
 @pytest.fixture
 def restartable_registry() -> Iterator[RestartableRegistry]:
     """A registry of the test's own, which it may stop and start again on the same port."""
-    server = RestartableRegistry(name="devd-restart")
-    server.start()
-    try:
+    with RestartableRegistry(name="devd-restart") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ READ the daemon sees is one the test caused, and a page that needs none came fro
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import time
@@ -17,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from blockformat.chunkfile import Part
-from blockformat.layer import LayerReader, LayerWriter
-from blockformat.source import BytesSource
+from blockformat.layer import LayerReader
 from blockformat.stack import Stack
 from blockformat.upper import WritableUpper
 from snapshotter.device.fuse import BlockFS
 from snapshotter.device.manager import ImageDevice
+from tests.conftest import Extents, layer_reader
 
 from .conftest import KernelResources
 
@@ -41,16 +40,8 @@ class CountingDevice(ImageDevice):
         return super().read_parts(offset, length)
 
 
-def _layer(extents: list[tuple[int, bytes | int]]) -> LayerReader:
-    out = io.BytesIO()
-    w = LayerWriter(out, VSIZE, "lz4", CHUNK)
-    for off, what in extents:
-        if isinstance(what, int):
-            w.add_zero(off, what)
-        else:
-            w.add_data(off, what)
-    info = w.close()
-    return LayerReader(BytesSource(out.getvalue(), "layer"), info.index_digest)
+def _layer(extents: Extents) -> LayerReader:
+    return layer_reader(extents, VSIZE, CHUNK)
 
 
 def _data(seed: int, n: int) -> bytes:

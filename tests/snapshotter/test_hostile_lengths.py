@@ -20,16 +20,16 @@ import pytest
 
 from blockformat.annotations import LayerAnnotations
 from blockformat.chunkfile import CRC, MAX_BLOB_SIZE, MAX_INDEX_SIZE, TRAILER, TRAILER_MAGIC, TRAILER_SIZE
+from blockformat.digest import Digest, digest_of
 from blockformat.layer import LayerWriter
-from p2p.digest import Digest, digest_of
 from p2p.manifest import MAX_DOCUMENT_SIZE, OCI_MANIFEST, Descriptor, Manifest, parse_manifest
 from snapshotter.cli.errors import EXIT_CORRUPT, EXIT_ERROR
-from snapshotter.cli.fetch import Layout, LayoutError
+from snapshotter.cli.fetch import layout_for
 from snapshotter.convert.sources import VerifiedReader, open_source
-from snapshotter.errors import ImageError, LayerError
+from snapshotter.errors import ImageError, LayerError, LayoutError
 from snapshotter.image import spec
 from snapshotter.image.blockimage import write_oci_layout
-from snapshotter.image.ocilayout import read_index
+from snapshotter.image.ocilayout import LayoutReader
 from snapshotter.image.spec import device_spec_for
 from tests.conftest import SampleBlob
 
@@ -179,7 +179,7 @@ def test_an_oversized_index_json_is_refused_without_reading_it_whole(layout: Pat
     with (layout / "index.json").open("r+b") as f:
         f.truncate(MAX_DOCUMENT_SIZE + 1)
     with pytest.raises(ImageError, match=f"larger than {MAX_DOCUMENT_SIZE} bytes"):
-        read_index(str(layout))
+        LayoutReader(layout).entries()
 
 
 def test_a_registry_manifest_with_a_layer_larger_than_any_blob_is_refused(
@@ -252,9 +252,9 @@ def test_reading_a_layer_stream_to_its_end_is_not_sized_by_its_descriptor(tmp_pa
 def test_fetch_refuses_an_oversized_layout_file_in_its_destination(layout: Path, name: str) -> None:
     with (layout / name).open("r+b") as f:
         f.truncate(MAX_DOCUMENT_SIZE + 1)
-    dest = Layout(layout, 0o022)
+    dest = layout_for(layout)
     with pytest.raises(LayoutError, match=f"larger than {MAX_DOCUMENT_SIZE} bytes"):
         if name == "oci-layout":
-            dest.prepare()
+            dest.open()
         else:
-            dest._load_index(layout / name)
+            dest.add_to_index(Descriptor(OCI_MANIFEST, Digest(digest_of(b"x")), 1))

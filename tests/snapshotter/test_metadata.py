@@ -16,8 +16,10 @@ from snapshotter.errors import (
     NotFoundError,
     UnavailableError,
 )
+from snapshotter.labels import MAX_LABEL_SIZE
 from snapshotter.service.filters import parse_all
-from snapshotter.service.metadata import MAX_LABEL_BYTES, Kind, MetaStore, Snapshot, Usage
+from snapshotter.service.metadata import MetaStore
+from snapshotter.service.records import Kind, Snapshot, Usage
 
 
 @pytest.fixture
@@ -153,9 +155,9 @@ def test_update_with_field_masks(store: MetaStore) -> None:
 
 
 def test_labels_over_containerds_limit_are_refused(store: MetaStore) -> None:
-    create(store, Kind.ACTIVE, "ok", k="v" * (MAX_LABEL_BYTES - 1))
+    create(store, Kind.ACTIVE, "ok", k="v" * (MAX_LABEL_SIZE - 1))
     with pytest.raises(InvalidRequestError, match="exceed 4096 bytes"):
-        create(store, Kind.ACTIVE, "big", k="v" * MAX_LABEL_BYTES)
+        create(store, Kind.ACTIVE, "big", k="v" * MAX_LABEL_SIZE)
     with pytest.raises(InvalidRequestError, match="key is required"):
         create(store, Kind.ACTIVE, "")
 

@@ -11,23 +11,12 @@ from pathlib import Path
 import pytest
 
 from snapshotter.errors import MountError
-from snapshotter.host import mounts
-from snapshotter.host.mounts import (
-    find_mount,
-    is_mounted,
-    loop_attach,
-    loop_detach,
-    loop_info,
-    loops_for,
-    mkfs_ext4,
-    mount,
-    mount_loop,
-    mountinfo,
-    parse_mountinfo,
-    run_tool,
-    umount,
-    umount_loop,
-)
+from snapshotter.host import loop
+from snapshotter.host.loop import loop_attach, loop_detach, loop_info, loops_for
+from snapshotter.host.mkfs import mkfs_ext4
+from snapshotter.host.mountinfo import find_mount, is_mounted, mountinfo, parse_mountinfo
+from snapshotter.host.mounts import mount, mount_loop, umount, umount_loop
+from snapshotter.host.tools import run_tool
 
 from .conftest import KernelResources
 
@@ -407,7 +396,7 @@ def test_a_command_that_hangs_is_killed_after_its_timeout() -> None:
 def test_a_missing_command_names_the_package_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(mounts, "LOSETUP", "damselfly-no-such-losetup")
+    monkeypatch.setattr(loop, "LOSETUP", "damselfly-no-such-losetup")
     with pytest.raises(MountError, match="command not found") as info:
         loop_attach(_sparse(tmp_path / "disk.img"))
     assert "install" in str(info.value)

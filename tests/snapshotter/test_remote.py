@@ -28,6 +28,9 @@ import pytest
 
 from blockformat.annotations import KEY_BLOB_DIGEST, KEY_INDEX_DIGEST, KEY_REPOSITORY, KEY_VERSION, KEY_VSIZE
 from p2p.reference import parse_reference
+from scripts.demolib.registry import free_port
+from scripts.demolib.serve import daemon_pid
+from scripts.demolib.serve import release as release_remote
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.api.containerd.types import mount_pb2
@@ -40,25 +43,24 @@ from snapshotter.errors import (
     ImageError,
     NotFoundError,
 )
-from snapshotter.host.mounts import find_mount
-from snapshotter.metrics import REGISTRY
-from snapshotter.remote.snapshots import (
+from snapshotter.host.mountinfo import find_mount
+from snapshotter.labels import (
     LABEL_BLOB_SIZE,
     LABEL_IMAGE_REF,
     LABEL_LAYER_DIGEST,
-    LABEL_REF,
+    LABEL_SNAPSHOT_REF,
     LABEL_SOURCE,
-    FallbackError,
-    RemoteOptions,
-    RemoteSnapshots,
-    candidate,
-    chain_of,
 )
-from snapshotter.service.metadata import Kind, Layer, MetaStore
+from snapshotter.metrics import REGISTRY
+from snapshotter.remote.blobcheck import RemoteOptions
+from snapshotter.remote.layers import FallbackError, candidate, chain_of
+from snapshotter.remote.snapshots import RemoteSnapshots
+from snapshotter.service.metadata import MetaStore
 from snapshotter.service.overlay import Mount, OverlayDriver
+from snapshotter.service.records import Kind, Layer
 from snapshotter.service.snapshots import Snapshots
 from tests import oci_images as oi
-from tests.p2p.registry_server import RegistryServer, free_port
+from tests.p2p.registry_server import RegistryServer
 
 from . import serving
 from .remote_lab import (
@@ -66,10 +68,8 @@ from .remote_lab import (
     attached_devices,
     chain_mounts,
     convert,
-    daemon_pid,
     device_loops,
     manifest_of,
-    release_remote,
     serve_config,
     unpack_labels,
 )
@@ -111,16 +111,6 @@ class Converted:
     @property
     def top(self) -> PreparedLayer:
         return self.layers[-1]
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryServer]:
-    server = RegistryServer(name="remote")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -262,11 +252,8 @@ def test_labels_name_the_blob_and_its_source(converted: Converted) -> None:
     assert cand is not None
     assert (cand.digest, cand.source) == (top.digest, top.labels[KEY_REPOSITORY])
     # Plain layers are not candidates (and are no fallback either).
-    assert (
-        candidate("", {LABEL_REF: "sha256:" + "0" * 64, "containerd.io/snapshot/cri.image-ref": "x/y"})
-        is None
-    )
-    assert candidate("", {k: v for k, v in top.labels.items() if k != LABEL_REF}) is None
+    assert candidate("", {LABEL_SNAPSHOT_REF: "sha256:" + "0" * 64, LABEL_IMAGE_REF: "x/y"}) is None
+    assert candidate("", {k: v for k, v in top.labels.items() if k != LABEL_SNAPSHOT_REF}) is None
 
 
 @pytest.mark.parametrize(
@@ -368,7 +355,7 @@ def test_unreachable_registry_falls_back_once_per_cooldown(
     assert f"registry {dead} is unreachable" in caplog.text
     # The next layer does not wait for the dead registry again.
     t0 = time.monotonic()
-    lab.snapshots.prepare(NS, "k2", "", {**labels, LABEL_REF: "sha256:" + "2" * 64})
+    lab.snapshots.prepare(NS, "k2", "", {**labels, LABEL_SNAPSHOT_REF: "sha256:" + "2" * 64})
     assert time.monotonic() - t0 < 1.0
     assert fallbacks("unreachable") == before + 2
     assert "not asked again" in caplog.text

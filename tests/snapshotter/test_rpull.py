@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from blockformat.annotations import MEDIA_TYPE_LAYER
-from p2p.digest import Digest
+from blockformat.digest import Digest
 from p2p.manifest import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -36,19 +36,21 @@ from snapshotter.api.containerd.types import descriptor_pb2
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from snapshotter.errors import ContainerdError, ImageError
-from snapshotter.remote.containerd import lease_expiry
-from snapshotter.remote.rpull import (
+from snapshotter.labels import (
     LABEL_IMAGE_LAYERS,
     MAX_LABEL_SIZE,
-    Puller,
-    chain_ids,
     config_gc_labels,
-    diff_ids_of,
     image_layers_label,
     index_gc_labels,
-    is_tar_layer,
     manifest_gc_labels,
     snapshot_labels,
+)
+from snapshotter.remote.containerd import lease_expiry
+from snapshotter.remote.rpull import (
+    Puller,
+    chain_ids,
+    diff_ids_of,
+    is_tar_layer,
     unpack_key,
 )
 from tests import oci_images as oi

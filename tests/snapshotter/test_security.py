@@ -26,11 +26,11 @@ import pytest
 from blockformat.chunkfile import ChunkReader
 from blockformat.layer import LayerWriter
 from blockformat.source import FileSource
-from p2p.auth import static_credentials
 from p2p.registry import RegistryClient
-from snapshotter.host.mounts import find_mount, loops_for
+from snapshotter.host.loop import loops_for
+from snapshotter.host.mountinfo import find_mount
 from snapshotter.image.blockimage import write_oci_layout
-from tests.p2p.conftest import FAST_RETRY, FAST_TIMEOUTS
+from tests.conftest import FAST_RETRY, FAST_TIMEOUTS
 from tests.p2p.registry_server import RegistryServer
 from tests.programs import euid_program
 
@@ -59,28 +59,6 @@ def lab() -> Iterator[DeviceLab]:
         problems = lab.close()
         shutil.rmtree(root, ignore_errors=True)
     assert not problems, problems
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryServer]:
-    server = RegistryServer(name="security")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def pusher(registry: RegistryServer) -> Iterator[RegistryClient]:
-    with RegistryClient(
-        registry.host,
-        plain_http=True,
-        retry=FAST_RETRY,
-        timeouts=FAST_TIMEOUTS,
-        credentials=static_credentials({}),
-    ) as client:
-        yield client
 
 
 def as_nobody(*argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,171 @@
+"""Reading a layer tar as a stream, and what its entries say: names, types, times, xattrs.
+
+`open_tar` reads a tar in ``tarfile``'s stream mode (``r|``: nothing is buffered beyond one chunk, the
+stream is never seeked) with `CheckedTarInfo`, which refuses what ``tarfile`` would take for a normal
+end of the archive: a missing, short or invalid header after the first entry is `TarCorruptError`
+(truncation exactly between two entries included: the end-of-archive block must be there). PAX and GNU
+extended headers are bounded (`MAX_EXTENDED_HEADER`) before ``tarfile`` reads them whole into memory.
+
+What an entry means, as the appliers of containerd and docker read it:
+
+- `entry_times`: (atime, mtime) in nanoseconds from the PAX ``mtime``/``atime`` records
+  (``TarInfo.mtime`` is a float and loses them); atime is never before mtime; times outside what
+  ``utimensat`` and ext4 can hold (negative, past 2262) become the epoch, like containerd's
+  ``boundTime``.
+- `entry_xattrs`: PAX ``SCHILY.xattr.NAME`` records (raw bytes) and libarchive's
+  ``LIBARCHIVE.xattr.NAME`` (URL-encoded name, base64 value).
+
+Metadata that does not parse is an `EntryMetadataError`; the applier names the layer and the entry.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import tarfile
+import urllib.parse
+from typing import IO, Self, cast
+
+from .layerstream import CHUNK, Readable
+
+# tarfile's header errors, missing from typeshed's stubs.
+_EOFHeaderError: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+_EmptyHeaderError: type[Exception] = tarfile.EmptyHeaderError  # type: ignore[attr-defined]
+_TruncatedHeaderError: type[Exception] = tarfile.TruncatedHeaderError  # type: ignore[attr-defined]
+
+#: PAX and GNU long-name headers are read whole into memory by tarfile; real ones are a few KiB.
+MAX_EXTENDED_HEADER = 1 << 20
+#: utimensat and ext4 hold times from the epoch to 2262 (int64 nanoseconds); containerd clamps the same.
+_MAX_NS = (1 << 63) - 1
+
+REGULAR_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
+
+
+class TarCorruptError(Exception):
+    """A header that is not a tar header, or the stream ending without the end-of-archive block."""
+
+    def __init__(self, offset: int, why: str) -> None:
+        super().__init__(why)
+        self.offset = offset
+        self.why = why
+
+
+class EntryMetadataError(Exception):
+    """An entry's PAX records say something that cannot be applied (`why`)."""
+
+
+class CheckedTarInfo(tarfile.TarInfo):
+    """A TarInfo whose reading refuses what tarfile, in stream mode, takes for a normal end.
+
+    ``TarFile.next()`` ends the archive quietly on a missing, short or invalid header after the first
+    entry. Only a zero block (`EOFHeaderError`) ends a layer here; everything else raises `TarCorruptError`,
+    which ``next()`` lets through untouched. Extended headers are bounded before tarfile reads them
+    into memory.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> Self:
+        fileobj = tf.fileobj
+        assert fileobj is not None  # an open TarFile always has one
+        offset = fileobj.tell()
+        buf = fileobj.read(tarfile.BLOCKSIZE)
+        try:
+            obj = cls.frombuf(buf, tf.encoding, tf.errors)
+        except _EOFHeaderError:
+            raise  # the end-of-archive block: the one normal end
+        except _EmptyHeaderError:
+            raise TarCorruptError(
+                offset, "truncated: the stream ends without the end-of-archive block"
+            ) from None
+        except _TruncatedHeaderError:
+            raise TarCorruptError(offset, "truncated: the stream ends inside a tar header") from None
+        except tarfile.HeaderError as e:
+            raise TarCorruptError(offset, f"not a valid tar header ({e})") from None
+        if obj.type in _EXTENDED_TYPES and obj.size > MAX_EXTENDED_HEADER:
+            raise TarCorruptError(
+                offset, f"an extended header of {obj.size} bytes (at most {MAX_EXTENDED_HEADER})"
+            )
+        obj.offset = offset
+        try:
+            member: Self = obj._proc_member(tf)  # type: ignore[attr-defined]  # tarfile's extension hook
+        except (tarfile.HeaderError, ValueError) as e:  # a bad PAX/GNU extension or what follows it
+            raise TarCorruptError(offset, f"invalid extended header ({e})") from None
+        return member
+
+
+_EXTENDED_TYPES = frozenset(
+    {
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+    }
+)
+_PAX_TIME = re.compile(r"(-?)([0-9]+)(?:\.([0-9]*))?")
+
+
+def _pax_ns(value: str) -> int | None:
+    """A PAX time record ("1700000000.123456789", digits past nanoseconds dropped) in nanoseconds."""
+    m = _PAX_TIME.fullmatch(value)
+    if m is None:
+        return None
+    ns = int(m.group(2)) * 1_000_000_000 + int((m.group(3) or "")[:9].ljust(9, "0"))
+    return -ns if m.group(1) else ns
+
+
+def entry_type(m: tarfile.TarInfo) -> str:
+    """The entry's type flag as a character, for messages."""
+    return m.type.decode("latin-1")
+
+
+def _bound(ns: int) -> int:
+    return ns if 0 <= ns <= _MAX_NS else 0
+
+
+def open_tar(stream: Readable) -> tarfile.TarFile:
+    """A tar reader over `stream` in stream mode, with `CheckedTarInfo` (see the module docstring).
+
+    Names are decoded as UTF-8 with surrogateescape: every byte of a name survives the round trip."""
+    return tarfile.open(
+        fileobj=cast(IO[bytes], stream),  # stream mode ("r|") only ever calls read()
+        mode="r|",
+        tarinfo=CheckedTarInfo,
+        bufsize=CHUNK,
+        encoding="utf-8",
+        errors="surrogateescape",
+    )
+
+
+def entry_times(m: tarfile.TarInfo) -> tuple[int, int]:
+    """(atime, mtime) in ns: PAX records keep nanoseconds; atime is never before mtime (containerd)."""
+    pax = m.pax_headers
+    mtime = int(m.mtime) * 1_000_000_000
+    if "mtime" in pax:
+        parsed = _pax_ns(pax["mtime"])
+        if parsed is None:
+            raise EntryMetadataError(f"invalid PAX mtime {pax['mtime']!r}")
+        mtime = parsed
+    atime = mtime
+    if "atime" in pax:
+        parsed = _pax_ns(pax["atime"])
+        atime = max(parsed, mtime) if parsed is not None else mtime
+    return _bound(atime), _bound(mtime)
+
+
+def entry_xattrs(m: tarfile.TarInfo) -> dict[str, bytes]:
+    """The entry's extended attributes by name (SCHILY first, libarchive's where SCHILY has none)."""
+    out: dict[str, bytes] = {}
+    for key, value in m.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):  # value: the raw bytes, read back with surrogateescape
+            out[key[len("SCHILY.xattr.") :]] = value.encode("utf-8", "surrogateescape")
+    for key, value in m.pax_headers.items():  # libarchive: URL-encoded name, base64 value
+        if key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote(key[len("LIBARCHIVE.xattr.") :], errors="surrogateescape")
+            try:
+                raw = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+            except (binascii.Error, ValueError):
+                raise EntryMetadataError(f"xattr {name!r}: value is not base64") from None
+            out.setdefault(name, raw)
+    return out
