@@ -66,12 +66,27 @@ class CheckedTarInfo(tarfile.TarInfo):
 
     @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile) -> Self:
+        return cls._checked(tf, dircheck=True)
+
+    @classmethod
+    def _fromtarfile(cls, tf: tarfile.TarFile, *, dircheck: bool = True) -> Self:
+        # Python releases with the 2025 tarfile fixes (3.9.23+, 3.11.13+, Debian's 3.11.2-6+deb12u9)
+        # read the header that follows a PAX/GNU extension through this, not `fromtarfile`: without
+        # this override that header would skip every check here, the extended-header bound included.
+        return cls._checked(tf, dircheck=dircheck)
+
+    @classmethod
+    def _checked(cls, tf: tarfile.TarFile, dircheck: bool) -> Self:
         fileobj = tf.fileobj
         assert fileobj is not None  # an open TarFile always has one
         offset = fileobj.tell()
         buf = fileobj.read(tarfile.BLOCKSIZE)
         try:
-            obj = cls.frombuf(buf, tf.encoding, tf.errors)
+            fixed = getattr(cls, "_frombuf", None)  # the fixed releases: `dircheck` off after an extension
+            if fixed is not None:
+                obj = cast(Self, fixed(buf, tf.encoding, tf.errors, dircheck=dircheck))
+            else:
+                obj = cls.frombuf(buf, tf.encoding, tf.errors)
         except _EOFHeaderError:
             raise  # the end-of-archive block: the one normal end
         except _EmptyHeaderError:
@@ -90,8 +105,17 @@ class CheckedTarInfo(tarfile.TarInfo):
         try:
             member: Self = obj._proc_member(tf)  # type: ignore[attr-defined]  # tarfile's extension hook
         except (tarfile.HeaderError, ValueError) as e:  # a bad PAX/GNU extension or what follows it
+            if fileobj.tell() < offset + tarfile.BLOCKSIZE + _blocks(obj.size):
+                raise TarCorruptError(
+                    offset, "truncated: the stream ends inside an extended header"
+                ) from None
             raise TarCorruptError(offset, f"invalid extended header ({e})") from None
         return member
+
+
+def _blocks(size: int) -> int:
+    """`size` bytes rounded up to whole tar blocks."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 _EXTENDED_TYPES = frozenset(
