@@ -13,25 +13,33 @@ on one thread); code that runs without a scope has none (`remaining` returns Non
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
 
 from .errors import DeadlineExceededError
 
 _local = threading.local()
 
 
-@contextlib.contextmanager
-def scope(at: float | None) -> Iterator[None]:
-    """Run the body with deadline `at` (a `time.monotonic()` value), or the enclosing one if earlier."""
-    outer: float | None = getattr(_local, "at", None)
-    _local.at = at if outer is None else outer if at is None else min(outer, at)
-    try:
-        yield
-    finally:
-        _local.at = outer
+class scope:  # noqa: N801 - used like a function: ``with deadline.scope(at):``
+    """Run the body with deadline `at` (a `time.monotonic()` value), or the enclosing one if earlier.
+
+    A class, not a generator-based context manager: the device daemon enters one per read."""
+
+    __slots__ = ("_at", "_outer")
+
+    def __init__(self, at: float | None) -> None:
+        self._at = at
+        self._outer: float | None = None
+
+    def __enter__(self) -> None:
+        outer: float | None = getattr(_local, "at", None)
+        self._outer = outer
+        at = self._at
+        _local.at = at if outer is None else outer if at is None else min(outer, at)
+
+    def __exit__(self, *exc: object) -> None:
+        _local.at = self._outer
 
 
 def current() -> float | None:

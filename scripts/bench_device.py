@@ -105,7 +105,11 @@ from blockformat.source import FileSource  # noqa: E402
 from blockformat.stack import Stack  # noqa: E402
 from p2p.cache import BlobCache  # noqa: E402
 from snapshotter.config import DeviceSection  # noqa: E402
-from snapshotter.device import control  # noqa: E402
+from snapshotter.device import (  # noqa: E402
+    control,
+    fuseabi,
+    pagestore,
+)
 from snapshotter.device import daemon as daemon_mod  # noqa: E402
 from snapshotter.device import fuse as fuse_mod  # noqa: E402
 from snapshotter.device import manager as manager_mod  # noqa: E402
@@ -928,8 +932,8 @@ def daemon_main(argv: Sequence[str]) -> int:
         base: Any = layer_mod.LayerReader
 
         class TunedLayerReader(base):  # type: ignore[misc]
-            def __init__(self, source: Any, expected_index_digest: str | None = None, cache_chunks: int = n):
-                super().__init__(source, expected_index_digest, cache_chunks)
+            def __init__(self, source: Any, expected_index_digest: str | None = None, **options: Any):
+                super().__init__(source, expected_index_digest, **{**options, "cache_chunks": n})
 
         setattr(manager_mod, "LayerReader", TunedLayerReader)  # noqa: B010 - patching a module
     if tunes.get("inline_read"):
@@ -1076,13 +1080,13 @@ def inprocess_breakdown(image: Image, n: int = 4000) -> dict[str, float]:
         try:
             fs.mountpoint = "/nonexistent"  # attach() only builds the path from it
             fs.attach("bench", device)
-            entry = fs._dispatch(fuse_mod.LOOKUP, fuse_mod.ROOT_INODE, memoryview(b"bench\0"))
+            entry = fs._dispatch(fuseabi.LOOKUP, 0, fuseabi.ROOT_INODE, 0, memoryview(b"bench\0"))
             assert isinstance(entry, bytes)
             inode = int.from_bytes(entry[:8], "little")
-            bodies = [memoryview(fuse_mod.READ_IN.pack(0, off, 4096, 0, 0, 0, 0)) for off in offsets]
+            bodies = [memoryview(fuseabi.READ_IN.pack(0, off, 4096, 0, 0, 0, 0)) for off in offsets]
             t0 = time.perf_counter()
             for body in bodies:
-                fs._dispatch(fuse_mod.READ, inode, body)
+                fs._dispatch(fuseabi.READ, 0, inode, 0, body)
             out["dispatch_4k_us"] = (time.perf_counter() - t0) / len(bodies) * 1e6
         except Exception as e:  # private API of a module others are editing: degrade, don't fail the bench
             log(f"in-process FUSE dispatch not measured: {e!r}")
@@ -1200,7 +1204,7 @@ def render(
         f"written by `write_device_file` ({f['plain_data_bytes'] / MB:.0f} MB of data, sparse)",
         "- damselfly: `damselfly device-daemon` (stock: 4 FUSE request threads, a 32-thread read pool, 8 "
         f"decoded 64 KiB chunks cached per layer, FOPEN_KEEP_CACHE, device file readahead "
-        f"{fuse_mod.DEFAULT_READAHEAD_KB} KiB; a read under {fuse_mod.STORE_BELOW // KIB} KiB hands the "
+        f"{fuse_mod.DEFAULT_READAHEAD_KB} KiB; a read under {pagestore.STORE_BELOW // KIB} KiB hands the "
         "rest of the chunks it decoded to the page cache with FUSE_NOTIFY_STORE) serving the device file; "
         "loop device attached read-only to it, ext4 mounted `ro,noload` (what `damselfly mount` does). "
         "plain loop: the plain image file, loop-attached and mounted the same way.",
