@@ -144,25 +144,9 @@ class Uploader:
         self, location: httpx.URL, digest: Digest, scopes: list[str], body: bytes
     ) -> httpx.URL:
         url = location.copy_merge_params({"digest": digest})
-
-        def done(resp: httpx.Response, deadline: Deadline) -> httpx.URL:
-            got = resp.headers.get("docker-content-digest")
-            if got and got != digest:
-                raise DigestMismatchError(f"{resp.url} (registry's digest of the upload)", digest, got)
-            return url
-
-        return self.session.call(
-            "PUT",
-            self.origin,
-            url,
-            done,
-            scopes=scopes,
-            headers={"content-type": "application/octet-stream"},
-            content=body,
-            ok=(201,),
-            idempotent=False,
-            what=f"upload of {digest}",
-        )
+        # Not idempotent: the upload session ends with this PUT.
+        self._put(url, scopes, "application/octet-stream", body, digest, "upload", f"upload of {digest}")
+        return url
 
     def push_manifest(
         self, repository: str, raw: bytes, media_type: str, reference: str | None = None
@@ -173,22 +157,41 @@ class Uploader:
         if ":" in ref and ref != digest:
             raise DigestMismatchError(f"manifest to push to {repository}", ref, digest)
 
-        def done(resp: httpx.Response, deadline: Deadline) -> Digest:
+        url = self.origin.url(f"/v2/{repository}/manifests/{ref}")
+        what = f"manifest {repository}:{ref}"
+        self._put(url, _scope(repository, "pull,push"), media_type, raw, digest, "manifest", what, True)
+        return digest
+
+    def _put(
+        self,
+        url: httpx.URL,
+        scopes: list[str],
+        content_type: str,
+        body: bytes,
+        digest: Digest,
+        kind: str,
+        what: str,
+        idempotent: bool = False,
+    ) -> None:
+        """PUT `body` (an upload's last bytes, or a manifest) and check the digest the registry says it
+        stored (``Docker-Content-Digest``), when it says one."""
+
+        def done(resp: httpx.Response, deadline: Deadline) -> None:
             got = resp.headers.get("docker-content-digest")
             if got and got != digest:
-                raise DigestMismatchError(f"{resp.url} (registry's digest of the manifest)", digest, got)
-            return digest
+                raise DigestMismatchError(f"{resp.url} (registry's digest of the {kind})", digest, got)
 
-        return self.session.call(
+        self.session.call(
             "PUT",
             self.origin,
-            self.origin.url(f"/v2/{repository}/manifests/{ref}"),
+            url,
             done,
-            scopes=_scope(repository, "pull,push"),
-            headers={"content-type": media_type},
-            content=raw,
+            scopes=scopes,
+            headers={"content-type": content_type},
+            content=body,
             ok=(201,),
-            what=f"manifest {repository}:{ref}",
+            idempotent=idempotent,
+            what=what,
         )
 
 
