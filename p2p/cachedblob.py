@@ -49,8 +49,9 @@ from blockformat.source import RangeSource
 
 from . import deadline
 from .bitmap import PresenceBitmap, open_private
-from .errors import CacheError, CoolingDownError, DeadlineExceededError
+from .errors import CacheError, CoolingDownError, DeadlineExceededError, unavailable_cause
 from .flights import UnitFlights
+from .transport import CheckedSource
 
 if TYPE_CHECKING:
     from .cache import BlobCache
@@ -250,7 +251,7 @@ class CachedBlob:
         try:
             if self._index is None:
                 view = _RawView(self)
-                g = self._index = ChunkIndex.load(view, self.index_digest)
+                g = self._index = self._load_index(view)
                 for fetched_at, fetched in view.fetched:
                     start, data = fetched_at, fetched
                     if HEADER_SIZE < start < g.index_offset:
@@ -269,6 +270,22 @@ class CachedBlob:
             return self._index
         finally:
             self._index_lock.release()
+
+    def _load_index(self, view: _RawView) -> ChunkIndex:
+        """`ChunkIndex.load` through `view`. Bytes a checked source fetched unchecked for it (from a
+        peer) that fail the index's checks are blamed on their sender, and the load tried again (the
+        next try asks someone else)."""
+        attempts = 3 if isinstance(self.upstream, CheckedSource) else 1
+        for attempt in range(attempts):
+            try:
+                return ChunkIndex.load(view, self.index_digest)
+            except CorruptBlobError:
+                if attempt + 1 == attempts or not view.fetched:
+                    raise
+                assert isinstance(self.upstream, CheckedSource)
+                self.upstream.distrust_unchecked()
+                view.fetched.clear()
+        raise AssertionError("unreachable")
 
     def _verify_and_store(self, a: int, data: bytes | memoryview) -> None:
         """Check the structures in [a, a+len(data)) (`ChunkIndex.verified_span`), then write the whole
@@ -315,7 +332,7 @@ class CachedBlob:
                         self._fetch_units(g, run_first, run_last)
                 except BaseException as e:
                     error = e
-                    if not isinstance(_cause(e), DeadlineExceededError):  # our own time, not its fault
+                    if not isinstance(unavailable_cause(e), DeadlineExceededError):  # our own time
                         self._flights.cool(mine, self.cache.fail_cooldown)
                     raise
                 finally:
@@ -348,11 +365,21 @@ class CachedBlob:
         u = self.unit_size
         # Whole structures only: a unit is marked present once every structure overlapping it checked.
         a, b = g.expand(first * u, min((last + 1) * u, self._size))
-        data = self.upstream_read(a, b - a)
-        try:
-            self._verify_and_store(a, data)
-        except CorruptBlobError as e:
-            raise SourceError(self.name, a, b - a, f"upstream sent wrong bytes: {e}") from e
+        if isinstance(self.upstream, CheckedSource):
+            # The source tries its transports in turn; bytes that fail here are another's to send.
+            def store(data: bytes) -> None:
+                self._verify_and_store(a, data)
+                with self._lock:
+                    self.upstream_requests += 1
+                    self.upstream_bytes += len(data)
+
+            self.upstream.fetch_checked(a, b - a, store)
+        else:
+            data = self.upstream_read(a, b - a)
+            try:
+                self._verify_and_store(a, data)
+            except CorruptBlobError as e:
+                raise SourceError(self.name, a, b - a, f"upstream sent wrong bytes: {e}") from e
         if not all(self.is_present(x) for x in range(first, last + 1)):
             raise CacheError(f"{self.name}: units {first}..{last} could not be verified after fetching")
         self._flights.uncool(range(first, last + 1))
@@ -456,10 +483,3 @@ def _runs(units: list[int]) -> Iterator[tuple[int, int]]:
             start = x
         prev = x
     yield start, prev
-
-
-def _cause(e: BaseException) -> BaseException:
-    """The innermost explicit cause of `e` (its ``__cause__`` chain), or `e` itself."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    return e

@@ -210,3 +210,33 @@ class CoolingDownError(UnavailableError):
             f"{what}: not asked again for {seconds:.1f}s after a failure ({why}); "
             "check the registry or peer, reads are tried again after the cool-down"
         )
+
+
+class RefusedError(P2PError):
+    """A node does not fetch a blob for a peer (its registry is not in its ``[p2p] registries``)."""
+
+
+class UpstreamsFailedError(P2PError):
+    """Every upstream of a fetch failed (peers, then the registry); `errors` holds each one's error, in
+    the order tried, also as the ``ExceptionGroup`` this error is caused by."""
+
+    def __init__(self, what: str, errors: list[Exception]) -> None:
+        self.errors = errors
+        tried = "; ".join(str(e) for e in errors)
+        super().__init__(f"{what}: every upstream failed: {tried}")
+
+
+def unavailable_cause(e: BaseException) -> UnavailableError | None:
+    """The "not now" error (a cool-down, a deadline) `e` is or was caused by, or None for breakage.
+
+    Follows ``__cause__``; an ``ExceptionGroup`` (several upstreams failed) counts as "not now" only
+    when every one of its errors does, and then stands for the last one tried."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, UnavailableError):
+            return seen
+        if isinstance(seen, BaseExceptionGroup):
+            causes = [unavailable_cause(x) for x in seen.exceptions]
+            return causes[-1] if causes and all(c is not None for c in causes) else None
+        seen = seen.__cause__
+    return None

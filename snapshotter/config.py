@@ -29,6 +29,16 @@ effective config (`to_toml`), which is itself a valid config file::
     [metrics]
     address = ""                  # host:port for Prometheus' /metrics (empty: off)
 
+    [p2p]                         # the peer network (docs/p2p.md; keys: p2p.settings.P2PSettings)
+    enabled = false               # serve peers and fetch from them (false: only the registry)
+    listen = "0.0.0.0:8470"       # the peer server's IP:PORT
+    advertise = ""                # IP:PORT peers reach this node at (its id in every tree)
+    peers = []                    # static members, "IP:PORT" each (this node's own may be among them)
+    dns = ""                      # a name whose SRV or A/AAAA records are members
+    fanout = 3                    # children per node in each blob's tree
+    secret_file = ""              # the cluster secret (0600): every peer request is signed with it
+    ...                           # seeds, registries, upload_limit, timeout, TLS: `damselfly config`
+
 Add a key by adding a field with its default to the section's dataclass; parsing, printing and the
 checks follow from the dataclass.
 """
@@ -44,6 +54,7 @@ from typing import Any
 
 from p2p.cache import DEFAULT_UNIT_SIZE
 from p2p.health import DEFAULT_COOLDOWN
+from p2p.settings import P2PSettings
 
 from .errors import ConfigError
 
@@ -106,6 +117,7 @@ class Config:
     device: DeviceSection = field(default_factory=DeviceSection)
     remote: RemoteSection = field(default_factory=RemoteSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    p2p: P2PSettings = field(default_factory=P2PSettings)
 
 
 def _build(cls: type[Any], data: dict[str, Any], where: str, path: str) -> Any:
@@ -123,6 +135,10 @@ def _build(cls: type[Any], data: dict[str, Any], where: str, path: str) -> Any:
             values[name] = _build(type(default), value, f"{name}.", path)
         elif type(default) is float and type(value) is int:
             values[name] = float(value)  # TOML writes 30 for 30.0
+        elif type(default) is list and (
+            type(value) is not list or not all(type(x) is str for x in value) or len(value) > 4096
+        ):
+            raise ConfigError(path, f"{where}{name} must be a list of strings (at most 4096)")
         elif type(value) is not type(default):
             raise ConfigError(
                 path, f"{where}{name} must be a {type(default).__name__}, not {type(value).__name__}"
@@ -158,6 +174,9 @@ def _check(config: Config, path: str) -> Config:
     unit = config.device.unit_size
     if unit < 4096 or unit & (unit - 1):
         raise ConfigError(path, f"device.unit_size must be a power of two of at least 4096, not {unit}")
+    problems = config.p2p.problems()
+    if problems:
+        raise ConfigError(path, problems[0])
     address = config.metrics.address
     if address:
         host, sep, port = address.rpartition(":")
@@ -195,6 +214,8 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(x) for x in value) + "]"
     if isinstance(value, str):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         escaped = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped)

@@ -5,6 +5,14 @@ The registry (Debian's ``docker-registry`` 2.8, the reference distribution regis
 registry auth section (htpasswd, token), for the tests. `stop` ends exactly the process it started, by
 pid; `halt` and `resume` stop it and start it again on the same port and storage.
 
+It can also listen elsewhere: `bind` is the address (a `netlab` node's, say) and `wrap` turns its argv
+into the one to start (`NetNode.argv`, to run it inside the node's network namespace; the process is
+still the registry itself, stopped by pid). A free port can only be probed in our own namespace, so
+with `wrap` and an address other than 127.0.0.1 the port is `NETNS_PORT` (5000), free in a namespace
+of its own, unless `port` names one; `port` also fixes the port anywhere else (tried once, no
+probing). `host` and `url` name `bind`, and the readiness check reaches it from here (a lab's bridge
+routes its subnet), so the registry must be reachable from this namespace.
+
 With the access log on (the demo's), the log (Apache combined format: ``... "GET /v2/... HTTP/1.1" 200
 1048576 ...``) says what was served: the size field is the body bytes the registry wrote for that
 response, so the bytes served between two moments are the sum of the sizes of the lines appended in
@@ -35,11 +43,16 @@ from .procs import Service
 REGISTRY_BIN = "/usr/bin/docker-registry"
 #: One access-log line: method, path, status, body bytes ("-" for none).
 ACCESS_LINE = re.compile(rb'^\S+ \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-)')
+#: The port of a registry in another network namespace (see the module docstring).
+NETNS_PORT = 5000
+LOOPBACK = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(bind: str = LOOPBACK) -> int:
+    """A port free on `bind` (of this network namespace) right now."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((bind, 0))
         port: int = s.getsockname()[1]
         return port
 
@@ -50,16 +63,30 @@ class Registry(Service):
     config_name = "config.yml"
 
     def __init__(
-        self, directory: Path, log: Path, *, auth: dict[str, Any] | None = None, access_log: bool = True
+        self,
+        directory: Path,
+        log: Path,
+        *,
+        auth: dict[str, Any] | None = None,
+        access_log: bool = True,
+        bind: str = LOOPBACK,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+        port: int | None = None,
     ) -> None:
         super().__init__(directory, log)
         self.auth = auth
         self.access_log = access_log
+        self.bind = bind
+        self.wrap = wrap
+        self.fixed_port = port
+        if port is None and wrap is not None and bind != LOOPBACK:
+            self.fixed_port = NETNS_PORT  # another namespace: nothing to probe from here
         self.port = 0
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        address = f"[{self.bind}]" if ":" in self.bind else self.bind
+        return f"{address}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -93,22 +120,27 @@ class Registry(Service):
             raise OSError(f"{REGISTRY_BIN} is missing: apt-get install docker-registry")
         self.dir.mkdir(parents=True, exist_ok=True)
         why = None
-        for _ in range(3):  # the free port can be taken between probing and binding
-            self.port = free_port()
+        tries = 3 if self.fixed_port is None else 1  # a probed port can be taken before the registry binds
+        for _ in range(tries):
+            self.port = self.fixed_port if self.fixed_port is not None else free_port(self.bind)
             self.config_path.write_text(json.dumps(self.config(), indent=2))  # JSON is YAML
             why = self._spawn(timeout)
             if why is None:
                 return self
             self.halt()
-        raise self.error(f"docker-registry did not start on 127.0.0.1 (tried 3 ports): {why}")
+        where = self.host if self.fixed_port is not None else f"{self.bind} (tried {tries} ports)"
+        raise self.error(f"docker-registry did not start on {where}: {why}")
 
     def _spawn(self, timeout: float) -> str | None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        return self.launch([REGISTRY_BIN, "serve", str(self.config_path)], self._answers, timeout, env)
+        argv = [REGISTRY_BIN, "serve", str(self.config_path)]
+        return self.launch(self.wrap(argv) if self.wrap else argv, self._answers, timeout, env)
 
     def _answers(self) -> bool:
+        # No proxy from the environment: the registry is on loopback or on a lab's bridge, here.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+            with opener.open(f"{self.url}/v2/", timeout=1):
                 return True
         except urllib.error.HTTPError:
             return True  # 401 with auth: the API answers

@@ -7,14 +7,18 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
+from p2p.settings import P2PSettings
+
+from .. import config
 from ..config import DeviceSection
 from ..device.client import DeviceClient
 from ..device.daemon import run
 from ..device.manager import DeviceSpec
-from ..errors import SnapshotterError
+from ..errors import ConfigError, SnapshotterError
 from ..host.loop import loop_info, loops_for
 from ..host.mountinfo import find_mount
 from ..host.mounts import mount, mount_loop, umount_loop
@@ -33,13 +37,34 @@ STATE_DIR_OPTION = click.option(
 
 
 @click.command("device-daemon")
-@STATE_DIR_OPTION
+@click.option(
+    "--state-dir",
+    envvar="DAMSELFLY_STATE_DIR",
+    default=None,
+    help=f"The daemon's state directory (cache, FUSE mount, control socket) [[device] state_dir, "
+    f"{DEFAULT_STATE_DIR}].",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The config file (the same as `damselfly serve`'s): its [device], [p2p] and [remote] plain_http "
+    "apply.",
+)
 @click.option(
     "--settings",
     "settings_json",
     default=None,
     help="Every [device] setting as one JSON object (how `damselfly serve` starts the daemon).",
 )
+@click.option(
+    "--p2p",
+    "p2p_json",
+    default=None,
+    help="Every [p2p] setting as one JSON object (how `damselfly serve` starts the daemon).",
+)
+@click.option("--plain-http", is_flag=True, help="HTTP for every registry ([remote] plain_http).")
 @click.option(
     "--read-timeout",
     type=float,
@@ -73,8 +98,11 @@ STATE_DIR_OPTION = click.option(
 @click.option("-v", "--verbose", is_flag=True, help="Log every attach, detach and fetch failure.")
 @reports_errors
 def device_daemon(
-    state_dir: str,
+    state_dir: str | None,
+    config_path: Path | None,
     settings_json: str | None,
+    p2p_json: str | None,
+    plain_http: bool,
     read_timeout: float | None,
     fail_cooldown: float | None,
     unit_size: int | None,
@@ -83,12 +111,22 @@ def device_daemon(
     background_rate: int | None,
     verbose: bool,
 ) -> None:
-    """Serve block devices through FUSE until SIGTERM (runs in the foreground)."""
+    """Serve block devices through FUSE until SIGTERM (runs in the foreground).
+
+    With the peer network on ([p2p] enabled), the daemon also serves its peers and fetches from them."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    base = DeviceSection.from_json(settings_json) if settings_json is not None else DeviceSection()
+    cfg = config.load(config_path) if config_path is not None else config.Config()
+    base = DeviceSection.from_json(settings_json) if settings_json is not None else cfg.device
+    state_dir = state_dir or base.state_dir
+    p2p = cfg.p2p
+    if p2p_json is not None:
+        try:
+            p2p = P2PSettings.from_json(p2p_json)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("--p2p", f"not valid p2p settings: {e}") from None
     given = {
         "read_timeout": read_timeout,
         "fail_cooldown": fail_cooldown,
@@ -101,7 +139,7 @@ def device_daemon(
     settings = DeviceSection.from_json(
         json.dumps({**json.loads(base.to_json()), **overrides, "state_dir": state_dir})
     )
-    run(state_dir, settings)
+    run(state_dir, settings, p2p, plain_http or cfg.remote.plain_http)
     # Reads that timed out may still wait on a hung network in pool threads; Python would join them at
     # exit. Everything the daemon owns is closed by now, so leave at once.
     logging.shutdown()

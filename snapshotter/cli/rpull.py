@@ -6,10 +6,12 @@ from __future__ import annotations
 import click
 
 from p2p.errors import InvalidReferenceError
-from p2p.manifest import Platform
+from p2p.manifest import Descriptor, Platform
 from p2p.reference import parse_reference
 from p2p.registry import RegistryClient
 
+from ..config import DeviceSection
+from ..device.client import DeviceClient
 from ..remote.containerd import DEFAULT_ADDRESS, ContainerdClient
 from ..remote.rpull import Puller, host_platform
 from .errors import reports_errors
@@ -57,9 +59,23 @@ def _platform(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option(
     "--plain-http", is_flag=True, help="HTTP instead of HTTPS to the registry (automatic for loopback)."
 )
+@click.option(
+    "--state-dir",
+    envvar="DAMSELFLY_STATE_DIR",
+    default=DeviceSection.state_dir,
+    show_default=True,
+    help="The device daemon's state directory: when its daemon runs the peer network, the image "
+    "config comes through it (from peers that have it, else the registry).",
+)
 @reports_errors
 def rpull(
-    reference: str, address: str, namespace: str, snapshotter: str, platform: Platform, plain_http: bool
+    reference: str,
+    address: str,
+    namespace: str,
+    snapshotter: str,
+    platform: Platform,
+    plain_http: bool,
+    state_dir: str,
 ) -> None:
     """Pull the image REF into containerd and unpack it into the damselfly snapshotter.
 
@@ -73,4 +89,15 @@ def rpull(
         ContainerdClient(address, namespace) as containerd,
         RegistryClient(ref.registry, plain_http=True if plain_http else None) as registry,
     ):
-        Puller(containerd, registry, snapshotter=snapshotter, report=click.echo).pull(ref, platform)
+        node = DeviceClient(state_dir)
+        documents = None
+        if node.peer_network():
+
+            def documents(repository: str, desc: Descriptor) -> bytes:
+                return node.document(
+                    ref.registry, repository, desc.digest, desc.size, True if plain_http else None
+                )
+
+        Puller(containerd, registry, snapshotter=snapshotter, report=click.echo, documents=documents).pull(
+            ref, platform
+        )

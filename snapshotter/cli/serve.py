@@ -116,10 +116,8 @@ def serve(
     driver = OverlayDriver(root_dir)
     store = MetaStore(root_dir / "metadata.db")
     dev = cfg.device
-    daemon = DeviceDaemon(
-        dev.state_dir,
-        dev,
-    )
+    # The daemon runs the node's peer network too ([p2p]); [remote] plain_http is its registries'.
+    daemon = DeviceDaemon(dev.state_dir, dev, cfg.p2p, cfg.remote.plain_http)
     rc = cfg.remote
     remote = RemoteSnapshots(
         store,
@@ -132,6 +130,8 @@ def serve(
         _claim_socket(sock)
         # Before serving: mounts of running containers stay as they are; missing ones come back.
         remote.reconcile()
+        if cfg.p2p.enabled:
+            daemon.ensure()  # a member of the fleet from the start: it serves peers before it needs a device
         daemon.watch(remote.reconcile)
         if cfg.metrics.address:
             metrics = MetricsServer(cfg.metrics.address)

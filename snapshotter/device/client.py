@@ -15,6 +15,7 @@ fields (`control.WIRE_ERRORS`), so exit codes hold across the socket.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from typing import Any
 
 from blockformat.chunkfile import BlobInfo
 from blockformat.durable import private_dir
+from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
 from ..errors import ControlError, DeviceError
@@ -90,8 +92,16 @@ class DaemonProcess:
 class DeviceClient:
     """The device daemon of one state directory, as its users see it."""
 
-    def __init__(self, state_dir: str, settings: DeviceSection | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: str,
+        settings: DeviceSection | None = None,
+        p2p: P2PSettings | None = None,
+        plain_http: bool = False,
+    ) -> None:
         self.paths = Paths(state_dir)
+        self.p2p = p2p
+        self.plain_http = plain_http
         self.settings = settings or DeviceSection(state_dir=state_dir)
 
     # -- talking -----------------------------------------------------------------------------------
@@ -106,6 +116,32 @@ class DeviceClient:
             return int(self.call({"op": "ping"}, timeout=timeout)["pid"])
         except (ControlError, KeyError, TypeError, ValueError):
             return None
+
+    def peer_network(self) -> bool:
+        """Whether a daemon answers here and runs the peer network."""
+        try:
+            return bool(self.call({"op": "ping"}, timeout=5.0).get("p2p"))
+        except ControlError:
+            return False
+
+    def document(
+        self, registry: str, repository: str, digest: str, size: int, plain_http: bool | None
+    ) -> bytes:
+        """A small whole blob (an image config) through the node's peer network, verified."""
+        request = {
+            "op": "document",
+            "registry": registry,
+            "repository": repository,
+            "digest": digest,
+            "size": size,
+            "plain_http": plain_http,
+        }
+        path = str(self.call(request, timeout=LONG_CALL)["path"])
+        with open(path, "rb") as f:
+            data = f.read(size + 1)
+        if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise DeviceError(f"the node's copy of {digest} at {path} is not that blob")
+        return data
 
     def attach(self, spec: DeviceSpec) -> str:
         """Attach (idempotent for the same spec); the path of the device file."""
@@ -150,6 +186,10 @@ class DeviceClient:
         state = private_dir(self.paths.state)  # its log must not be readable before the daemon starts
         argv = [sys.executable, "-m", "snapshotter.cli", "device-daemon", "--state-dir", state]
         argv += ["--settings", self.settings.to_json()] + (["-v"] if verbose else [])
+        if self.p2p is not None and self.p2p.enabled:
+            argv += ["--p2p", self.p2p.to_json()]
+        if self.plain_http:
+            argv.append("--plain-http")
         log_path = os.path.join(state, "devd.log")
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(

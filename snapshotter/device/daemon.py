@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockformat.durable import private_dir, write_file_atomic
+from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
 from ..host.syscalls import MNT_DETACH, unmount_path
@@ -49,17 +50,21 @@ class Paths:
         return os.path.join(self.state, "devd.pid")
 
 
-def run(state_dir: str, settings: DeviceSection) -> None:
+def run(
+    state_dir: str, settings: DeviceSection, p2p: P2PSettings | None = None, plain_http: bool = False
+) -> None:
     paths = Paths(state_dir)
     # Root's alone, whoever made it and however: the cache and the devices hold every image's bytes.
     private_dir(state_dir)
-    manager = DeviceManager(state_dir, settings)
+    manager = DeviceManager(state_dir, settings, p2p, plain_http)
     stop = threading.Event()
 
     def handle(request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "ping":
-            return {"pid": os.getpid(), "mountpoint": paths.mountpoint}
+            return {"pid": os.getpid(), "mountpoint": paths.mountpoint, "p2p": manager.node.enabled}
+        if op == "document":
+            return {"path": manager.document(request)}
         if op == "attach":
             return {"path": manager.attach(DeviceSpec.from_json(request["spec"]))}
         if op == "detach":

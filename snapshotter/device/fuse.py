@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from blockformat.chunkfile import Part
 from p2p import deadline
-from p2p.errors import CoolingDownError, DeadlineExceededError, UnavailableError
+from p2p.errors import CoolingDownError, DeadlineExceededError, UnavailableError, unavailable_cause
 
 from ..host.mountinfo import parse_mountinfo
 from ..host.syscalls import MNT_DETACH, MS_NODEV, MS_NOSUID, mount, unmount_path
@@ -84,12 +84,7 @@ class FuseError(Exception):
 
 def _unavailable(e: BaseException) -> UnavailableError | None:
     """The "not now" error (a cool-down, a deadline) that `e` is or was caused by; None for breakage."""
-    seen: BaseException | None = e
-    while seen is not None:
-        if isinstance(seen, UnavailableError):
-            return seen
-        seen = seen.__cause__
-    return None
+    return unavailable_cause(e)
 
 
 class BlockFS:

@@ -26,10 +26,10 @@ from blockformat.stack import Stack
 from blockformat.upper import WritableUpper
 from p2p import deadline
 from p2p.background import BackgroundDownload, Status
-from p2p.blobsource import RegistryBlobSource
-from p2p.cache import BlobCache, CachedBlob
-from p2p.health import Breaker
-from p2p.registry import RegistryClient
+from p2p.cache import CachedBlob
+from p2p.manifest import MAX_DOCUMENT_SIZE
+from p2p.node import BlobNode, BlobRef, CacheSettings
+from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
 from ..errors import DeviceError
@@ -90,10 +90,6 @@ class DeviceSpec:
             return cls(d["name"], layers, d.get("vsize"), d.get("upper"))
         except (KeyError, TypeError, ValueError) as e:
             raise DeviceError(f"malformed device spec: {e}") from None
-
-
-#: Background download streams per blob.
-BACKGROUND_CONCURRENCY = 2
 
 
 class ImageDevice:
@@ -188,26 +184,37 @@ class _Blob:
     cached: CachedBlob | None
     source: RangeSource
     layer: LayerReader
-    background: BackgroundDownload | None
     refs: int = 0
 
 
 class DeviceManager:
-    def __init__(self, state_dir: str, settings: DeviceSection | None = None) -> None:
+    """The devices of a node over its blobs. Where a blob's bytes come from — the cache, peers, the
+    registry — and its background download are the node's business (`p2p.node.BlobNode`)."""
+
+    def __init__(
+        self,
+        state_dir: str,
+        settings: DeviceSection | None = None,
+        p2p: P2PSettings | None = None,
+        plain_http: bool = False,
+    ) -> None:
         self.settings = settings or DeviceSection(state_dir=state_dir)
         self.state_dir = state_dir
         s = self.settings
-        self.cache = BlobCache(os.path.join(state_dir, "cache"), s.unit_size, s.cache_limit, s.fail_cooldown)
+        cache = CacheSettings(
+            s.unit_size, s.cache_limit, s.fail_cooldown, s.background_delay, float(s.background_rate)
+        )
+        self.node = BlobNode(os.path.join(state_dir, "cache"), cache, p2p, plain_http)
+        self.cache = self.node.cache
         self.fs = BlockFS(read_timeout=s.read_timeout)
         self._lock = threading.Lock()
         self._blobs: dict[str, _Blob] = {}
         self._devices: dict[str, tuple[DeviceSpec, ImageDevice]] = {}
-        self._clients: dict[tuple[str, bool | None], RegistryClient] = {}
-        self._breakers: dict[str, Breaker] = {}  # one per registry: its health, shared by its blobs
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self, mountpoint: str) -> None:
+        self.node.start()
         self.fs.mount(mountpoint)
         self.fs.serve()
 
@@ -218,54 +225,33 @@ class DeviceManager:
             except Exception:
                 log.exception("detaching %s at shutdown failed", name)
         self.fs.unmount()
-        for client in self._clients.values():
-            client.close()
+        self.node.close()
 
     # -- blobs -----------------------------------------------------------------------------------
-
-    def _client(self, registry: str, plain_http: bool | None) -> RegistryClient:
-        key = (registry, plain_http)
-        if key not in self._clients:
-            self._clients[key] = RegistryClient(registry, plain_http=plain_http)
-        return self._clients[key]
 
     def _open_blob(self, spec: LayerSpec) -> _Blob:
         blob = self._blobs.get(spec.digest)
         if blob is None:
             src = spec.source
             cached: CachedBlob | None = None
-            background = None
             source: RangeSource
             if src.path is not None:
                 source = FileSource(src.path)
             else:
-                assert src.registry is not None and src.repository is not None
-                breaker = self._breakers.setdefault(
-                    src.registry, Breaker(f"registry {src.registry}", self.settings.fail_cooldown)
-                )
-                upstream = RegistryBlobSource(
-                    self._client(src.registry, src.plain_http),
-                    src.repository,
-                    spec.digest,
-                    spec.size,
-                    breaker,
-                )
-                cached = self.cache.open(spec.digest, spec.size, upstream, spec.index_digest)
+                ref = BlobRef(spec.digest, spec.size, spec.index_digest, src.registry, src.repository)
+                cached = self.node.open(ref, src.plain_http)
                 source = cached
             try:
                 layer = self._open_layer(source, cached, spec.index_digest)
             except BaseException:
                 if cached is not None:
-                    self.cache.release(cached)
+                    self.node.release(cached)
                 elif isinstance(source, FileSource):
                     source.close()
                 raise
             if cached is not None:  # also a complete one: it is re-verified, and repaired if need be
-                s = self.settings
-                background = BackgroundDownload(
-                    cached, s.background_delay, float(s.background_rate), BACKGROUND_CONCURRENCY
-                ).start()
-            blob = _Blob(cached, source, layer, background)
+                self.node.start_background(cached)
+            blob = _Blob(cached, source, layer)
             self._blobs[spec.digest] = blob
         blob.refs += 1
         return blob
@@ -291,10 +277,8 @@ class DeviceManager:
         if blob.refs > 0:
             return
         del self._blobs[digest]
-        if blob.background is not None:
-            blob.background.stop()
         if blob.cached is not None:
-            self.cache.release(blob.cached)
+            self.node.release(blob.cached)
         elif isinstance(blob.source, FileSource):
             blob.source.close()
 
@@ -311,7 +295,9 @@ class DeviceManager:
             opened: list[str] = []
             try:
                 for layer in spec.layers:
-                    self._open_blob(layer)
+                    # Learning a layer's index may wait on the network: as long as one read may.
+                    with deadline.scope(time.monotonic() + self.settings.read_timeout):
+                        self._open_blob(layer)
                     opened.append(layer.digest)
                 layers = [self._blobs[d].layer for d in opened]
                 _check_annotations(spec, layers)
@@ -364,6 +350,27 @@ class DeviceManager:
             info = upper.commit(f, codec, chunk_size, level)
         return asdict(info)
 
+    def document(self, request: dict[str, Any]) -> str:
+        """Fetch a small whole blob (an image config, for `damselfly rpull`) through the node — its
+        document store, its tree, the registry — verified; the path of the node's copy."""
+        try:
+            ref = BlobRef(
+                parse_digest(str(request["digest"])),
+                int(request["size"]),
+                None,
+                str(request["registry"]),
+                str(request["repository"]),
+                document=True,
+            )
+            plain_http = None if request.get("plain_http") is None else bool(request["plain_http"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeviceError(f"malformed document request: {e}") from None
+        if not 0 < ref.size <= MAX_DOCUMENT_SIZE:
+            raise DeviceError(f"a document has 1..{MAX_DOCUMENT_SIZE} bytes, not {ref.size}")
+        with deadline.scope(time.monotonic() + self.settings.read_timeout):
+            self.node.document(ref, plain_http)
+        return self.node.documents.path(ref.digest)
+
     def status(self) -> dict[str, Any]:
         devices = {}
         for name, (spec, device) in list(self._devices.items()):
@@ -375,7 +382,8 @@ class DeviceManager:
             }
         blobs = {}
         for digest, blob in list(self._blobs.items()):
-            st: Status | None = blob.background.status() if blob.background else None
+            background: BackgroundDownload | None = self.node.background(digest)
+            st: Status | None = background.status() if background else None
             entry: dict[str, Any] = {"refs": blob.refs, "local": blob.cached is None}
             if blob.cached is not None:
                 p = blob.cached.progress()
@@ -386,6 +394,7 @@ class DeviceManager:
                     upstream_bytes=blob.cached.upstream_bytes,
                     verified=blob.cached.verified,
                     repairs=blob.cached.repairs,
+                    **self.node.blob_status(blob.cached),
                 )
             if st is not None:
                 entry.update(background=st.state.value, failures=st.failures, error=st.error)
@@ -393,6 +402,7 @@ class DeviceManager:
         return {
             "devices": devices,
             "blobs": blobs,
+            "p2p": self.node.status(),
             "read_timeouts": self.fs.timeouts,
             "read_errors": self.fs.errors,
             "read_fast_failures": self.fs.fast_failures,

@@ -20,6 +20,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from p2p.settings import P2PSettings
+
 from ..config import DeviceSection
 from ..errors import ControlError, DeviceError
 from .client import DaemonProcess, DeviceClient
@@ -34,8 +36,14 @@ WATCH_INTERVAL = 5.0
 class DeviceDaemon(DeviceClient):
     """The device daemon at `state_dir` as `serve` needs it: started when needed, watched."""
 
-    def __init__(self, state_dir: str, settings: DeviceSection | None = None) -> None:
-        super().__init__(state_dir, settings)
+    def __init__(
+        self,
+        state_dir: str,
+        settings: DeviceSection | None = None,
+        p2p: P2PSettings | None = None,
+        plain_http: bool = False,
+    ) -> None:
+        super().__init__(state_dir, settings, p2p, plain_http)
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -44,12 +52,13 @@ class DeviceDaemon(DeviceClient):
 
     def ensure(self) -> int:
         """The pid of the daemon that answers, starting one first if none does (one start at a time)."""
-        self._used = True
         pid = self.ping()
-        if pid is not None:
-            return pid
-        with self._start_lock:
-            return super().ensure()
+        if pid is None:
+            with self._start_lock:
+                pid = super().ensure()
+        # Only now: a watcher that pinged while the first daemon was starting must not "restart" it.
+        self._used = True
+        return pid
 
     def start(self, *, verbose: bool = True) -> DaemonProcess:
         started = super().start(verbose=verbose)

@@ -180,9 +180,13 @@ class Puller:
         snapshotter: str = "damselfly",
         report: Callable[[str], None] = lambda line: None,
         clock: Callable[[], float] = time.monotonic,
+        documents: Callable[[str, Descriptor], bytes] | None = None,
     ) -> None:
         self.containerd = containerd
         self.registry = registry
+        #: Where the image config comes from when not the registry: (repository, descriptor) -> its
+        #: verified bytes (the node's peer network: `DeviceClient.document`).
+        self.documents = documents
         self.snapshotter = snapshotter
         self.report = report
         self.clock = clock
@@ -214,7 +218,10 @@ class Puller:
         )
         name = image_name(ref)
         self.report(f"{name}: resolved {top.digest} ({platform})")
-        config = self.registry.get_config(ref.repository, manifest)
+        if self.documents is not None:
+            config = self.documents(ref.repository, manifest.config)
+        else:
+            config = self.registry.get_config(ref.repository, manifest)
         diff_ids = diff_ids_of(config, f"{ref} config {manifest.config.digest}", len(manifest.layers))
         chains = chain_ids(diff_ids)
         result = PullResult(name, top)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,13 @@ class DeviceDaemon:
         read_timeout: float = 3.0,
         background_delay: float = 3600.0,
         unit_size: int = MiB,
+        extra_args: tuple[str, ...] = (),
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         self.state_dir = state_dir
+        self.wrap = wrap  # e.g. a network namespace's ``nsenter`` (scripts/demolib/netlab)
         self.args = [
+            *extra_args,
             "--read-timeout",
             str(read_timeout),
             "--background-delay",
@@ -110,6 +115,8 @@ class DeviceDaemon:
     def start(self, timeout: float = 20.0) -> DeviceDaemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         argv = [str(DAMSELFLY), "device-daemon", "--state-dir", str(self.state_dir), *self.args, "-v"]
+        if self.wrap is not None:
+            argv = self.wrap(argv)
         proc = self.proc = spawn(argv, self.log_path)
         LEDGER.pids.append(proc.pid)
 
