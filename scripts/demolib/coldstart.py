@@ -16,6 +16,10 @@ Measured from the moment the pull starts:
 
 Bytes and CPU are read twice: at the first output line and when ``ctr run`` returned (the container
 exited and was removed); the table uses the latter, the JSON result has both.
+
+`LayerSources` is the other side of the registry's count: what a node's device daemon itself says it
+fetched, from the registry and from peers (its peer network's counters, ``damselfly devices``), and
+what it served to peers.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .procs import NodeCgroup
 from .registry import Registry
@@ -50,6 +54,29 @@ class StartResult:
     registry_bytes_at_output: int
     node_cpu_s_at_output: float
     output: str
+
+
+@dataclass(frozen=True)
+class LayerSources:
+    """A device daemon's own count of layer bytes, since it started: fetched from the registry, fetched
+    from peers, served to peers (``p2p.fetched_bytes`` and ``p2p.upload_bytes`` of ``damselfly
+    devices``; only what reached the node cache, so manifests and configs are not in it)."""
+
+    registry_bytes: int
+    peer_bytes: int
+    uploaded_bytes: int
+
+    @classmethod
+    def of(cls, status: Mapping[str, Any]) -> LayerSources:
+        """From a device daemon's status (`Serve.devices`); a daemon without the peer network has no
+        upload count (0)."""
+        p2p = status.get("p2p", {})
+        fetched = p2p.get("fetched_bytes", {})
+        return cls(
+            registry_bytes=int(fetched.get("registry", 0)),
+            peer_bytes=int(fetched.get("peer", 0)),
+            uploaded_bytes=int(p2p.get("upload_bytes", 0)),
+        )
 
 
 def drop_caches() -> None:

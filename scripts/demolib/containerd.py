@@ -23,6 +23,7 @@ mount below its directory (deepest first, by exact path).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -58,17 +59,21 @@ REQUIRED_PLUGINS = (
     "io.containerd.service.v1.tasks-service",
     "io.containerd.grpc.v1.tasks",
 )
+#: The label that makes a snapshot a root of containerd's garbage collection (metadata/gc.go).
+GC_ROOT = "containerd.io/gc.root"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _toml(value: object) -> str:
-    """A TOML value (strings, bools, ints, lists of them): JSON's escapes are TOML's for these."""
+def toml_value(value: object) -> str:
+    """A TOML value (strings, bools, ints, floats, lists of them): JSON's escapes are TOML's for these."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str | int):
         return json.dumps(value)
+    if isinstance(value, float):
+        return repr(value)  # always with a dot or an exponent: a TOML float, never an integer
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"no TOML for {value!r}")
 
 
@@ -122,27 +127,27 @@ class Containerd(Service):
     def config(self) -> str:
         lines = [
             "version = 2",
-            f"root = {_toml(str(self.root))}",
-            f"state = {_toml(str(self.state))}",
-            f"disabled_plugins = {_toml(DISABLED_PLUGINS)}",
-            f"required_plugins = {_toml(REQUIRED_PLUGINS)}",
+            f"root = {toml_value(str(self.root))}",
+            f"state = {toml_value(str(self.state))}",
+            f"disabled_plugins = {toml_value(DISABLED_PLUGINS)}",
+            f"required_plugins = {toml_value(REQUIRED_PLUGINS)}",
             "oom_score = 0",
             "",
             "[grpc]",
-            f"  address = {_toml(self.address)}",
+            f"  address = {toml_value(self.address)}",
             "",
             "[ttrpc]",
-            f"  address = {_toml(self.address + '.ttrpc')}",
+            f"  address = {toml_value(self.address + '.ttrpc')}",
             "",
             "[debug]",
             '  address = ""',
-            f"  level = {_toml(self.log_level)}",
+            f"  level = {toml_value(self.log_level)}",
             "",
             "[metrics]",
             '  address = ""',
             "",
             '[plugins."io.containerd.internal.v1.opt"]',
-            f"  path = {_toml(str(self.dir / 'opt'))}",
+            f"  path = {toml_value(str(self.dir / 'opt'))}",
             "",
             '[plugins."io.containerd.gc.v1.scheduler"]',
             '  startup_delay = "0s"',
@@ -150,9 +155,9 @@ class Containerd(Service):
         for name, address in sorted(self.proxy_plugins.items()):
             lines += [
                 "",
-                f"[proxy_plugins.{_toml(name)}]",
+                f"[proxy_plugins.{toml_value(name)}]",
                 '  type = "snapshot"',
-                f"  address = {_toml(address)}",
+                f"  address = {toml_value(address)}",
             ]
         return "\n".join(lines) + "\n"
 
@@ -326,6 +331,43 @@ class Containerd(Service):
             container_id,
             *command,
         ]
+
+    def top_chain_id(self, ref: str) -> str:
+        """The chain ID of image `ref`'s top layer (the name of its top committed snapshot), from its
+        manifest and config in containerd's content store; an index resolves to this machine's
+        platform. Chain IDs: OCI image spec, config.md ("Layer ChainID")."""
+        target = None
+        for line in self.ctr("image", "ls").stdout.splitlines()[1:]:  # REF TYPE DIGEST SIZE ...
+            cols = line.split()
+            if cols[:1] == [ref]:
+                target = next((c for c in cols if c.startswith("sha256:")), None)
+        if target is None:
+            raise self.error(f"no image {ref} in namespace {self.namespace}")
+        doc = json.loads(self.ctr("content", "get", target).stdout)
+        if "manifests" in doc:
+            arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+            matches = [m for m in doc["manifests"] if m.get("platform", {}).get("architecture") == arch]
+            if not matches:
+                raise self.error(f"{ref}: no manifest for linux/{arch} in its index")
+            doc = json.loads(self.ctr("content", "get", matches[0]["digest"]).stdout)
+        config = json.loads(self.ctr("content", "get", doc["config"]["digest"]).stdout)
+        chain = ""
+        for diff_id in config["rootfs"]["diff_ids"]:
+            step = f"{chain} {diff_id}".encode()
+            chain = "sha256:" + hashlib.sha256(step).hexdigest() if chain else diff_id
+        if not chain:
+            raise self.error(f"{ref}: its config lists no layers")
+        return chain
+
+    def hold(self, key: str, parent: str, *, snapshotter: str, log: Path | None = None) -> None:
+        """A view `key` of the committed snapshot `parent` that containerd's GC keeps (``gc.root``
+        label) until `unhold`: with a remote snapshotter, it keeps the image's device attached."""
+        self.ctr("snapshots", "--snapshotter", snapshotter, "view", key, parent, log=log)
+        self.ctr("snapshots", "--snapshotter", snapshotter, "label", key, f"{GC_ROOT}=demo", log=log)
+
+    def unhold(self, key: str, *, snapshotter: str, log: Path | None = None) -> None:
+        """Remove the view `key` (`hold`), if it is there."""
+        self.ctr("snapshots", "--snapshotter", snapshotter, "rm", key, log=log, check=False)
 
     def image_rm(self, ref: str, log: Path | None = None) -> None:
         """Remove the image and let containerd's GC delete its content and snapshots before returning."""

@@ -8,6 +8,11 @@ their devices across a restart of the service. `release` therefore undoes, by ex
 files, the daemon itself (asked to shut down, then SIGTERM, then SIGKILL: `stop_daemon`) and its FUSE
 mount.
 
+Its config is damselfly's defaults but for the paths, plus the `tables` the caller gives (the demo's:
+``[remote] plain_http`` for a registry off loopback, ``[p2p]`` for the peer network; `damselfly serve`
+hands both to the device daemon it starts). `wrap` rewrites the command line (the demo's puts `serve`
+in a node's cgroup, and in a node's network namespace: the device daemon it starts inherits both).
+
 `Serve.reset` gives a cold node: `serve` stopped, everything released, root and state (the device cache
 included) deleted, and `serve` started again on the same socket, where containerd's proxy client finds
 it again by itself.
@@ -20,13 +25,15 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from snapshotter.device import control
 from snapshotter.device.daemon import Paths
 from snapshotter.errors import ControlError
 
+from .containerd import toml_value
 from .procs import Service, alive, detach_loops_below, stop_pid, unmount_below, wait_gone
 
 
@@ -40,25 +47,37 @@ class Serve(Service):
     config_name = "config.toml"
 
     def __init__(
-        self, directory: Path, socket_path: Path, log: Path, wrap: Callable[[Sequence[str]], list[str]] = list
+        self,
+        directory: Path,
+        socket_path: Path,
+        log: Path,
+        wrap: Callable[[Sequence[str]], list[str]] = list,
+        tables: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
         super().__init__(directory, log)
         self.socket = socket_path
         self.wrap = wrap
+        #: More tables of the config file (``{"p2p": {"enabled": True, ...}}``), written at `start`.
+        self.tables: dict[str, Mapping[str, object]] = dict(tables or {})
         self.root = directory / "root"  # the snapshotter's
         self.state = directory / "state"  # the device daemon's
         self.daemon_pids: list[int] = []  # device daemons seen (reported, and checked gone at the end)
 
     def config(self) -> str:
         # Every other key keeps damselfly's default (`damselfly config --config FILE` prints them all).
-        return (
+        text = (
             'log_level = "info"\n\n'
             "[snapshotter]\n"
-            f'root = "{self.root}"\n'
-            f'address = "{self.socket}"\n\n'
+            f"root = {toml_value(str(self.root))}\n"
+            f"address = {toml_value(str(self.socket))}\n\n"
             "[device]\n"
-            f'state_dir = "{self.state}"\n'
+            f"state_dir = {toml_value(str(self.state))}\n"
         )
+        for name, keys in self.tables.items():
+            if name in ("snapshotter", "device"):  # TOML refuses a table defined twice
+                raise ValueError(f"[{name}] is written by Serve itself")
+            text += f"\n[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
+        return text
 
     def start(self, timeout: float = 30.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +103,13 @@ class Serve(Service):
             self.daemon_pids.append(pid)
         return pid
 
+    def devices(self) -> dict[str, Any]:
+        """The device daemon's status: what ``damselfly devices --state-dir STATE`` prints (devices, their
+        blobs' download progress, the peer network's counters). Raises `ControlError` if none answers."""
+        reply = control.call(Paths(str(self.state)).socket, {"op": "status"}, timeout=30)
+        status: dict[str, Any] = reply["status"]
+        return status
+
     def stop(self) -> list[str]:
         """Stop `serve` (SIGTERM: it stops the device daemon too when no device is in use)."""
         if self.proc is None:
@@ -97,9 +123,20 @@ class Serve(Service):
         self.daemon_pid()  # note a daemon that answers, so `leftovers` can check it is gone
         return release(self.root, self.state, self.daemon_pids)
 
-    def reset(self) -> list[str]:
-        """A cold node: stop, release, delete root and state (the device cache), start again."""
+    def keep_daemon_log(self, dest: Path) -> None:
+        """Move the device daemon's log (``devd.log`` in the state directory) to the end of `dest`."""
+        log = self.state / "devd.log"
+        if log.exists():
+            with dest.open("ab") as out, log.open("rb") as f:
+                shutil.copyfileobj(f, out)
+            log.unlink()
+
+    def reset(self, keep_log: Path | None = None) -> list[str]:
+        """A cold node: stop, release, delete root and state (the device cache; the daemon's log goes
+        to the end of `keep_log` first, if given), start again."""
         undone = self.stop() + self.release()
+        if keep_log is not None:
+            self.keep_daemon_log(keep_log)
         for d in (self.root, self.state):
             if d.exists():
                 shutil.rmtree(d)

@@ -1,7 +1,9 @@
 """scripts/demo.py (``make demo``) on the small image (``--small``, busybox), in a temporary work dir: a
-full run prints the results table and leaves nothing running, and an interrupt (SIGINT) in the middle
-of the conversion stops everything it had started — processes (the pids it reported and any process
-naming its work dir), mounts and loop devices under the work dir, sockets, its cgroup.
+full run prints the results table — with the second node's column: its layers came from the first node,
+not the registry — and leaves nothing running, and an interrupt (SIGINT) in the middle of the conversion
+stops everything it had started — processes (the pids it reported and any process naming its work dir),
+mounts and loop devices under the work dir, sockets, the nodes' cgroups, the network lab's bridge and
+namespace.
 """
 
 from __future__ import annotations
@@ -82,10 +84,15 @@ def leftovers(work: Path, output: str) -> list[str]:
     found += [f"socket {s}" for s in sockets_below(work)]
     if (work / "run").exists():
         found.append(f"directory {work / 'run'}")
-    m = re.search(r"node cgroup \(CPU accounting\): (\S+)", output)
-    assert m, output
-    name = Path(m.group(1)).name
-    found += [f"cgroup {d}" for d in [CGROUPS / name, *CGROUPS.glob(f"*/{name}")] if d.exists()]
+    cgroups = re.findall(r"cgroup \(CPU accounting\): (\S+)", output)
+    assert len(cgroups) == 2, output  # one per node
+    for name in (Path(c).name for c in cgroups):
+        found += [f"cgroup {d}" for d in [CGROUPS / name, *CGROUPS.glob(f"*/{name}")] if d.exists()]
+    lab = re.search(r"network lab: bridge (\S+) .* network namespace (\S+),", output)
+    assert lab, output
+    bridge, netns = lab.groups()
+    found += [f"link {bridge}"] if Path("/sys/class/net", bridge).exists() else []
+    found += [f"network namespace {netns}"] if Path("/run/netns", netns).exists() else []
     return found
 
 
@@ -95,7 +102,7 @@ def test_interrupt_during_conversion_leaves_nothing_behind(work: Path, image_cac
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if "==> [3/6]" in line:  # the conversion step is announced: its converter starts now
+            if "==> [3/7]" in line:  # the conversion step is announced: its converter starts now
                 break
         else:
             pytest.fail("the demo ended before the conversion step:\n" + "".join(lines))
@@ -117,12 +124,14 @@ def test_small_run_prints_the_table_and_leaves_nothing_behind(work: Path, image_
     with demo(work, image_cache) as proc:
         output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
-    for step in range(1, 7):
-        assert f"==> [{step}/6]" in output, output
-    table = output[output.index("==> [6/6]") :]
-    for row in ("seconds to first output", "registry bytes served", "node CPU-seconds"):
+    for step in range(1, 8):
+        assert f"==> [{step}/7]" in output, output
+    table = output[output.index("==> [7/7]") :]
+    rows = ("seconds to first output", "registry bytes served", "node CPU-seconds", "layer bytes from peers")
+    for row in rows:
         assert row in table, output
-    assert "damselfly, lazy" in table and "overlayfs, full pull" in table, output
+    for column in ("damselfly, lazy", "2nd node, lazy", "overlayfs, full pull"):
+        assert column in table, output
     assert "nothing left running" in output, output
     assert leftovers(work, output) == [], output
 
@@ -135,3 +144,12 @@ def test_small_run_prints_the_table_and_leaves_nothing_behind(work: Path, image_
     assert 0 < lazy["registry_bytes"] < result["image"]["converted_layer_bytes"]
     assert lazy["node_cpu_s"] > 0 and full["node_cpu_s"] > 0
     assert 0 < lazy["first_output_s"] <= lazy["total_s"]
+    # node 2 started the same image with every layer byte from node 1: the registry served it only the
+    # manifest and the image config (and answered HEADs), a few kB
+    (second,) = result["second_node_lazy"]
+    assert second["output"] == "hello\n"
+    assert second["layer_sources"]["registry_bytes"] == 0, second
+    assert second["layer_sources"]["peer_bytes"] > 0, second
+    assert second["node1_uploaded_bytes"] >= second["layer_sources"]["peer_bytes"], second
+    assert second["registry_bytes"] < 64 * 1024, second
+    assert lazy["layer_sources"]["peer_bytes"] == 0, lazy  # node 1 is every tree's root: the registry
