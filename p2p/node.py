@@ -28,41 +28,35 @@ One node with no peers (or ``enabled = false``) fetches everything from the regi
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from blockformat.durable import PRIVATE_FILE_MODE, private_dir, write_file_atomic
-from blockformat.errors import CorruptBlobError, SourceError
 from blockformat.source import RangeSource
 
 from . import deadline
 from .background import BackgroundDownload
 from .cache import BlobCache, CachedBlob
+from .documents import DocumentStore
 from .errors import P2PError, RefusedError, UpstreamsFailedError
 from .health import Breaker
-from .manifest import MAX_DOCUMENT_SIZE
 from .membership import Membership
+from .nodemetrics import NodeMetrics
 from .peerauth import RequestVerifier, Signer, load_secret
 from .peerclient import PeerClient, PeerError, ssl_context
 from .peerserver import run_peer_network
 from .peerwire import BlobRef
 from .registry import RegistryClient
-from .runtime import LoopNotRunningError, TrioLoop
+from .runtime import TrioLoop
 from .settings import P2PSettings, split_address
 from .transport import BlobTransport, RegistryTransport
 from .tree import Demotions, ancestors, rendezvous
+from .treesource import PeerTransport, TreeSource
 
 log = logging.getLogger(__name__)
 
@@ -81,236 +75,6 @@ class CacheSettings:
     fail_cooldown: float = 0.0
     background_delay: float = 5.0
     background_rate: float = 0.0
-
-
-class _CacheReads(Collector):
-    """``damselfly_cache_read_bytes_total``: bytes read out of the node cache (by devices, and for
-    uploads), summed from the open blobs' counters when scraped."""
-
-    def __init__(self, total: Callable[[], float]) -> None:
-        self.total = total
-
-    def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily("damselfly_cache_read_bytes", "Bytes read out of the node cache")
-        family.add_metric([], self.total())
-        yield family
-
-
-class NodeMetrics:
-    """The node's counters, in its own registry (exposed at the peer server's ``/metrics``)."""
-
-    def __init__(self, cache_reads: Callable[[], float] = lambda: 0.0) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        r.register(_CacheReads(cache_reads))
-        self.fetched = Counter(
-            "damselfly_fetched_bytes", "Bytes fetched into the node cache, by source", ["source"], registry=r
-        )
-        self.uploaded = Counter("damselfly_peer_upload_bytes", "Bytes served to peers", registry=r)
-        self.upload_refused = Counter(
-            "damselfly_peer_upload_refused", "Peer requests refused, by reason", ["reason"], registry=r
-        )
-        self.peer_errors = Counter(
-            "damselfly_peer_errors", "Failed fetches from peers, by kind", ["kind"], registry=r
-        )
-        self.for_peers = Counter(
-            "damselfly_fetched_for_peers_bytes",
-            "Bytes fetched into the node cache to answer a peer, by source",
-            ["source"],
-            registry=r,
-        )
-        self.demotions = Counter("damselfly_peer_demotions", "Peers demoted", registry=r)
-        self.bad_bytes = Counter(
-            "damselfly_peer_bad_bytes", "Fetches from peers whose bytes failed verification", registry=r
-        )
-
-    def value(self, name: str, **labels: str) -> float:
-        v = self.registry.get_sample_value(name + "_total", labels)
-        return 0.0 if v is None else v
-
-
-class PeerTransport:
-    """One peer as a blob transport: a signed ranged GET through the trio loop, at the thread's
-    deadline (`p2p.peerclient`), carrying the hops of the request being served (if any)."""
-
-    kind = "peer"
-
-    def __init__(self, node: BlobNode, member: str) -> None:
-        self.node = node
-        self.member = member
-        self.name = f"peer {member}"
-
-    def fetch(self, ref: BlobRef, offset: int, length: int) -> bytes:
-        node = self.node
-        assert node.peers is not None
-        return self._call(node.peers.fetch, ref, offset, length, node.hops(), deadline.current())
-
-    def fetch_document(self, ref: BlobRef) -> bytes:
-        node = self.node
-        assert node.peers is not None
-        return self._call(node.peers.fetch_document, ref, node.hops(), deadline.current())
-
-    def _call(self, fn: Callable[..., Awaitable[bytes]], *args: Any) -> bytes:
-        loop = self.node.loop
-        try:
-            if loop is None:
-                raise LoopNotRunningError("the peer network is not running")
-            return loop.call(fn, self.member, *args)
-        except LoopNotRunningError as e:  # the peer network stopped: this peer is out of reach
-            raise PeerError(self.member, "error", str(e)) from None
-
-
-class TreeSource:
-    """A blob's upstream as the cache sees it: the tree's ancestors, then the registry (module docstring)."""
-
-    def __init__(self, node: BlobNode, ref: BlobRef, plain_http: bool | None) -> None:
-        self.node = node
-        self.ref = ref
-        self.plain_http = plain_http
-        self._registry: RegistryTransport | None = None
-        self._lock = threading.Lock()
-        self._unchecked = threading.local()
-        self.peer_bytes = 0
-        self.registry_bytes = 0
-        self.bad_peers = 0
-
-    @property
-    def name(self) -> str:
-        return f"{self.ref.digest}"
-
-    def size(self) -> int:
-        return self.ref.size
-
-    # -- the route --------------------------------------------------------------------------------
-
-    def registry(self) -> RegistryTransport | None:
-        if not self.ref.has_origin:
-            return None
-        if self.node.serving_peer() and not self.node.fetches_for_peers(self.ref):
-            return None
-        with self._lock:
-            if self._registry is None:
-                assert self.ref.registry is not None
-                client, breaker = self.node.registry_client(self.ref.registry, self.plain_http)
-                self._registry = RegistryTransport(client, self.ref, breaker)
-            return self._registry
-
-    def route(self) -> list[BlobTransport]:
-        """Where to ask, in order (`BlobNode.route`)."""
-        return self.node.route(self.ref.digest, self.registry())
-
-    # -- fetching ---------------------------------------------------------------------------------
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Unchecked bytes (the blob's tail, while its index is learnt: `ChunkIndex.load` checks them)."""
-        end = min(offset + length, self.ref.size)
-        if end <= offset:
-            return b""
-        got: list[bytes] = []
-        self._fetch(offset, end - offset, got.append, checked=False)
-        return got[0]
-
-    def fetch_checked(self, offset: int, length: int, store: Callable[[bytes], None]) -> None:
-        self._fetch(offset, length, store, checked=True)
-
-    def distrust_unchecked(self) -> None:
-        member, n = getattr(self._unchecked, "last", (None, 0))
-        self._unchecked.last = (None, 0)
-        if member is not None:
-            with self._lock:
-                self.peer_bytes -= n  # counted as delivered; they were not
-            self._bad_bytes(member, "its bytes of the blob's index failed their check")
-
-    def _fetch(self, offset: int, length: int, store: Callable[[bytes], None], checked: bool) -> None:
-        errors: list[Exception] = []
-        route = self.route()
-        for transport in route:
-            deadline.check(f"{self.name}: {offset}+{length}")
-            try:
-                data = transport.fetch(self.ref, offset, length)
-                if len(data) != length:
-                    raise P2PError(f"{transport.name}: {len(data)} of {length} bytes")
-            except PeerError as e:
-                errors.append(e)
-                self.node.peer_failed(e)
-                continue
-            except P2PError as e:
-                errors.append(e)
-                continue
-            try:
-                store(data)
-            except CorruptBlobError as e:
-                errors.append(P2PError(f"{transport.name} sent wrong bytes: {e}"))
-                if isinstance(transport, PeerTransport):
-                    self._bad_bytes(transport.member, str(e))
-                    continue
-                raise SourceError(self.name, offset, length, f"the registry sent wrong bytes: {e}") from e
-            self._count(transport, len(data))
-            if not checked:
-                member = transport.member if isinstance(transport, PeerTransport) else None
-                self._unchecked.last = (member, len(data))
-            return
-        what = f"{self.ref.digest} {offset}+{length}"
-        if not route:
-            raise SourceError(self.name, offset, length, "no upstream to fetch it from") from RefusedError(
-                f"{what}: no peer has it and this node does not fetch its registry for peers"
-            )
-        if len(errors) == 1:
-            raise SourceError(self.name, offset, length, str(errors[0])) from errors[0]
-        group = ExceptionGroup(f"{what}: every upstream failed", errors)
-        err = UpstreamsFailedError(what, errors)
-        raise SourceError(self.name, offset, length, str(err)) from group
-
-    def _count(self, transport: BlobTransport, n: int) -> None:
-        with self._lock:
-            if transport.kind == "peer":
-                self.peer_bytes += n
-            else:
-                self.registry_bytes += n
-        self.node.metrics.fetched.labels(transport.kind).inc(n)
-        if self.node.serving_peer():
-            self.node.metrics.for_peers.labels(transport.kind).inc(n)
-
-    def _bad_bytes(self, member: str, why: str) -> None:
-        with self._lock:
-            self.bad_peers += 1
-        self.node.metrics.bad_bytes.inc()
-        self.node.demote(member, self.node.settings.demote_seconds, f"sent wrong bytes: {why}")
-
-
-class DocumentStore:
-    """Small whole blobs (image configs) a node fetched, so it can hand them to peers: one file per
-    digest, root's (0600 in 0700 directories), written atomically and only after its digest checked,
-    and checked again when read (a document is small: hashing it is cheap)."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        private_dir(root)
-        private_dir(os.path.join(root, "sha256"))
-
-    def path(self, digest: str) -> str:
-        algo, _, hexpart = digest.partition(":")
-        return os.path.join(self.root, algo, hexpart)
-
-    @staticmethod
-    def matches(digest: str, size: int, data: bytes) -> bool:
-        return len(data) == size and "sha256:" + hashlib.sha256(data).hexdigest() == digest
-
-    def get(self, digest: str, size: int) -> bytes | None:
-        try:
-            with open(self.path(digest), "rb") as f:
-                data = f.read(MAX_DOCUMENT_SIZE + 1)
-        except FileNotFoundError:
-            return None
-        if not self.matches(digest, size, data):
-            log.warning("document %s in the node cache is damaged; fetching it again", digest)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path(digest))
-            return None
-        return data
-
-    def put(self, digest: str, data: bytes) -> None:
-        write_file_atomic(self.path(digest), data, PRIVATE_FILE_MODE)
 
 
 @dataclass

@@ -88,60 +88,25 @@ class PeerClient:
     ) -> bytes:
         """Exactly bytes [offset, offset+length) of blob `ref` from `member`, before deadline `at`
         (`time.monotonic()`; None: only `timeout`)."""
-        http = self._http
-        if http is None:
-            raise PeerError(member, "error", "the peer client is closed")
-        now = time.monotonic()
-        end = now + self.timeout if at is None else min(at, now + self.timeout)
-        target = ref.target()
-        rng = range_header(offset, length)
-        extra = {
-            HOPS_HEADER: ",".join([*hops, self.me]),
-            DEADLINE_HEADER: f"{max(0.0, end - now):.3f}",
-            TO_HEADER: member,
-        }
-        headers = {"range": rng, **self._signed(target, rng, extra)}
-        self.active += 1
-        try:
-            with trio.move_on_at(trio_deadline(end)):
-                return await self._get(http, member, target, headers, offset, length)
-            self.cancelled += 1
-            raise PeerError(member, "timeout", f"no answer for {rng} of {ref.digest} in time") from None
-        finally:
-            self.active -= 1
-
-    async def _get(
-        self,
-        http: httpx.AsyncClient,
-        member: str,
-        target: str,
-        headers: dict[str, str],
-        offset: int,
-        length: int,
-    ) -> bytes:
-        url = f"{self.scheme}://{member}{target}"
-        try:
-            async with http.stream("GET", url, headers=headers) as resp:
-                status = resp.status_code
-                if status != 206:
-                    body = (await resp.aread())[:300].decode(errors="replace").strip()
-                    raise _status_error(member, status, body, resp.headers.get("retry-after"))
-                want = f"bytes {offset}-{offset + length - 1}/"
-                if not resp.headers.get("content-range", "").startswith(want):
-                    raise PeerError(member, "error", f"206 for the wrong range: {resp.headers}")
-                buf = bytearray()
-                async for piece in resp.aiter_raw():
-                    buf += piece
-                    if len(buf) > length:
-                        raise PeerError(member, "error", f"sent more than the {length} bytes asked for")
-                if len(buf) != length:
-                    raise PeerError(member, "error", f"sent {len(buf)} of {length} bytes")
-                return bytes(buf)
-        except httpx.HTTPError as e:
-            raise PeerError(member, "error", f"{type(e).__name__}: {e or 'connection failed'}") from None
+        want = f"bytes {offset}-{offset + length - 1}/"
+        return await self._transfer(member, ref, range_header(offset, length), hops, at, want, length)
 
     async def fetch_document(self, member: str, ref: BlobRef, hops: Sequence[str], at: float | None) -> bytes:
-        """The whole document `ref` (``ref.document``) from `member`, before `at` (unverified)."""
+        """The whole document `ref` (``ref.document``) from `member`, before `at`: at most its size."""
+        return await self._transfer(member, ref, "", hops, at, None, ref.size)
+
+    async def _transfer(
+        self,
+        member: str,
+        ref: BlobRef,
+        rng: str,
+        hops: Sequence[str],
+        at: float | None,
+        content_range: str | None,
+        length: int,
+    ) -> bytes:
+        """One signed GET of `ref` (a range: 206 with `content_range`, exactly `length` bytes; a document:
+        200, at most `length` bytes) in a cancel scope at the earlier of `at` and `timeout`."""
         http = self._http
         if http is None:
             raise PeerError(member, "error", "the peer client is closed")
@@ -153,35 +118,51 @@ class PeerClient:
             DEADLINE_HEADER: f"{max(0.0, end - now):.3f}",
             TO_HEADER: member,
         }
-        headers = self._signed(target, "", extra)
+        headers = {**({"range": rng} if rng else {}), **self._signed(target, rng, extra)}
         self.active += 1
         try:
             with trio.move_on_at(trio_deadline(end)):
                 try:
-                    async with http.stream(
-                        "GET", f"{self.scheme}://{member}{target}", headers=headers
-                    ) as resp:
-                        if resp.status_code != 200:
-                            body = (await resp.aread())[:300].decode(errors="replace").strip()
-                            raise _status_error(
-                                member, resp.status_code, body, resp.headers.get("retry-after")
-                            )
-                        buf = bytearray()
-                        async for piece in resp.aiter_raw():
-                            buf += piece
-                            if len(buf) > ref.size:
-                                raise PeerError(
-                                    member, "error", f"sent more than the {ref.size} bytes of the document"
-                                )
-                        return bytes(buf)
+                    return await self._get(
+                        http, f"{self.scheme}://{member}{target}", member, headers, content_range, length
+                    )
                 except httpx.HTTPError as e:
                     raise PeerError(
                         member, "error", f"{type(e).__name__}: {e or 'connection failed'}"
                     ) from None
             self.cancelled += 1
-            raise PeerError(member, "timeout", f"no answer for document {ref.digest} in time") from None
+            raise PeerError(
+                member, "timeout", f"no answer for {rng or 'the document'} of {ref.digest} in time"
+            )
         finally:
             self.active -= 1
+
+    @staticmethod
+    async def _get(
+        http: httpx.AsyncClient,
+        url: str,
+        member: str,
+        headers: dict[str, str],
+        content_range: str | None,
+        length: int,
+    ) -> bytes:
+        async with http.stream("GET", url, headers=headers) as resp:
+            status = resp.status_code
+            if status != (200 if content_range is None else 206):
+                body = (await resp.aread())[:300].decode(errors="replace").strip()
+                raise _status_error(member, status, body, resp.headers.get("retry-after"))
+            if content_range is not None and not resp.headers.get("content-range", "").startswith(
+                content_range
+            ):
+                raise PeerError(member, "error", f"206 for the wrong range: {resp.headers}")
+            buf = bytearray()
+            async for piece in resp.aiter_raw():
+                buf += piece
+                if len(buf) > length:
+                    raise PeerError(member, "error", f"sent more than the {length} bytes asked for")
+            if content_range is not None and len(buf) != length:
+                raise PeerError(member, "error", f"sent {len(buf)} of {length} bytes")
+            return bytes(buf)
 
     async def health(self, member: str, timeout: float) -> None:
         """Raise `PeerError` unless `member` answers its health check within `timeout`."""

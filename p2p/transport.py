@@ -5,7 +5,7 @@ A *blob transport* hands over a range of a blob named by digest (`BlobRef`): the
 under that thread's deadline (`p2p.deadline`) and raises a `P2PError` when it cannot deliver. It does
 not verify: the node cache checks every chunk of what it returns against the blob's index.
 
-A *checked source* is what the node cache fetches through (`p2p.node.TreeSource`): it tries transports
+A *checked source* is what the node cache fetches through (`p2p.treesource.TreeSource`): it tries transports
 in order and hands each one's bytes to the cache's `store`, which verifies and keeps them; a `store`
 that raises `CorruptBlobError` rejects that transport's bytes, and the next transport is tried.
 """

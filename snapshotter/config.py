@@ -35,7 +35,7 @@ effective config (`to_toml`), which is itself a valid config file::
     advertise = ""                # IP:PORT peers reach this node at (its id in every tree)
     peers = []                    # static members, "IP:PORT" each (this node's own may be among them)
     dns = ""                      # a name whose SRV or A/AAAA records are members
-    fanout = 3                    # children per node in each blob's tree
+    fanout = 2                    # children per node in each blob's tree
     secret_file = ""              # the cluster secret (0600): every peer request is signed with it
     ...                           # seeds, registries, upload_limit, timeout, TLS: `damselfly config`
 

@@ -1,4 +1,4 @@
-"""Where a node's missing bytes come from (`p2p.node.TreeSource`), with fake transports: the order of
+"""Where a node's missing bytes come from (`p2p.treesource.TreeSource`), with fake transports: the order of
 the route, fallback past a failing or lying peer, demotion, counting, and the errors when all fail."""
 
 from __future__ import annotations
@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
-import p2p.node as node_module
 from blockformat.digest import Digest
 from blockformat.errors import CorruptBlobError, SourceError
+from p2p import treesource
 from p2p.errors import RegistryUnavailableError
-from p2p.node import BlobNode, CacheSettings, TreeSource
+from p2p.node import BlobNode, CacheSettings
 from p2p.peerclient import PeerError
 from p2p.peerwire import BlobRef
 from p2p.transport import BlobTransport
+from p2p.treesource import TreeSource
 
 DIGEST = Digest("sha256:" + "ab" * 32)
 GOOD = bytes(range(256)) * 16
@@ -47,7 +48,7 @@ def source(node: BlobNode, route: list[Fake], monkeypatch: pytest.MonkeyPatch) -
     src = TreeSource(node, BlobRef(DIGEST, len(GOOD), None, "registry.test", "repo"), None)
     transports: list[BlobTransport] = list(route)
     monkeypatch.setattr(src, "route", lambda: transports)
-    monkeypatch.setattr(node_module, "PeerTransport", FakePeer)  # isinstance checks see our fakes
+    monkeypatch.setattr(treesource, "PeerTransport", FakePeer)  # isinstance checks see our fakes
     return src
 
 

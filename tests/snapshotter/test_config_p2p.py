@@ -43,7 +43,7 @@ def test_the_p2p_table_parses_and_prints_back_to_the_same_settings() -> None:
 def test_defaults_are_off_and_print_every_key() -> None:
     text = to_toml(Config())
     assert "[p2p]\nenabled = false\n" in text
-    for key in ("listen", "peers = []", "fanout = 3", "registries = []", "upload_limit", "secret_file"):
+    for key in ("listen", "peers = []", "fanout = 2", "registries = []", "upload_limit", "secret_file"):
         assert key in text
 
 
