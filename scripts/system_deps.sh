@@ -51,6 +51,9 @@ need_commands e2fsprogs mkfs.ext4 debugfs dumpe2fs e2fsck filefrag
 need_commands mount mount umount losetup
 need_commands util-linux findmnt setpriv prlimit fstrim
 need_commands fuse3 fusermount3
+# the multi-node P2P tests, the benchmark and the demo's second node: network namespaces, veth, tbf
+need_commands iproute2 ip tc
+need_commands util-linux nsenter
 # scripts/build_debian_image.py (the demo's Debian image)
 need_commands debootstrap debootstrap
 # tests/programs.py (`gcc -static`: libc.a) and tests/snapshotter/test_fuseabi.py (<linux/fuse.h>)
