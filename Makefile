@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python scripts/bench_device.py --profile
 	$(BIN)/python scripts/bench_convert.py
 	$(BIN)/python scripts/bench_p2p.py
+	$(BIN)/python scripts/bench_coldstart.py
 
 # The end-to-end demo (scripts/demo.py): as root; DEMO_SMALL=1 for the small (busybox) image.
 demo:

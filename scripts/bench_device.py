@@ -113,7 +113,7 @@ from snapshotter.device import (  # noqa: E402
 from snapshotter.device import daemon as daemon_mod  # noqa: E402
 from snapshotter.device import fuse as fuse_mod  # noqa: E402
 from snapshotter.device import manager as manager_mod  # noqa: E402
-from snapshotter.device.daemon import Paths  # noqa: E402
+from snapshotter.device.paths import Paths  # noqa: E402
 from snapshotter.errors import ControlError, MountError  # noqa: E402
 from snapshotter.host.loop import loop_info  # noqa: E402
 from snapshotter.host.mountinfo import find_mount  # noqa: E402

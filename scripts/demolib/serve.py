@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter.device import control
-from snapshotter.device.daemon import Paths
+from snapshotter.device.paths import Paths
 from snapshotter.errors import ControlError
 
 from .containerd import toml_value

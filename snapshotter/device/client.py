@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockformat.chunkfile import BlobInfo
 from blockformat.durable import private_dir
@@ -35,8 +35,10 @@ from ..errors import ControlError, DeviceError
 from ..host.mountinfo import find_mount
 from ..host.syscalls import MNT_DETACH, unmount_path
 from . import control
-from .daemon import Paths
-from .manager import DeviceSpec
+from .paths import Paths
+
+if TYPE_CHECKING:
+    from .manager import DeviceSpec
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ import os
 import signal
 import threading
 import types
-from dataclasses import dataclass
 from typing import Any
 
 from blockformat.durable import private_dir, write_file_atomic
@@ -29,25 +28,9 @@ from ..config import DeviceSection
 from ..host.syscalls import MNT_DETACH, unmount_path
 from .control import ControlServer
 from .manager import DeviceManager, DeviceSpec
+from .paths import Paths
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Paths:
-    state: str
-
-    @property
-    def mountpoint(self) -> str:
-        return os.path.join(self.state, "dev")
-
-    @property
-    def socket(self) -> str:
-        return os.path.join(self.state, "devd.sock")
-
-    @property
-    def pidfile(self) -> str:
-        return os.path.join(self.state, "devd.pid")
 
 
 def run(

@@ -19,7 +19,7 @@ from scripts.demolib.procs import loops_below, mount_points
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_OK
 from snapshotter.device import control
-from snapshotter.device.daemon import Paths
+from snapshotter.device.paths import Paths
 from snapshotter.errors import ControlError
 from snapshotter.labels import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_SNAPSHOT_REF
 from tests.oci_images import chain_ids

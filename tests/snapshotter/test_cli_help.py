@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -11,7 +14,10 @@ from snapshotter.cli import cli
 
 def _paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     out = [prefix]
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):  # the top group loads its commands lazily
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
         if isinstance(cmd, click.Group):
             out += _paths(cmd, (*prefix, name))
         else:
@@ -31,3 +37,14 @@ def test_blob_group_lists_its_subcommands() -> None:
     result = CliRunner().invoke(cli, ["blob", "--help"], prog_name="damselfly")
     for name in ("pack", "cat", "verify", "info"):
         assert name in result.output
+
+
+def test_rpull_does_not_import_the_converter_or_the_device_daemon() -> None:
+    """`damselfly rpull` is on every cold start's path: its process imports what it uses only."""
+    code = (
+        "import sys; from snapshotter.cli import cli; cli.get_command(None, 'rpull'); "
+        "print(' '.join(m for m in ('snapshotter.convert.converter', 'snapshotter.device.daemon', "
+        "'p2p.node', 'hypercorn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""

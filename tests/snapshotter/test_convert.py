@@ -313,10 +313,11 @@ def test_hostile_input_fails_naming_layer_and_entry_with_nothing_published(
 def test_not_root_gets_one_sentence_saying_why(tmp_path: Path) -> None:
     src = write_layout(busybox_image(), tmp_path / "src")
     os.chmod(tmp_path, 0o755)
-    # The CLI is imported as root, then drops to nobody: the venv may live where nobody can read
-    # (a root home is 0700 on Debian), and that is not what this test is about.
+    # The CLI (with the convert command: subcommands load lazily) is imported as root, then drops to
+    # nobody: the venv may live where nobody can read (a root home is 0700 on Debian), and that is not
+    # what this test is about.
     as_nobody = (
-        "import os; from snapshotter.cli import main; "
+        "import os; from snapshotter.cli import cli, main; cli.get_command(None, 'convert'); "
         "os.setgroups([]); os.setgid(65534); os.setuid(65534); main()"
     )
     proc = subprocess.run(
