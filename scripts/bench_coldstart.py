@@ -295,13 +295,7 @@ class Bench:
                 ("device daemon", node.serve.release),
             ]
         steps.append(("registry", self._stop_registry))
-        for what, stop in steps:
-            try:
-                notes = stop()
-            except Exception as e:  # keep going: everything else must still be undone
-                undone.append(f"{what}: {e}")
-                continue
-            undone += [n for n in notes if not n.startswith(("umount", "losetup", "device daemon"))]
+        undone += procs.stop_all(steps)
         if node is not None:
             with contextlib.suppress(OSError):
                 node.serve.keep_daemon_log(node.devd_log)

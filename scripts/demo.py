@@ -589,14 +589,7 @@ class Demo:
                 (f"{node.label}'s device daemon", node.serve.release),
             ]
         steps += [("registry", self._stop_registry)]
-        for what, stop in steps:
-            try:
-                notes = stop()
-            except Exception as e:  # keep going: everything else must still be undone
-                undone.append(f"{what}: {e}")
-                continue
-            # what a clean stop does anyway (the chain mounts and the daemon outlive `serve` on purpose)
-            undone += [n for n in notes if not n.startswith(("umount", "losetup", "device daemon"))]
+        undone += procs.stop_all(steps)
         for node in self.nodes:
             with contextlib.suppress(OSError):
                 node.serve.keep_daemon_log(node.devd_log)

@@ -279,6 +279,21 @@ def left_below(*paths: str | os.PathLike[str]) -> list[str]:
     return found
 
 
+def stop_all(steps: Sequence[tuple[str, Callable[[], list[str]]]]) -> list[str]:
+    """Run every ``(what, stop)`` step in order, past failures (everything else must still be undone);
+    what they had to undo, less what a clean stop of `damselfly serve` does anyway (its chain mounts,
+    loop devices and device daemon outlive it on purpose), and each failure."""
+    undone: list[str] = []
+    for what, stop in steps:
+        try:
+            notes = stop()
+        except Exception as e:
+            undone.append(f"{what}: {e}")
+            continue
+        undone += [n for n in notes if not n.startswith(("umount", "losetup", "device daemon"))]
+    return undone
+
+
 def sweep(path: str | os.PathLike[str]) -> list[str]:
     """Undo whatever is left of the demo below `path`: processes naming it (SIGTERM, then SIGKILL),
     mounts (deepest first), loop devices. Returns what it had to undo (empty when all was clean)."""
