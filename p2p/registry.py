@@ -43,7 +43,16 @@ from .errors import (
     RegistryProtocolError,
     RegistryUnavailableError,
 )
-from .manifest import ACCEPT, DEFAULT_PLATFORM, MAX_DOCUMENT_SIZE, Index, Manifest, Platform, parse_manifest
+from .manifest import (
+    ACCEPT,
+    DEFAULT_PLATFORM,
+    MAX_DOCUMENT_SIZE,
+    OCI_INDEX,
+    Index,
+    Manifest,
+    Platform,
+    parse_manifest,
+)
 from .push import Uploader
 from .reference import DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback, parse_reference
 from .retry import Deadline, RetryPolicy, Timeouts
@@ -76,6 +85,12 @@ class Resolved:
     reference: Reference  # the input, with the digest of what it resolved to (index digest if an index)
     manifest: Manifest
     index: Index | None = None
+
+
+def referrers_tag(digest: str) -> str:
+    """The tag of the referrers tag schema (OCI distribution 1.1): ``<algorithm>-<hex>``."""
+    algorithm, _, hexpart = digest.partition(":")
+    return f"{algorithm}-{hexpart[:64]}"
 
 
 def api_host(registry: str) -> str:
@@ -255,6 +270,35 @@ class RegistryClient:
             headers={"accept": ACCEPT},
             what=f"manifest {repository}:{reference}",
         )
+
+    def referrers_index(self, repository: str, digest: Digest, tag_schema: bool = True) -> bytes | None:
+        """The raw index of the manifests whose ``subject`` is `digest` (OCI distribution 1.1): from the
+        referrers API, else from the referrers tag schema (``sha256-<hex>``: registries without the API,
+        like docker-registry 2.8); None when there is neither. Not verified: an index of referrers is
+        mutable, like a tag; what it lists is fetched by digest."""
+        parse_digest(digest)
+
+        def consume(resp: httpx.Response, deadline: Deadline) -> bytes | None:
+            if resp.status_code == 404:
+                return None
+            return read_body(resp, deadline, MAX_DOCUMENT_SIZE, str(resp.url))
+
+        paths = [(f"/v2/{repository}/referrers/{digest}", f"referrers of {repository}@{digest}")]
+        if tag_schema:
+            tag = referrers_tag(digest)
+            paths.append((f"/v2/{repository}/manifests/{tag}", f"referrers tag of {repository}@{digest}"))
+        for path, what in paths:
+            raw = self._pull(
+                path,
+                consume,
+                scopes=self._scope(repository),
+                headers={"accept": OCI_INDEX},
+                what=what,
+                ok=(200, 404),
+            )
+            if raw is not None:
+                return raw
+        return None
 
     def resolve(self, ref: Reference | str, platform: Platform = DEFAULT_PLATFORM) -> Resolved:
         """Resolve a reference to the image manifest for `platform`, through an index if there is one."""

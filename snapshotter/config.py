@@ -103,6 +103,7 @@ class RemoteSection:
     plain_http: bool = False
     check_timeout: float = 5.0
     unreachable_cooldown: float = 30.0
+    prefetch: bool = True
 
 
 @dataclass(frozen=True)

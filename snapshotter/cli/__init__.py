@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "serve"),
     "config": ("serve", "config_cmd"),
     "rpull": ("rpull", "rpull"),
+    "record-trace": ("trace", "record_trace"),
     "mount": ("device", "mount_cmd"),
     "umount": ("device", "umount_cmd"),
     "attach": ("device", "attach"),

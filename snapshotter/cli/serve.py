@@ -59,6 +59,13 @@ def _claim_socket(path: Path) -> None:
     )
 
 
+def _start_daemon(daemon: DeviceDaemon) -> None:
+    try:
+        daemon.ensure()
+    except (SnapshotterError, OSError) as e:  # the first converted Prepare tries again, and says why
+        log.error("cannot start the device daemon: %s", e)
+
+
 def _effective(
     config_path: Path | None,
     root: Path | None,
@@ -102,9 +109,10 @@ def serve(
 ) -> None:
     """Serve containerd's Snapshots API on a unix socket until SIGTERM or SIGINT (foreground).
 
-    Converted layers are served by a device daemon that this command starts when a converted image
-    first needs it, detached so that it outlives a restart (or a crash) of this service while
-    containers use it; on a clean stop with no converted chain mounted, it is stopped too.
+    Converted layers are served by a device daemon that this command starts at once (in the background,
+    so a converted image's first Prepare does not wait for it), detached so that it outlives a restart
+    (or a crash) of this service while containers use it; on a clean stop with no converted chain
+    mounted, it is stopped too.
     """
     cfg = _effective(config_path, root, address, log_level, state_dir)
     logging.basicConfig(
@@ -123,15 +131,21 @@ def serve(
         store,
         root_dir,
         daemon,
-        RemoteOptions(rc.enabled, rc.plain_http, rc.check_timeout, rc.unreachable_cooldown),
+        RemoteOptions(rc.enabled, rc.plain_http, rc.check_timeout, rc.unreachable_cooldown, rc.prefetch),
     )
     metrics: MetricsServer | None = None
     try:
         _claim_socket(sock)
         # Before serving: mounts of running containers stay as they are; missing ones come back.
         remote.reconcile()
+        starting: threading.Thread | None = None
         if cfg.p2p.enabled:
             daemon.ensure()  # a member of the fleet from the start: it serves peers before it needs a device
+        elif rc.enabled:
+            # Started now, not at the first converted Prepare: its start-up (~1 s of imports) would be
+            # on the cold path of the first container.
+            starting = threading.Thread(target=_start_daemon, args=(daemon,), name="devd-start", daemon=True)
+            starting.start()
         daemon.watch(remote.reconcile)
         if cfg.metrics.address:
             metrics = MetricsServer(cfg.metrics.address)
@@ -154,6 +168,8 @@ def serve(
             server.stop(STOP_GRACE).wait()
             sock.unlink(missing_ok=True)
             daemon.close()  # stop watching; the daemon and the chain mounts stay for running containers
+            if starting is not None:
+                starting.join()  # a daemon still starting would be missed by the idle check
             if not remote.mounted_chains():
                 daemon.stop_if_idle()  # ... but an idle one need not outlive us
     finally:

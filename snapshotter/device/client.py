@@ -39,6 +39,7 @@ from .paths import Paths
 
 if TYPE_CHECKING:
     from .manager import DeviceSpec
+    from .prefetch import PrefetchRequest
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,22 @@ class DeviceClient:
             raise DeviceError(f"the node's copy of {digest} at {path} is not that blob")
         return data
 
-    def attach(self, spec: DeviceSpec) -> str:
-        """Attach (idempotent for the same spec); the path of the device file."""
-        return str(self.call({"op": "attach", "spec": spec.to_json()})["path"])
+    def attach(self, spec: DeviceSpec, prefetch: PrefetchRequest | None = None) -> str:
+        """Attach (idempotent for the same spec); the path of the device file. With `prefetch`, the
+        image's trace is replayed (`snapshotter.device.prefetch`)."""
+        request: dict[str, Any] = {"op": "attach", "spec": spec.to_json()}
+        if prefetch is not None:
+            request["prefetch"] = prefetch.to_json()
+        return str(self.call(request)["path"])
+
+    def record(self, name: str, seconds: float) -> None:
+        """Record the reads of device `name` (attached now or later) for `seconds`."""
+        self.call({"op": "record", "name": name, "seconds": seconds})
+
+    def record_stop(self, name: str) -> tuple[bytes, int]:
+        """End the recording of `name`: the trace (`blockformat.trace` JSON) and the number of reads."""
+        reply = self.call({"op": "record-stop", "name": name})
+        return str(reply["trace"]).encode(), int(reply["reads"])
 
     def detach(self, name: str, timeout: float = 120.0) -> None:
         """Detach device `name` (idempotent)."""

@@ -29,6 +29,7 @@ from ..host.syscalls import MNT_DETACH, unmount_path
 from .control import ControlServer
 from .manager import DeviceManager, DeviceSpec
 from .paths import Paths
+from .prefetch import PrefetchRequest
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,18 @@ def run(
         if op == "document":
             return {"path": manager.document(request)}
         if op == "attach":
-            return {"path": manager.attach(DeviceSpec.from_json(request["spec"]))}
+            prefetch = request.get("prefetch")
+            return {
+                "path": manager.attach(
+                    DeviceSpec.from_json(request["spec"]),
+                    None if prefetch is None else PrefetchRequest.from_json(prefetch),
+                )
+            }
+        if op == "record":
+            manager.record(str(request["name"]), float(request["seconds"]))
+            return {}
+        if op == "record-stop":
+            return manager.record_stop(str(request["name"]))
         if op == "detach":
             manager.detach(str(request["name"]))
             return {}

@@ -13,6 +13,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -34,8 +36,12 @@ from p2p.settings import P2PSettings
 from ..config import DeviceSection
 from ..errors import DeviceError
 from .fuse import BlockFS
+from .prefetch import PrefetchRequest, Recorder, Replay
 
 log = logging.getLogger(__name__)
+
+#: Blobs of one device whose indexes are learned at once.
+OPEN_PARALLEL = 8
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,10 @@ class ImageDevice:
         if len(self._cached) != len(stack.layers):
             raise DeviceError(f"{len(self._cached)} cache entries for {len(stack.layers)} layers")
         self._remote = [c for c in self._cached if c is not None]
+        #: Armed by `damselfly record-trace`: every read is added to it.
+        self.recorder: Recorder | None = None
+        #: The trace replay of this device, which also counts the reads it served.
+        self.replay: Replay | None = None
 
     @property
     def size(self) -> int:
@@ -124,17 +134,34 @@ class ImageDevice:
             return True
         if self.upper is not None:
             return False
+        for i, first, last in self.blob_units(offset, length):
+            cached = self._cached[i]
+            if (
+                cached is not None
+                and not cached.complete
+                and not all(cached.is_present(u) for u in range(first, last + 1))
+            ):
+                return False
+        return True
+
+    def cached(self, i: int) -> CachedBlob | None:
+        """The node-cache blob layer `i` reads through; None for a local file."""
+        return self._cached[i]
+
+    def blob_units(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(layer, first unit, last unit) of the node-cache units that hold the stored chunks reading
+        [offset, offset+length) of the stack needs, for the layers read through the cache."""
         layers = self.stack.layers
         for i, doff, n in self.stack.layer_ranges(offset, length):
             cached = self._cached[i]
-            if cached is None or cached.complete:
+            if cached is None:
                 continue
             chunks = cast(LayerReader, layers[i]).chunks
             shift = chunks.chunk_shift
             start, stored = chunks.stored_range(doff >> shift, (doff + n - 1) >> shift)
-            if not cached.units_present(start, stored):
-                return False
-        return True
+            if stored > 0:
+                u = cached.unit_size
+                yield i, start // u, (start + stored - 1) // u
 
     def read(self, offset: int, length: int) -> bytes:
         return join_parts(self.read_parts(offset, length))
@@ -143,7 +170,22 @@ class ImageDevice:
         """`read` as read-only pieces that share memory with decoded chunks (for a vectored reply).
 
         A chunk that fails its check when it comes from the node cache was damaged on disk: the cache
-        forgets it (`CachedBlob.repair`) and the read is tried once more, which fetches it again."""
+        forgets it (`CachedBlob.repair`) and the read is tried once more, which fetches it again.
+
+        A recorder armed on the device sees the read; a replay counts the units it needs and, when the
+        read waits on the network, gives way to it (`prefetch`)."""
+        if self.recorder is not None:
+            self.recorder.add(offset, length)
+        replay = self.replay
+        if replay is None or not replay.watching or not replay.note_read(offset, length):
+            return self._read_checked(offset, length)
+        replay.foreground(+1)
+        try:
+            return self._read_checked(offset, length)
+        finally:
+            replay.foreground(-1)
+
+    def _read_checked(self, offset: int, length: int) -> list[Part]:
         try:
             return self._read_parts(offset, length)
         except CorruptBlobError as e:
@@ -210,6 +252,7 @@ class DeviceManager:
         self._lock = threading.Lock()
         self._blobs: dict[str, _Blob] = {}
         self._devices: dict[str, tuple[DeviceSpec, ImageDevice]] = {}
+        self._recorders: dict[str, Recorder] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -229,32 +272,58 @@ class DeviceManager:
 
     # -- blobs -----------------------------------------------------------------------------------
 
-    def _open_blob(self, spec: LayerSpec) -> _Blob:
-        blob = self._blobs.get(spec.digest)
-        if blob is None:
-            src = spec.source
-            cached: CachedBlob | None = None
-            source: RangeSource
-            if src.path is not None:
-                source = FileSource(src.path)
-            else:
-                ref = BlobRef(spec.digest, spec.size, spec.index_digest, src.registry, src.repository)
-                cached = self.node.open(ref, src.plain_http)
-                source = cached
-            try:
+    def _open_blobs(self, layers: list[LayerSpec]) -> None:
+        """Open every blob of `layers` not open yet, in parallel (learning a layer's index is a round
+        trip or two: one after another they would add up on a cold start), and count a reference for
+        each layer. All or nothing: on a failure, what was opened here is released. The caller holds
+        `_lock`."""
+        new: dict[str, LayerSpec] = {x.digest: x for x in layers if x.digest not in self._blobs}
+        loaded: dict[str, _Blob] = {}
+        errors: list[BaseException] = []
+        if len(new) == 1:
+            spec = next(iter(new.values()))
+            loaded[spec.digest] = self._load_blob(spec)
+        elif new:
+            with ThreadPoolExecutor(min(len(new), OPEN_PARALLEL), thread_name_prefix="open-blob") as pool:
+                futures = {d: pool.submit(self._load_blob, x) for d, x in new.items()}
+                for d, f in futures.items():
+                    try:
+                        loaded[d] = f.result()
+                    except BaseException as e:
+                        errors.append(e)
+            if errors:
+                for failed in loaded.values():
+                    self._close_blob(failed)
+                raise errors[0]
+        for d, blob in loaded.items():
+            if blob.cached is not None:  # also a complete one: it is re-verified, and repaired if need be
+                self.node.start_background(blob.cached)
+            self._blobs[d] = blob
+        for x in layers:
+            self._blobs[x.digest].refs += 1
+
+    def _load_blob(self, spec: LayerSpec) -> _Blob:
+        """A blob's source and layer reader (its index learned, perhaps over the network), within a
+        read's deadline."""
+        src = spec.source
+        cached: CachedBlob | None = None
+        source: RangeSource
+        if src.path is not None:
+            source = FileSource(src.path)
+        else:
+            ref = BlobRef(spec.digest, spec.size, spec.index_digest, src.registry, src.repository)
+            cached = self.node.open(ref, src.plain_http)
+            source = cached
+        try:
+            with deadline.scope(time.monotonic() + self.settings.read_timeout):
                 layer = self._open_layer(source, cached, spec.index_digest)
-            except BaseException:
-                if cached is not None:
-                    self.node.release(cached)
-                elif isinstance(source, FileSource):
-                    source.close()
-                raise
-            if cached is not None:  # also a complete one: it is re-verified, and repaired if need be
-                self.node.start_background(cached)
-            blob = _Blob(cached, source, layer)
-            self._blobs[spec.digest] = blob
-        blob.refs += 1
-        return blob
+        except BaseException:
+            if cached is not None:
+                self.node.release(cached)
+            elif isinstance(source, FileSource):
+                source.close()
+            raise
+        return _Blob(cached, source, layer)
 
     @staticmethod
     def _open_layer(source: RangeSource, cached: CachedBlob | None, index_digest: str) -> LayerReader:
@@ -277,6 +346,9 @@ class DeviceManager:
         if blob.refs > 0:
             return
         del self._blobs[digest]
+        self._close_blob(blob)
+
+    def _close_blob(self, blob: _Blob) -> None:
         if blob.cached is not None:
             self.node.release(blob.cached)
         elif isinstance(blob.source, FileSource):
@@ -284,21 +356,19 @@ class DeviceManager:
 
     # -- devices ---------------------------------------------------------------------------------
 
-    def attach(self, spec: DeviceSpec) -> str:
-        """Expose the device; returns the path of its file. Attaching the same spec again is a no-op."""
+    def attach(self, spec: DeviceSpec, prefetch: PrefetchRequest | None = None) -> str:
+        """Expose the device; returns the path of its file. Attaching the same spec again is a no-op.
+
+        With `prefetch`, a read-only device replays its image's trace, if it has one (`prefetch`)."""
         with self._lock:
             existing = self._devices.get(spec.name)
             if existing is not None:
                 if existing[0] != spec:
                     raise DeviceError(f"device {spec.name!r} is attached with a different spec")
                 return self.fs.path(spec.name)
-            opened: list[str] = []
+            self._open_blobs(spec.layers)
+            opened = [x.digest for x in spec.layers]
             try:
-                for layer in spec.layers:
-                    # Learning a layer's index may wait on the network: as long as one read may.
-                    with deadline.scope(time.monotonic() + self.settings.read_timeout):
-                        self._open_blob(layer)
-                    opened.append(layer.digest)
                 layers = [self._blobs[d].layer for d in opened]
                 _check_annotations(spec, layers)
                 stack = Stack(layers, spec.vsize if not layers else None)
@@ -313,6 +383,10 @@ class DeviceManager:
                 if upper is None and any(x.fstype is not None for x in spec.layers):
                     with deadline.scope(time.monotonic() + self.settings.read_timeout):
                         _check_filesystem(spec, device)
+                recorder = self._recorders.get(spec.name)
+                if recorder is not None:
+                    recorder.layers, recorder.vsize = tuple(opened), device.size
+                    device.recorder = recorder
                 path = self.fs.attach(spec.name, device)
             except BaseException:
                 for d in opened:
@@ -320,6 +394,9 @@ class DeviceManager:
                 raise
             self._devices[spec.name] = (spec, device)
             log.info("attached %s (%d layers%s)", spec.name, len(layers), ", writable" if upper else "")
+            if prefetch is not None and upper is None and device.recorder is None and layers:
+                timeout = self.settings.read_timeout
+                device.replay = Replay(spec.name, device, opened, self.node, prefetch, timeout).start()
             return path
 
     def detach(self, name: str) -> None:
@@ -328,6 +405,8 @@ class DeviceManager:
             if entry is None:
                 return  # idempotent
             spec, device = entry
+            if device.replay is not None:
+                device.replay.stop()
             self.fs.detach(name)
             if device.upper is not None:
                 device.upper.close()
@@ -349,6 +428,41 @@ class DeviceManager:
         with atomic_write(out_path) as f:  # whole or not at all, durable with its directory entry
             info = upper.commit(f, codec, chunk_size, level)
         return asdict(info)
+
+    def record(self, name: str, seconds: float) -> None:
+        """Arm a recorder for device `name` (attached now or later) for `seconds`."""
+        recorder = Recorder(name, seconds)
+        with self._lock:
+            self._recorders[name] = recorder
+            entry = self._devices.get(name)
+            if entry is not None:
+                spec, device = entry
+                if device.writable:
+                    del self._recorders[name]
+                    raise DeviceError(f"device {name!r} is writable: traces are recorded on image chains")
+                recorder.layers, recorder.vsize = tuple(x.digest for x in spec.layers), device.size
+                device.recorder = recorder
+        log.info("recording the reads of device %s for %.0fs", name, seconds)
+
+    def record_stop(self, name: str) -> dict[str, Any]:
+        """End the recording of device `name`; the trace (`blockformat.trace.Trace` as JSON) and its
+        count of reads."""
+        with self._lock:
+            recorder = self._recorders.pop(name, None)
+            entry = self._devices.get(name)
+            if entry is not None and entry[1].recorder is recorder:
+                entry[1].recorder = None
+        if recorder is None:
+            raise DeviceError(f"no recording of device {name!r} is going on")
+        trace = recorder.trace()
+        log.info(
+            "recorded %d reads of device %s: %d ranges, %d bytes",
+            recorder.reads,
+            name,
+            len(trace.ranges),
+            trace.total,
+        )
+        return {"trace": trace.to_json().decode(), "reads": recorder.reads}
 
     def document(self, request: dict[str, Any]) -> str:
         """Fetch a small whole blob (an image config, for `damselfly rpull`) through the node — its
@@ -379,6 +493,8 @@ class DeviceManager:
                 "size": device.size,
                 "writable": device.writable,
                 "layers": [x.digest for x in spec.layers],
+                "prefetch": None if device.replay is None else device.replay.status(),
+                "recording": device.recorder is not None,
             }
         blobs = {}
         for digest, blob in list(self._blobs.items()):

@@ -26,6 +26,7 @@ from ..config import DeviceSection
 from ..errors import ControlError, DeviceError
 from .client import DaemonProcess, DeviceClient
 from .manager import DeviceSpec
+from .prefetch import PrefetchRequest
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,9 @@ class DeviceDaemon(DeviceClient):
 
     # -- devices, starting the daemon first -------------------------------------------------------
 
-    def attach(self, spec: DeviceSpec) -> str:
+    def attach(self, spec: DeviceSpec, prefetch: PrefetchRequest | None = None) -> str:
         self.ensure()
-        return super().attach(spec)
+        return super().attach(spec, prefetch)
 
     def detach(self, name: str, timeout: float = 120.0) -> None:
         """Detach device `name` (idempotent). A daemon that is not running has no device to detach."""

@@ -30,6 +30,7 @@ class RemoteOptions:
     plain_http: bool = False  # HTTP for every registry; otherwise HTTP for loopback ones only
     check_timeout: float = 5.0
     unreachable_cooldown: float = 30.0
+    prefetch: bool = True  # replay the image's access trace at the chain mount, if it has one
 
 
 class BlobCheck:

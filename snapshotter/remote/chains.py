@@ -32,6 +32,7 @@ from pathlib import Path
 from blockformat.durable import private_dir
 
 from ..device.manager import DeviceSpec
+from ..device.prefetch import PrefetchRequest
 from ..device.supervisor import DeviceDaemon
 from ..errors import ImageError, SnapshotterError
 from ..host.loop import loop_attach, loop_detach, loops_for
@@ -72,8 +73,16 @@ def _mount_chain(device: str, target: Path) -> None:
 class ChainMounts:
     """The chain mounts under `mounts_dir`, counted from `store`, devices from `daemon`."""
 
-    def __init__(self, store: MetaStore, mounts_dir: Path, daemon: DeviceDaemon, plain_http: bool) -> None:
+    def __init__(
+        self,
+        store: MetaStore,
+        mounts_dir: Path,
+        daemon: DeviceDaemon,
+        plain_http: bool,
+        prefetch: bool = True,
+    ) -> None:
         self.store = store
+        self.prefetch = prefetch
         self.mounts_dir = mounts_dir
         self.daemon = daemon
         self.plain_http = plain_http
@@ -88,6 +97,14 @@ class ChainMounts:
     def spec(self, chain: Chain) -> DeviceSpec:
         return DeviceSpec(chain.name, [x.spec(self.plain_http) for x in chain.remote])
 
+    def prefetch_request(self, chain: Chain) -> PrefetchRequest | None:
+        """Where the chain's trace is looked for: the referrers of the manifest its top layer was pulled
+        with (`snapshotter.device.prefetch`); None when prefetching is off or the manifest is unknown."""
+        top = chain.remote[-1] if chain.remote else None
+        if not self.prefetch or top is None or top.manifest is None:
+            return None
+        return PrefetchRequest(top.manifest, top.registry, top.repository, self.plain_http or None)
+
     def mount_point(self, name: str) -> Path:
         return self.mounts_dir / name
 
@@ -101,7 +118,7 @@ class ChainMounts:
                 return str(target)
             t0 = time.monotonic()
             target.mkdir(mode=0o755, exist_ok=True)  # first: a crash after the attach leaves it for reconcile
-            path = self.daemon.attach(spec)
+            path = self.daemon.attach(spec, self.prefetch_request(chain))
             try:
                 _mount_chain(path, target)
             except BaseException as e:

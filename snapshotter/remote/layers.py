@@ -35,7 +35,14 @@ from p2p.reference import parse_reference
 from ..device.manager import LayerSpec, SourceSpec
 from ..errors import ImageError, SnapshotterError
 from ..image.spec import device_name
-from ..labels import LABEL_BLOB_SIZE, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_SNAPSHOT_REF, LABEL_SOURCE
+from ..labels import (
+    LABEL_BLOB_SIZE,
+    LABEL_IMAGE_REF,
+    LABEL_LAYER_DIGEST,
+    LABEL_MANIFEST_DIGEST,
+    LABEL_SNAPSHOT_REF,
+    LABEL_SOURCE,
+)
 from ..service.records import Layer
 
 log = logging.getLogger(__name__)
@@ -133,6 +140,8 @@ class RemoteLayer:
     annotations: LayerAnnotations
     registry: str
     repository: str
+    #: The image manifest it was pulled with (``cri.manifest-digest``), if the Prepare said.
+    manifest: str | None = None
 
     @classmethod
     def of(cls, layer: Layer) -> RemoteLayer | None:
@@ -157,7 +166,7 @@ class RemoteLayer:
                 f"its labels no longer describe a converted layer ({why})",
                 "remove the image and pull it again (were its labels replaced by an Update?)",
             )
-        return cls(layer.name, digest, size, ann, registry, repository)
+        return cls(layer.name, digest, size, ann, registry, repository, labels.get(LABEL_MANIFEST_DIGEST))
 
     def spec(self, plain_http: bool) -> LayerSpec:
         source = SourceSpec(registry=self.registry, repository=self.repository, plain_http=plain_http or None)

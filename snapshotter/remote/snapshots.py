@@ -64,7 +64,9 @@ class RemoteSnapshots:
         self.store = store
         self.options = options or RemoteOptions()
         self.blobs = check or BlobCheck(self.options)
-        self.chains = ChainMounts(store, root / "remote", daemon, self.options.plain_http)
+        self.chains = ChainMounts(
+            store, root / "remote", daemon, self.options.plain_http, self.options.prefetch
+        )
         self._checked = threading.local()
 
     def close(self) -> None:
