@@ -15,7 +15,10 @@ Measured from the moment the pull starts:
   processes are in their own cgroup and not counted.
 
 Bytes and CPU are read twice: at the first output line and when ``ctr run`` returned (the container
-exited and was removed); the table uses the latter, the JSON result has both.
+exited and was removed); the table uses the latter, the JSON result has both. A caller that runs
+``ctr run`` without ``--rm`` (to read the device daemon's status while the container's snapshot still
+holds its device) passes `after_run`: it runs when ``ctr run`` returned, inside the measured span, and
+removes the container itself.
 
 `LayerSources` is the other side of the registry's count: what a node's device daemon itself says it
 fetched, from the registry and from peers (its peer network's counters, ``damselfly devices``), and
@@ -29,7 +32,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -105,9 +108,15 @@ class Bench:
 
 
 def cold_start(
-    bench: Bench, label: str, pull_argv: Sequence[str], run_argv: Sequence[str], expect: str
+    bench: Bench,
+    label: str,
+    pull_argv: Sequence[str],
+    run_argv: Sequence[str],
+    expect: str,
+    after_run: Callable[[], None] | None = None,
 ) -> StartResult:
-    """Pull, run, measure (see the module docstring)."""
+    """Pull, run, measure (see the module docstring); `after_run`, if given, runs once ``ctr run``
+    returned after the container's output (whatever its status), before the last readings."""
     env, registry, cgroup, log, children, timeout = (
         bench.env, bench.registry, bench.cgroup, bench.log, bench.children, bench.timeout
     )  # fmt: skip
@@ -172,8 +181,10 @@ def cold_start(
             raise StartError(
                 f"{label}: ctr run did not return after the container's output; see {log}"
             ) from None
-        t_end = time.monotonic()
         children.remove(run)
+        if after_run is not None:
+            after_run()
+        t_end = time.monotonic()
         cpu_end = cgroup.cpu_seconds()
         served, requests = registry.served_since(offset)
         output = b"".join([first_line, *rest]).decode(errors="replace")

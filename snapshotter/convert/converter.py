@@ -34,9 +34,12 @@ from typing import Any
 from blockformat.chunkfile import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT
 from blockformat.digest import Digest
 from blockformat.layer import LAYER_MAJOR
+from blockformat.trace import TRACE_MEDIA_TYPE, Trace
 from p2p.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Index, build_index
+from p2p.referrers import push_referrer
 
 from ..errors import ConvertError, LayerError
+from . import prefetchfiles
 from .ext4layer import (
     Ext4LayerBuilder,
     FsIdentity,
@@ -48,7 +51,7 @@ from .ext4layer import (
 from .layercache import CachedLayer, LayerCache
 from .layerstream import open_layer_stream
 from .plan import PlatformPlan, converted_documents, plan
-from .sinks import Sink, open_sink
+from .sinks import RegistrySink, Sink, open_sink
 from .sources import ImageSource, open_source
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,8 @@ class ConvertOptions:
     cache_dir: str | None = None
     quiet: bool = True
     oci_layout: bool = False
+    #: Paths and globs in the image whose blocks nodes fetch first (`prefetchfiles`).
+    prefetch_files: tuple[str, ...] = ()
 
     def key(self) -> dict[str, Any]:
         """What shapes a converted layer's bytes."""
@@ -109,6 +114,8 @@ class PlatformResult:
     platform: str
     manifest_digest: str
     layers: list[LayerResult] = field(default_factory=list)
+    trace: Trace | None = None  # --prefetch-files, resolved
+    trace_digest: str = ""  # the referrer that carries it
 
 
 @dataclass
@@ -212,6 +219,12 @@ class Converter:
     def _run(self, source: ImageSource, sink: Sink, work: str) -> ConvertResult:
         top = source.top()
         plans = plan(source, top.doc, self.options.platforms, top.where)
+        if self.options.prefetch_files and not isinstance(sink, RegistrySink):
+            raise ConvertError(
+                f"--prefetch-files stores its list as an OCI referrer of the image; {sink.name} is not "
+                "a registry",
+                "convert to a registry reference, or leave --prefetch-files out",
+            )
         built: list[tuple[Descriptor | None, PlatformResult, bytes, bytes]] = []
         with private_daemon(os.path.join(work, "devd")) as daemon:
             builder = Ext4LayerBuilder(
@@ -231,7 +244,17 @@ class Converter:
                     self.options.vsize or DEFAULT_VSIZE,
                     sink.repository,
                 )
-                built.append((p.desc, PlatformResult(p.label, "", layers), new_config, new_manifest))
+                result = PlatformResult(p.label, "", layers)
+                if self.options.prefetch_files:
+                    lowers = [
+                        LowerBlob(self.cache_path(x.blob_digest), x.blob_digest, x.blob_size, x.index_digest)
+                        for x in layers
+                    ]
+                    name = f"prefetch-{os.getpid()}-{len(built)}"
+                    result.trace = prefetchfiles.resolve(
+                        daemon, work, name, lowers, self.options.prefetch_files
+                    )
+                built.append((p.desc, result, new_config, new_manifest))
 
         # Publish: only now does the destination see anything.
         for _, result, new_config, _ in built:
@@ -250,10 +273,24 @@ class Converter:
                 )
             raw = build_index(children, OCI_INDEX)
             digest = sink.publish(raw, OCI_INDEX)
+            self._push_traces(sink, built)
             return ConvertResult(digest, OCI_INDEX, [b[1] for b in built], sink.name)
         _, result, _, new_manifest = built[0]
         result.manifest_digest = sink.publish(new_manifest, OCI_MANIFEST)
+        self._push_traces(sink, built)
         return ConvertResult(result.manifest_digest, OCI_MANIFEST, [result], sink.name)
+
+    @staticmethod
+    def _push_traces(sink: Sink, built: list[tuple[Descriptor | None, PlatformResult, bytes, bytes]]) -> None:
+        """Each platform's --prefetch-files trace, as a referrer of its manifest (after the image)."""
+        for _, result, _, new_manifest in built:
+            if result.trace is None:
+                continue
+            assert isinstance(sink, RegistrySink)
+            subject = Descriptor(OCI_MANIFEST, Digest(result.manifest_digest), len(new_manifest))
+            result.trace_digest = push_referrer(
+                sink.client, sink.ref.repository, subject, TRACE_MEDIA_TYPE, result.trace.to_json()
+            )
 
     def cache_path(self, digest: str) -> str:
         return os.path.join(self.cache.blobs, digest.partition(":")[2])

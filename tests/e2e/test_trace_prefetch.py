@@ -272,3 +272,61 @@ def test_a_recorded_trace_serves_a_cold_nodes_reads(
         f"B: replay {before}; workload: {read} new units, {replayed} replayed, {waited} waited; "
         f"unread file: {read_unread} new units, {replayed_unread} replayed, {waited_unread} waited"
     )
+
+
+def test_a_prefetch_list_from_the_converter_is_replayed(
+    nodes: Nodes, registry: RegistryServer, tmp_path: Path, repo: str
+) -> None:
+    """``convert --prefetch-files``: the listed files' blocks (found through the image's ext4) become a
+    trace referrer; a cold node replays them before its container asks."""
+    files = {
+        "spacer1": oi.content(10 * MiB, seed=20),
+        "a": oi.content(3 * MiB, seed=21),
+        "b": oi.content(2 * MiB, seed=22),
+    }
+    layer = oi.Layer(
+        (oi.directory("data"), *(oi.file(f"data/{n}", d) for n, d in files.items())), created_by="ADD"
+    )
+    src = oi.push_image(
+        registry.host, oi.write_layout(oi.busybox_image(layer), tmp_path / "src"), repo, "src"
+    )
+    ref = f"{registry.host}/{repo}:listed"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            "--quiet",
+            src,
+            ref,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--prefetch-files",
+            "/data/a,/data/b",
+        ],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == EXIT_OK, r.output
+    assert "prefetch list of" in r.output and "pushed as referrer" in r.output, r.output
+    manifest = remote_lab.manifest_of(registry.host, ref)
+    parsed = parse_reference(ref)
+    with RegistryClient(parsed.registry) as client:
+        (found,) = find_referrers(client, parsed.repository, manifest.digest, TRACE_MEDIA_TYPE)
+        (blob,) = client.get_manifest(parsed.repository, found.digest).layers  # type: ignore[union-attr]
+        trace = Trace.from_json(client.get_blob(parsed.repository, blob.digest))
+    # Exactly the two files' blocks: 5 MiB, in the order listed.
+    assert trace.source == "files" and trace.total == 5 * MiB, trace
+    assert list(trace.layers) == [str(d.digest) for d in manifest.layers]
+
+    b = nodes.start("b")
+    b.rpull(ref)
+    image = Image(ref, manifest.digest, {n: hashlib.sha256(d).hexdigest() for n, d in files.items()})
+    with holding(b, image):
+        wait_for(lambda: b.prefetch()["state"] in ("done", "failed", "none", "mismatch"), 60, "the replay")
+        before = b.prefetch()
+        assert before["state"] == "done" and before["failures"] == 0, (before, b.logs())
+        assert before["fetched_units"] + before["present_units"] == before["planned_units"] > 0, before
+        assert b.run(ref, WORKLOAD) == expected(image, "a", "b")
+        after = b.prefetch()
+    replayed = after["read_units_prefetched"] - before["read_units_prefetched"]
+    # The list is exactly the files the workload reads: it read (nearly) every unit the replay planned.
+    assert replayed >= 0.9 * before["planned_units"], json.dumps([before, after])

@@ -7,11 +7,24 @@ The demo itself (tests/scripts/test_demo.py) runs them for real.
 from __future__ import annotations
 
 import io
+import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 
+from scripts.demolib import coldstart
+from scripts.demolib.coldreport import (
+    COLUMNS,
+    WORKLOADS,
+    Run,
+    prefetch_summary,
+    publish,
+    run_from_json,
+    targets,
+)
 from scripts.demolib.coldstart import LayerSources, StartResult
 from scripts.demolib.containerd import toml_value
 from scripts.demolib.serve import Serve
@@ -137,3 +150,100 @@ def test_results_table_without_a_second_node_is_the_old_one() -> None:
 
 def test_fmt_bytes_switches_to_kb_below_a_tenth_of_a_mb() -> None:
     assert fmt_bytes(3_100) == "3.1 kB" and fmt_bytes(100_000) == "0.1 MB" and fmt_bytes(0) == "0.0 kB"
+
+
+# -- the cold-start benchmark's report and measurement (scripts/bench_coldstart.py) ---------------------
+
+
+def _run(column: str, seconds: float, cpu: float = 1.0, registry_bytes: int = 1000, **extra: Any) -> Run:
+    return Run(1000.0, "hello", column, 0, _result(column, seconds, registry_bytes, cpu), dict(extra))
+
+
+def _runs() -> list[Run]:
+    return [
+        _run("overlayfs", 20.0, cpu=20.0, registry_bytes=565_000_000),
+        _run("overlayfs-warm", 0.5, cpu=0.3),
+        _run("cold", 1.8, cpu=2.0, registry_bytes=17_000_000, daemon_wait_s=0.5),
+        _run("warm", 0.6, fill_s=10.0, warm_fetched=0),
+        _run("prefetch", 0.7, prefetch={"state": "done", "fetched_bytes": 15_000_000, "read_units": 200,
+                                        "read_units_prefetched": 180, "read_units_waited": 20}),
+    ]  # fmt: skip
+
+
+def test_issue_14_targets_from_the_medians() -> None:
+    found = targets(_runs(), 1000.0, "hello")
+    assert [t.met for t in found] == [True, False, True, True]
+    assert [t.measured for t in found] == ["9%", "0.60 s vs 0.50 s (120%)", "92%", "10%"]
+
+
+def test_targets_without_the_columns_they_need_are_not_judged() -> None:
+    found = targets([_run("overlayfs", 20.0)], 1000.0, "hello")
+    assert [t.met for t in found] == [None] * 4 and {t.measured for t in found} == {"-"}
+
+
+def test_prefetch_summary_sums_the_devices_that_prefetch() -> None:
+    one = {"state": "done", "fetched_bytes": 10, "read_units": 5, "read_units_prefetched": 4}
+    two = {"state": "running", "fetched_bytes": 1, "read_units": 2, "read_units_prefetched": 0}
+    status = {"devices": {"a": {"prefetch": one}, "b": {"prefetch": two}, "c": {"prefetch": None}}}
+    got = prefetch_summary(status)
+    assert got["fetched_bytes"] == 11 and got["read_units"] == 7 and got["read_units_prefetched"] == 4
+    assert got["state"] == "done,running" and set(got["devices"]) == {"a", "b"}
+    assert prefetch_summary({"devices": {"c": {"prefetch": None}}}) == {}
+    assert prefetch_summary({"devices": {"d": {"path": "/x"}}}) == {}
+
+
+def test_cold_start_report_round_trips_through_its_json(tmp_path: Path) -> None:
+    runs = _runs()
+    meta = {
+        "date": "today", "minutes": "1.0", "code": "abc", "load_start": "0", "load_end": "0",
+        "machine": "m", "command": "bench_coldstart.py --quick", "rates": [1000.0],
+        "workloads": ["hello"], "columns": [r.column for r in runs], "remarks": ["a remark"],
+    }  # fmt: skip
+    image: dict[str, Any] = {"uncompressed_size": 1.1e9, "compressed_size": 5.6e8, "layers": [1, 2, 3]}
+    raw = {
+        "meta": meta,
+        "image": {**image, "converted_layer_bytes": 6.6e8},
+        "runs": [r.to_json() for r in runs],
+    }
+    publish(raw, tmp_path / "cs.md")
+    text = (tmp_path / "cs.md").read_text()
+    assert "| 1000 Mbit/s | hello | damselfly cold | 1.80 (1.80-1.80) | 9% | 2.00 | 10% | 17.0 | 3% |" in text
+    assert (
+        "| 1000 Mbit/s | hello | damselfly warm <= overlayfs warm | 0.60 s vs 0.50 s (120%) | **no** |"
+        in text
+    )
+    assert "180/200 read units prefetched (90%), 20 waited" in text and "- a remark" in text
+    for c in runs:
+        assert f"**{COLUMNS[c.column].title}**" in text  # every column's definition
+    assert (tmp_path / "cs.png").stat().st_size > 0
+    again = json.loads((tmp_path / "cs.json").read_text())
+    assert [run_from_json(d) for d in again["runs"]] == runs
+
+
+def test_cold_start_runs_after_run_inside_the_measured_span(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+
+    class Registry:
+        def log_offset(self) -> int:
+            return 0
+
+        def served_since(self, offset: int) -> tuple[int, int]:
+            events.append("bytes")
+            return 123, 2
+
+    class Cgroup:
+        def cpu_seconds(self) -> float:
+            events.append("cpu")
+            return float(len(events))
+
+    monkeypatch.setattr(coldstart, "drop_caches", lambda: None)
+    bench = coldstart.Bench(dict(os.environ), Registry(), Cgroup(), tmp_path / "log")  # type: ignore[arg-type]
+    result = coldstart.cold_start(
+        bench, "t", ["true"], ["sh", "-c", "echo hello; echo more"], "hello", lambda: events.append("after")
+    )
+    assert result.output == "hello\nmore\n" and result.registry_bytes == 123 and result.registry_requests == 2
+    # cpu at the start, cpu + bytes at the first line, then after_run, then the last readings
+    assert events == ["cpu", "cpu", "bytes", "after", "cpu", "bytes"]
+    assert WORKLOADS["hello"].expect == "hello" and WORKLOADS["imports"].expect == "imported"
