@@ -170,6 +170,7 @@ def serve(
             daemon.close()  # stop watching; the daemon and the chain mounts stay for running containers
             if starting is not None:
                 starting.join()  # a daemon still starting would be missed by the idle check
+            remote.chains.close()  # devices attached at a pull that no container mounted go
             if not remote.mounted_chains():
                 daemon.stop_if_idle()  # ... but an idle one need not outlive us
     finally:

@@ -49,10 +49,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Replay fetches in flight at once, and while a container's read waits on the network.
-WORKERS = 4
-WORKERS_UNDER_READS = 2
+WORKERS = 8
+WORKERS_UNDER_READS = 4
 #: Units fetched by one request of the replay at most (consecutive units of one blob).
-RUN_UNITS = 16
+RUN_UNITS = 32
+#: Units of the trace ordered together (sorted and joined into runs), and the gap a run bridges.
+WINDOW_UNITS = 64
+GAP_UNITS = 2
 #: Seconds after the attach during which the container's reads are counted.
 WATCH_SECONDS = 120.0
 #: A recording lasts at most this long.
@@ -264,25 +267,31 @@ class Replay:
         return trace
 
     def _plan(self, trace: Trace) -> Iterator[tuple[int, int, int]]:
-        """(layer, first unit, last unit) runs to fetch, in first-access order, each unit once."""
+        """(layer, first unit, last unit) runs to fetch, roughly in first-access order, each unit once.
+
+        The units, in the order the trace first reads them, are taken `WINDOW_UNITS` at a time; within
+        a window they are sorted and joined into runs, across gaps of up to `GAP_UNITS` units (a few
+        units more cost less than a round trip), of at most `RUN_UNITS`."""
+        order: list[tuple[int, int]] = []
         seen: set[tuple[int, int]] = set()
         for offset, length in trace.ranges:
             for i, first, last in self.device.blob_units(offset, length):
-                run_start = -1
-                for u in range(first, last + 2):
-                    new = u <= last and (i, u) not in seen
-                    if new:
+                for u in range(first, last + 1):
+                    if (i, u) not in seen:
                         seen.add((i, u))
-                        if run_start < 0:
-                            run_start = u
-                        if u - run_start + 1 < RUN_UNITS:
-                            continue
-                        yield i, run_start, u
-                        run_start = -1
-                    elif run_start >= 0:
-                        yield i, run_start, u - 1
-                        run_start = -1
-        self.planned_units = len(seen)
+                        order.append((i, u))
+        self.planned_units = len(order)
+        for w in range(0, len(order), WINDOW_UNITS):
+            window = sorted(order[w : w + WINDOW_UNITS])
+            i0, first = window[0]
+            last = first
+            for i, u in window[1:]:
+                if i == i0 and u - last <= GAP_UNITS + 1 and u - first < RUN_UNITS:
+                    last = u
+                    continue
+                yield i0, first, last
+                i0, first, last = i, u, u
+            yield i0, first, last
 
     def _replay(self, runs: list[tuple[int, int, int]]) -> None:
         pending = list(reversed(runs))

@@ -13,6 +13,12 @@ device detached, directory removed) when nobody needs it. A per-chain lock order
 the mount of a concurrent Prepare: Prepare records its snapshot *before* it takes the lock to mount,
 so either the release sees the new user, or the Prepare mounts again after the release.
 
+**Attached at pull.** When an image's top converted layer is recorded (the end of its pull), the
+chain's device is attached at once, in the background, with its prefetch request (`warm`): the layers'
+indexes are learned and the image's trace is replayed while the pull finishes and the container is
+created, and the mount then finds the device ready. No directory is made and nothing is mounted; if no
+container mounts the chain within `WARM_SECONDS`, or the service stops first, the device is detached.
+
 **Restarts.** `reconcile` (on `damselfly serve` start, and after the device daemon had to be started
 again) mounts every chain the store needs — a mount already in place is kept as it is, so running
 containers never notice — and releases the directories under ``<root>/remote/`` nobody needs. The
@@ -52,6 +58,8 @@ log = logging.getLogger(__name__)
 #: directories), so setuid binaries and device nodes still work in the container, while at the chain's
 #: own path (under a 0700 directory anyway) they do not (docs/security.md; tested both ways).
 CHAIN_MOUNT_OPTIONS = ("ro", "noload", "nosuid", "nodev")
+#: Seconds a device attached at its image's pull (`ChainMounts.warm`) waits for a container.
+WARM_SECONDS = 120.0
 
 
 def _mount_chain(device: str, target: Path) -> None:
@@ -88,7 +96,21 @@ class ChainMounts:
         self.plain_http = plain_http
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._warm: dict[str, threading.Timer] = {}  # devices attached at pull, not mounted yet
+        self._closed = False
         private_dir(self.mounts_dir)
+
+    def close(self) -> None:
+        """Stop the warm-up timers, and detach the devices attached at a pull that no container mounted
+        (nothing else would: they have no directory for a reconcile to find)."""
+        with self._locks_lock:
+            self._closed = True
+            names = list(self._warm)
+        for name in names:
+            timer = self._warm.get(name)
+            if timer is not None:
+                timer.cancel()
+            self._cool(name)
 
     def _lock(self, name: str) -> threading.Lock:
         with self._locks_lock:
@@ -117,6 +139,9 @@ class ChainMounts:
             if current is not None and current.fstype == "ext4":
                 return str(target)
             t0 = time.monotonic()
+            warm = self._forget_warm(spec.name)  # attached at its pull, perhaps: mounted now
+            if warm is not None:
+                warm.cancel()
             target.mkdir(mode=0o755, exist_ok=True)  # first: a crash after the attach leaves it for reconcile
             path = self.daemon.attach(spec, self.prefetch_request(chain))
             try:
@@ -138,6 +163,55 @@ class ChainMounts:
                 elapsed,
             )
             return str(target)
+
+    # -- attached at pull --------------------------------------------------------------------------
+
+    def warm(self, chain: Chain) -> None:
+        """Attach the chain's device now, in the background, with its prefetch request: the pull of its
+        image is ending and a container will likely mount it next; its indexes and its trace's ranges are
+        fetched meanwhile. Not mounted (no directory, no loop device): if no container mounts the chain
+        within `WARM_SECONDS`, the device is detached again."""
+        with self._locks_lock:
+            if self._closed or chain.name in self._warm:
+                return
+            timer = threading.Timer(WARM_SECONDS, self._cool, (chain.name,))
+            timer.daemon = True
+            self._warm[chain.name] = timer
+        threading.Thread(
+            target=self._attach_warm, args=(chain, timer), name="chain-warm", daemon=True
+        ).start()
+
+    def _attach_warm(self, chain: Chain, timer: threading.Timer) -> None:
+        spec = self.spec(chain)
+        with self._lock(spec.name):
+            if find_mount(self.mount_point(spec.name)) is not None:
+                self._forget_warm(spec.name)
+                return
+            try:
+                self.daemon.attach(spec, self.prefetch_request(chain))
+            except (SnapshotterError, OSError) as e:  # the chain's mount will try again, and say why
+                log.info("chain %s: no early attach: %s", spec.name, e)
+                self._forget_warm(spec.name)
+                return
+        log.info("attached chain %s at its pull (%d converted layers)", spec.name, len(spec.layers))
+        timer.start()
+
+    def _forget_warm(self, name: str) -> threading.Timer | None:
+        with self._locks_lock:
+            return self._warm.pop(name, None)
+
+    def _cool(self, name: str) -> None:
+        """`WARM_SECONDS` after an attach at pull: detach the device if no container mounted it."""
+        if self._forget_warm(name) is None:
+            return
+        with self._lock(name):
+            if find_mount(self.mount_point(name)) is not None or name in self.needed():
+                return
+            try:
+                self._detach_unused(name)
+                log.info("detached chain %s: attached at its pull, no container mounted it", name)
+            except SnapshotterError as e:
+                log.warning("cannot detach chain %s attached at its pull: %s", name, e)
 
     def _detach_unused(self, name: str) -> None:
         users = loops_for(self.daemon.device_path(name))

@@ -37,6 +37,7 @@ from ..errors import ImageError, SnapshotterError
 from ..image.spec import device_name
 from ..labels import (
     LABEL_BLOB_SIZE,
+    LABEL_IMAGE_LAYERS,
     LABEL_IMAGE_REF,
     LABEL_LAYER_DIGEST,
     LABEL_MANIFEST_DIGEST,
@@ -77,6 +78,12 @@ class Candidate:
 def is_converted(labels: Mapping[str, str]) -> bool:
     """Whether a Prepare carries any damselfly layer annotation (then it is a remote candidate)."""
     return any(k.startswith(PREFIX) for k in labels)
+
+
+def is_top_layer(cand: Candidate, labels: Mapping[str, str]) -> bool:
+    """Whether the Prepare is of an image's top layer: its ``cri.image-layers`` (the digests from this
+    layer up, set by CRI and `damselfly rpull`) names this layer alone."""
+    return labels.get(LABEL_IMAGE_LAYERS, "").split(",") == [cand.digest]
 
 
 def candidate(parent: str, labels: Mapping[str, str]) -> Candidate | None:

@@ -35,7 +35,7 @@ from ..service.records import Kind, Layer, Snapshot
 from ..service.transaction import Tx
 from .blobcheck import BlobCheck, RemoteOptions
 from .chains import ChainMounts
-from .layers import Candidate, FallbackError, candidate, chain_of, is_converted
+from .layers import Candidate, FallbackError, candidate, chain_of, is_converted, is_top_layer
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,10 @@ class RemoteSnapshots:
             store, root / "remote", daemon, self.options.plain_http, self.options.prefetch
         )
         self._checked = threading.local()
+        self._top = threading.local()  # the claim just made was an image's top layer
 
     def close(self) -> None:
+        self.chains.close()
         self.blobs.close()
 
     # -- Prepare: recording remote layers ----------------------------------------------------------
@@ -97,6 +99,7 @@ class RemoteSnapshots:
     def claim(self, tx: Tx, key: str, parent: str, labels: Mapping[str, str]) -> str | None:
         checked: _Checked | None = getattr(self._checked, "value", None)
         self._checked.value = None
+        self._top.value = False
         if checked is None or (checked.key, checked.parent, checked.labels) != (key, parent, labels):
             checked = self._inspect(key, parent, labels)  # no `check` before: do it now
         cand = checked.candidate
@@ -105,7 +108,9 @@ class RemoteSnapshots:
                 raise checked.fallback
             if cand is None or checked.size is None:
                 return None
-            return self._record(tx, cand, checked.size, parent, labels)
+            name = self._record(tx, cand, checked.size, parent, labels)
+            self._top.value = name is not None and is_top_layer(cand, labels)
+            return name
         except FallbackError as f:
             layer = cand.ref if cand is not None else labels.get(LABEL_SNAPSHOT_REF, key)
             digest = f" (blob {cand.digest})" if cand is not None else ""
@@ -172,6 +177,25 @@ class RemoteSnapshots:
             cand.source,
         )
         return cand.ref
+
+    def claimed(self, namespace: str | None, name: str) -> None:
+        """After an image's top converted layer is recorded (its pull is ending): attach the chain's
+        device in the background, so that its indexes are learned and its trace replayed while the
+        pull finishes and the container is created (`ChainMounts.warm`)."""
+        top, self._top.value = getattr(self._top, "value", False), False
+        if not top or not self.options.prefetch:
+            return
+        with self.store.read(namespace) as tx:
+            snap = tx.find(name)
+        if snap is None:
+            return
+        try:
+            chain = chain_of([Layer(snap.id, snap.info.name, snap.info.labels), *snap.parents])
+        except ImageError as e:
+            log.warning("converted layer %s: %s", name, e)
+            return
+        if chain is not None:
+            self.chains.warm(chain)
 
     # -- mounts and releases (`ChainMounts`) ----------------------------------------------------
 

@@ -58,6 +58,11 @@ class RemoteLayers(Protocol):
         """
         ...
 
+    def claimed(self, namespace: str | None, name: str) -> None:
+        """Prepare, after the transaction that recorded the committed snapshot `name` (`claim`): work
+        that may start now, off the caller's path (e.g. getting the image's device ready). Best effort."""
+        ...
+
     def lowerdirs(self, snapshot: Snapshot, driver: OverlayDriver) -> list[str] | None:
         """Prepare, View and Mounts, after the transaction: the lowerdirs for `snapshot`'s parents.
 
@@ -86,6 +91,9 @@ class NoRemoteLayers:
         return None
 
     def claim(self, tx: Tx, key: str, parent: str, labels: Mapping[str, str]) -> str | None:
+        return None
+
+    def claimed(self, namespace: str | None, name: str) -> None:
         return None
 
     def lowerdirs(self, snapshot: Snapshot, driver: OverlayDriver) -> list[str] | None:
@@ -142,6 +150,7 @@ class Snapshots:
             raise
         if claimed is not None:
             log.info("prepare %s/%s: remote layer %s is ready", namespace, key, claimed)
+            self.remote.claimed(namespace, claimed)
             raise AlreadyExistsError(
                 f"target snapshot {claimed!r}: already exists (a converted layer, nothing to unpack)",
                 namespace=namespace,
