@@ -31,14 +31,11 @@ from blockformat.source import RangeSource
 
 from .cachedblob import CachedBlob, Progress
 from .errors import CacheError
+from .settings import DEFAULT_UNIT_SIZE
 
 __all__ = ["DEFAULT_UNIT_SIZE", "BlobCache", "CachedBlob", "Progress"]
 
 log = logging.getLogger(__name__)
-
-#: 64 KiB: a cold 4 KiB read moves 3-7x less than with 1 MiB units, and the background download
-#: still streams in ~4 MiB requests (scripts/bench_fetch.py, bench/results/fetch.md).
-DEFAULT_UNIT_SIZE = 64 << 10
 
 
 class BlobCache:

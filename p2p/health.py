@@ -25,11 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import CoolingDownError
+from .settings import DEFAULT_COOLDOWN
 
 log = logging.getLogger(__name__)
-
-#: Seconds an upstream that failed is not asked again (except by one probe after it).
-DEFAULT_COOLDOWN = 5.0
 
 
 @dataclass(frozen=True)

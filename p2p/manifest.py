@@ -32,6 +32,7 @@ from .errors import (
     NoMatchingPlatformError,
     UnsupportedMediaTypeError,
 )
+from .reference import Reference, parse_reference
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -205,6 +206,52 @@ def parse_descriptor(where: str, value: object, what: str) -> Descriptor:
         raise InvalidManifestError(where, f"{what}.urls is not a list of strings")
     annotations = _str_map(where, value.get("annotations"), f"{what}.annotations")
     return Descriptor(media_type, parsed, size, annotations, platform, tuple(urls))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a reference resolved to: the platform manifest, and the index it was chosen from, if any."""
+
+    reference: Reference  # the input, with the digest of what it resolved to (index digest if an index)
+    manifest: Manifest
+    index: Index | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The exact documents (as text: they are JSON), for another process (`from_json`)."""
+        return {
+            "reference": str(self.reference),
+            "manifest": self.manifest.raw.decode(),
+            "manifest_type": self.manifest.media_type,
+            "index": None if self.index is None else self.index.raw.decode(),
+            "index_type": None if self.index is None else self.index.media_type,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], platform: Platform, where: str) -> Resolved:
+        """`to_json`'s documents parsed and checked again: the digests, and that the manifest is the
+        index's entry for `platform`."""
+        try:
+            ref = parse_reference(str(d["reference"]))
+            manifest = parse_manifest(str(d["manifest"]).encode(), str(d["manifest_type"]), where)
+            index = None
+            if d.get("index") is not None:
+                index = parse_manifest(str(d["index"]).encode(), str(d["index_type"]), where)
+        except (KeyError, TypeError, UnicodeError) as e:
+            raise InvalidManifestError(where, f"a malformed resolution: {e}") from None
+        if not isinstance(manifest, Manifest) or not (index is None or isinstance(index, Index)):
+            raise InvalidManifestError(where, "the resolution's manifest and index are of the wrong kinds")
+        top = index if index is not None else manifest
+        if ref.digest != top.digest:
+            raise InvalidManifestError(
+                where, f"the reference names {ref.digest}, the document is {top.digest}"
+            )
+        if index is not None:
+            entry = index.select(platform, where)
+            if (entry.digest, entry.size) != (manifest.digest, manifest.size):
+                raise InvalidManifestError(
+                    where, f"the index's entry for {platform} is not {manifest.digest}"
+                )
+        return cls(ref, manifest, index)
 
 
 def parse_manifest(

@@ -26,7 +26,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 
 import httpx
@@ -51,6 +50,7 @@ from .manifest import (
     Index,
     Manifest,
     Platform,
+    Resolved,
     parse_manifest,
 )
 from .push import Uploader
@@ -76,15 +76,6 @@ MIRROR_COOLDOWN = 30.0
 MIRROR_RETRY = RetryPolicy(attempts=1, budget=0.0)
 
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """What a reference resolved to: the platform manifest, and the index it was chosen from, if any."""
-
-    reference: Reference  # the input, with the digest of what it resolved to (index digest if an index)
-    manifest: Manifest
-    index: Index | None = None
 
 
 def referrers_tag(digest: str) -> str:

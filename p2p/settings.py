@@ -15,6 +15,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The node cache's fetch unit, 64 KiB: a cold 4 KiB read moves 3-7x less than with 1 MiB units, and the
+#: background download still streams in ~4 MiB requests (scripts/bench_fetch.py, bench/results/fetch.md).
+DEFAULT_UNIT_SIZE = 64 << 10
+#: Seconds an upstream that failed is not asked again (except by one probe after it).
+DEFAULT_COOLDOWN = 5.0
+
 #: The peer server's port when `listen` names none, and the port of DNS A/AAAA answers.
 DEFAULT_PORT = 8470
 

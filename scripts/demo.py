@@ -26,8 +26,8 @@ Needs root (containerd, mounts, loop devices, network namespaces). Steps, each a
 5. cold start on node 2, lazily, the same way, while node 1 still has the image: first a view of the
    image on node 1 keeps its device attached until its background download has every blob complete
    and verified (``damselfly devices``), then node 2 starts and its device daemon fetches the blocks
-   from node 1's peer server; the registry still serves node 2 the manifest and the image config
-   (peers serve layer blobs only) and answers the snapshotter's HEADs of the layers;
+   from node 1's peer server, and so does `rpull` the image config (through node 2's device daemon);
+   the registry still serves node 2 the manifest and answers the snapshotter's HEADs of the layers;
 6. cold start on node 1, full pull: ``ctr image pull`` + ``ctr run`` of the original image on
    containerd's overlayfs. With ``--runs N``, 4+5 and 6 alternate in order (node 2 starts once per
    lazy start of node 1, right after it); each start is cold: page cache dropped, the image's
@@ -189,11 +189,11 @@ class Node:
         self.fresh = False
 
     def rpull_argv(self, ref: str) -> list[str]:
-        # --plain-http: the registry is on the lab's bridge, not on loopback (HTTP only there by default)
-        address = self.containerd.address
-        return self.wrap(
-            [*damselfly_argv(), "rpull", ref, "--address", address, "--namespace", NAMESPACE, "--plain-http"]
-        )
+        # --plain-http: the registry is on the lab's bridge, not on loopback (HTTP only there by default);
+        # --state-dir: the node's device daemon, which gets the image config from peers when it has them
+        address, state = self.containerd.address, str(self.serve.state)
+        argv = ["rpull", ref, "--address", address, "--namespace", NAMESPACE, "--plain-http"]
+        return self.wrap([*damselfly_argv(), *argv, "--state-dir", state])
 
     def run_argv(self, ref: str, cid: str, command: list[str], snapshotter: str) -> list[str]:
         """``ctr run --rm``, in the node's cgroup; the container in its own, below the containers'."""

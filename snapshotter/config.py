@@ -52,9 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2p.cache import DEFAULT_UNIT_SIZE
-from p2p.health import DEFAULT_COOLDOWN
-from p2p.settings import P2PSettings
+from p2p.settings import DEFAULT_COOLDOWN, DEFAULT_UNIT_SIZE, P2PSettings
 
 from .errors import ConfigError
 

@@ -19,7 +19,7 @@ from p2p.errors import (
     P2PError,
     UnsupportedMediaTypeError,
 )
-from snapshotter.errors import SnapshotterError
+from snapshotter.errors import ControlError, SnapshotterError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -41,15 +41,30 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (OSError, EXIT_ERROR),
 )
 
+
+def _subclasses(cls: type[BaseException]) -> list[type[BaseException]]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, ControlError):  # raised in the device daemon: its class came by name
+        return _BY_NAME.get(exc.kind, EXIT_ERROR)
     for cls, code in EXIT_CODES:
         if isinstance(exc, cls):
             return code
     return EXIT_ERROR
+
+
+#: An error the device daemon relays by class name (`ControlError.kind`): the code its class has here,
+#: through its subclasses too (e.g. a registry's wrong bytes, `DigestMismatchError`, while resolving).
+_BY_NAME = {sub.__name__: code for cls, code in reversed(EXIT_CODES) for sub in (cls, *_subclasses(cls))}
 
 
 def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:

@@ -51,9 +51,9 @@ from rich.progress import (
 from blockformat.digest import Digest
 from p2p.auth import CredentialProvider, Credentials, static_credentials
 from p2p.errors import InvalidReferenceError
-from p2p.manifest import DEFAULT_PLATFORM, Descriptor, Platform
+from p2p.manifest import DEFAULT_PLATFORM, Descriptor, Platform, Resolved
 from p2p.reference import Reference, parse_reference
-from p2p.registry import RegistryClient, Resolved
+from p2p.registry import RegistryClient
 
 from ..image.ocilayout import REF_NAME, LayoutWriter
 from ..units import binary_size

@@ -3,18 +3,62 @@ lazily (`snapshotter.remote.rpull`)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+from typing import TYPE_CHECKING, BinaryIO
+
 import click
 
+from blockformat.digest import Digest
 from p2p.errors import InvalidReferenceError
-from p2p.manifest import Descriptor, Platform
-from p2p.reference import parse_reference
-from p2p.registry import RegistryClient
+from p2p.manifest import Manifest, Platform, Resolved
+from p2p.reference import Reference, parse_reference
 
 from ..config import DeviceSection
 from ..device.client import DeviceClient
 from ..remote.containerd import DEFAULT_ADDRESS, ContainerdClient
-from ..remote.rpull import Puller, host_platform
+from ..remote.rpull import Puller, Registry, host_platform
 from .errors import reports_errors
+
+if TYPE_CHECKING:
+    from p2p.registry import RegistryClient
+
+
+def registry_client(registry: str, plain_http: bool | None) -> RegistryClient:
+    """A registry client, its module imported only now (httpx, and the trio that httpcore imports)."""
+    module = importlib.import_module("p2p.registry")
+    client: RegistryClient = module.RegistryClient(registry, plain_http=plain_http)
+    return client
+
+
+class NodeRegistry:
+    """The registry through the node's device daemon, which `damselfly serve` keeps running: it resolves
+    the reference and fetches the image config (from peers that have it, else the registry) with its
+    warm connections, so `rpull` starts no HTTP client of its own — importing one costs a start-up
+    more than the pull's own work. Layer blobs of plain layers, which containerd must have, are
+    downloaded here with a client made on first use."""
+
+    def __init__(self, node: DeviceClient, registry: str, plain_http: bool | None) -> None:
+        self.node = node
+        self.registry = registry
+        self.plain_http = plain_http
+        self._client: RegistryClient | None = None
+
+    def resolve(self, ref: Reference, platform: Platform) -> Resolved:
+        return self.node.resolve(str(ref), platform, self.plain_http)
+
+    def get_config(self, repository: str, manifest: Manifest) -> bytes:
+        d = manifest.config
+        return self.node.document(self.registry, repository, d.digest, d.size, self.plain_http)
+
+    def download_blob(self, repository: str, digest: Digest, out: BinaryIO, size: int | None = None) -> int:
+        if self._client is None:  # only plain layers need one
+            self._client = registry_client(self.registry, self.plain_http)
+        return self._client.download_blob(repository, digest, out, size)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 def _platform(ctx: click.Context, param: click.Parameter, value: str | None) -> Platform:
@@ -85,19 +129,18 @@ def rpull(
     Docker's config.json ($DOCKER_CONFIG).
     """
     ref = parse_reference(reference)
-    with (
-        ContainerdClient(address, namespace) as containerd,
-        RegistryClient(ref.registry, plain_http=True if plain_http else None) as registry,
-    ):
+    plain = True if plain_http else None
+    with contextlib.ExitStack() as stack:
+        containerd = stack.enter_context(ContainerdClient(address, namespace))
         node = DeviceClient(state_dir)
+        registry: Registry
         documents = None
-        if node.peer_network():
-
-            def documents(repository: str, desc: Descriptor) -> bytes:
-                return node.document(
-                    ref.registry, repository, desc.digest, desc.size, True if plain_http else None
-                )
-
+        if node.ping() is not None:
+            via_node = NodeRegistry(node, ref.registry, plain)
+            stack.callback(via_node.close)
+            registry = via_node
+        else:  # no device daemon here (no `damselfly serve`?): the registry directly
+            registry = stack.enter_context(registry_client(ref.registry, plain))
         Puller(containerd, registry, snapshotter=snapshotter, report=click.echo, documents=documents).pull(
             ref, platform
         )

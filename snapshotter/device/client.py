@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockformat.chunkfile import BlobInfo
 from blockformat.durable import private_dir
+from p2p.manifest import Platform, Resolved
 from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
@@ -145,6 +146,13 @@ class DeviceClient:
         if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise DeviceError(f"the node's copy of {digest} at {path} is not that blob")
         return data
+
+    def resolve(self, reference: str, platform: Platform, plain_http: bool | None) -> Resolved:
+        """`reference` resolved by the daemon's registry client (its connections are warm, its imports
+        done): the manifest for `platform`, checked again here (`Resolved.from_json`)."""
+        request = {"op": "resolve", "reference": reference, "platform": str(platform)}
+        reply = self.call({**request, "plain_http": plain_http}, timeout=LONG_CALL)["resolved"]
+        return Resolved.from_json(reply, platform, reference)
 
     def attach(self, spec: DeviceSpec, prefetch: PrefetchRequest | None = None) -> str:
         """Attach (idempotent for the same spec); the path of the device file. With `prefetch`, the

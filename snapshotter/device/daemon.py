@@ -49,6 +49,8 @@ def run(
             return {"pid": os.getpid(), "mountpoint": paths.mountpoint, "p2p": manager.node.enabled}
         if op == "document":
             return {"path": manager.document(request)}
+        if op == "resolve":
+            return {"resolved": manager.resolve(request)}
         if op == "attach":
             prefetch = request.get("prefetch")
             return {

@@ -29,8 +29,9 @@ from blockformat.upper import WritableUpper
 from p2p import deadline
 from p2p.background import BackgroundDownload, Status
 from p2p.cache import CachedBlob
-from p2p.manifest import MAX_DOCUMENT_SIZE
+from p2p.manifest import MAX_DOCUMENT_SIZE, Platform
 from p2p.node import BlobNode, BlobRef, CacheSettings
+from p2p.reference import parse_reference
 from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
@@ -484,6 +485,20 @@ class DeviceManager:
         with deadline.scope(time.monotonic() + self.settings.read_timeout):
             self.node.document(ref, plain_http)
         return self.node.documents.path(ref.digest)
+
+    def resolve(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Resolve an image reference at its registry with the node's client (its connections, its
+        credentials): the manifest for a platform and the index it came from (`damselfly rpull`, which
+        then need not start an HTTP client of its own). `Resolved.to_json`."""
+        try:
+            ref = parse_reference(str(request["reference"]))
+            platform = Platform.parse(str(request["platform"]))
+            plain_http = None if request.get("plain_http") is None else bool(request["plain_http"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeviceError(f"malformed resolve request: {e}") from None
+        client, _ = self.node.registry_client(ref.registry, plain_http)
+        with deadline.scope(time.monotonic() + self.settings.read_timeout):
+            return client.resolve(ref, platform).to_json()
 
     def status(self) -> dict[str, Any]:
         devices = {}

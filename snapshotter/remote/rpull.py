@@ -40,13 +40,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 from blockformat.annotations import MEDIA_TYPE_LAYER, PREFIX
 from blockformat.digest import Digest, digest_of
-from p2p.manifest import Descriptor, Platform
+from p2p.manifest import Descriptor, Manifest, Platform, Resolved
 from p2p.reference import Reference
-from p2p.registry import RegistryClient
 
 from ..api.containerd.types import descriptor_pb2
 from ..errors import ContainerdError, ImageError
@@ -168,6 +167,19 @@ class PullResult:
     seconds: float = 0.0
 
 
+class Registry(Protocol):
+    """What a pull asks of a registry (`p2p.registry.RegistryClient`, or the node's device daemon
+    resolving for it: `snapshotter.cli.rpull`)."""
+
+    def resolve(self, ref: Reference, platform: Platform) -> Resolved: ...
+
+    def get_config(self, repository: str, manifest: Manifest) -> bytes: ...
+
+    def download_blob(
+        self, repository: str, digest: Digest, out: BinaryIO, size: int | None = None
+    ) -> int: ...
+
+
 class Puller:
     """Pulls images through one containerd connection and one registry client; `report` gets each
     output line (``ctr image pull``-like)."""
@@ -175,7 +187,7 @@ class Puller:
     def __init__(
         self,
         containerd: ContainerdClient,
-        registry: RegistryClient,
+        registry: Registry,
         *,
         snapshotter: str = "damselfly",
         report: Callable[[str], None] = lambda line: None,

@@ -26,23 +26,18 @@ bytes B's container reads does not matter; B downloads nothing in the background
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from click.testing import CliRunner
 
 from scripts.demolib.serve import release as release_remote
-from snapshotter.cli import cli
-from snapshotter.cli.errors import EXIT_OK
 from tests import oci_images as oi
 from tests.p2p.faultproxy import Fault, FaultProxy
 from tests.p2p.peerlab import free_ports, node_config, wait_for, write_secret
@@ -50,11 +45,10 @@ from tests.p2p.registry_server import RegistryServer
 from tests.snapshotter import remote_lab, serving
 
 from .conftest import ContainerdFactory
-from .containerd import Containerd
+from .nodes import SNAPSHOTTER, Node, holding
 
 pytestmark = pytest.mark.slow
 
-SNAPSHOTTER = "damselfly"
 NS = "e2e-p2p"
 MiB = 1 << 20
 #: Spans many 64 KiB chunks of the converted layer (incompressible, so the blob is as big).
@@ -69,52 +63,6 @@ class Image:
     repo: str
     layers: list[str]  # its layer blob digests (converted: busybox, the big file)
     big_sha256: str
-
-
-@dataclass
-class Node:
-    name: str
-    dir: Path
-    served: serving.Served
-    containerd: Containerd
-
-    @property
-    def state(self) -> Path:
-        return self.dir / "state"
-
-    def rpull(self, ref: str) -> str:
-        r = CliRunner().invoke(
-            cli,
-            [
-                "rpull",
-                ref,
-                "--address",
-                self.containerd.address,
-                "--namespace",
-                NS,
-                "--state-dir",
-                str(self.state),
-            ],
-            catch_exceptions=False,
-        )
-        assert r.exit_code == EXIT_OK, f"node {self.name}: rpull failed:\n{r.output}\n{self.logs()}"
-        return r.output
-
-    def devices(self) -> dict[str, Any]:
-        """``damselfly devices --state-dir STATE``: the device daemon's status."""
-        r = CliRunner().invoke(cli, ["devices", "--state-dir", str(self.state)], catch_exceptions=False)
-        assert r.exit_code == EXIT_OK, r.output
-        status: dict[str, Any] = json.loads(r.output)
-        return status
-
-    def logs(self) -> str:
-        """The tail of serve's and the device daemon's logs, for a failure message."""
-        daemon = self.state / "devd.log"
-        text = daemon.read_text(errors="replace") if daemon.exists() else "(no device daemon log)"
-        return (
-            f"--- node {self.name}: damselfly serve ---\n{self.served.log_text()[-6000:]}\n"
-            f"--- node {self.name}: device daemon ---\n{text[-6000:]}"
-        )
 
 
 @pytest.fixture
@@ -177,7 +125,7 @@ class Fleet:
         )
         self.started.append((d, serving.start(d, "--config", str(config))))
         c = self.make_containerd(proxy_plugins={SNAPSHOTTER: str(self.started[-1][1].socket)}, namespace=NS)
-        self.made.append(Node(name, d, self.started[-1][1], c))
+        self.made.append(Node(name, d, self.started[-1][1], c, NS))
         return self.made[-1]
 
     def start_b(self) -> Node:
@@ -231,41 +179,13 @@ def layer_gets(proxy: FaultProxy, image: Image) -> list[tuple[str, str, str]]:
     return [s for s in list(proxy.seen) if s[0] == "GET" and any(d in s[1] for d in image.layers)]
 
 
-@contextmanager
-def holding(node: Node, image: Image) -> Iterator[None]:
-    """A container of `image` that sleeps on `node`: while it runs, the node's device of the image (its
-    layer blobs, their counters, and A's background download) stays open. (A ``ctr snapshots view``
-    would not do: containerd's GC removes a view no lease holds.) Removed, and its chain released, on
-    exit."""
-    c, cid = node.containerd, f"holder-{node.name}"
-    c.run(
-        image.ref,
-        ["/bin/sleep", "3600"],
-        container_id=cid,
-        snapshotter=SNAPSHOTTER,
-        detach=True,
-        extra=["--null-io"],
-    )
-    try:
-        yield
-    finally:
-        c.ctr("task", "rm", "--force", cid, check=False)
-        c.ctr("container", "rm", cid)
-        # containerd 1.6 removes the container's snapshot from the snapshotter at its next GC
-        wait_for(
-            lambda: not remote_lab.chain_mounts(node.served.root) and not remote_lab.device_loops(node.state),
-            30,
-            f"node {node.name}: the chain released after its last container",
-        )
-
-
 def test_b_cold_starts_from_a_peer_while_the_registry_refuses_its_layers(
     fleet: Fleet, image: Image, proxy: FaultProxy
 ) -> None:
     (a,) = fleet.made
     # -- node A: a container reads the image; A's cache of its layers completes ----------------------
     assert remote_layers(a.rpull(image.ref)) == ["remote", "remote"]
-    with holding(a, image):
+    with holding(a, image.ref):
         run = a.containerd.run(image.ref, READ_IMAGE, snapshotter=SNAPSHOTTER)
         assert run.stdout == expected_output(image)
         wait_for(
@@ -290,7 +210,7 @@ def test_b_cold_starts_from_a_peer_while_the_registry_refuses_its_layers(
         b = fleet.start_b()
         assert remote_layers(b.rpull(image.ref)) == ["remote", "remote"]
         try:
-            with holding(b, image):
+            with holding(b, image.ref):
                 run = b.containerd.run(image.ref, READ_IMAGE, snapshotter=SNAPSHOTTER)
                 got = blob_entries(b, image)
                 network = b.devices()["p2p"]

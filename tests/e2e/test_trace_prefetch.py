@@ -22,7 +22,6 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +43,10 @@ from tests.p2p.registry_server import RegistryServer
 from tests.snapshotter import remote_lab, serving
 
 from .conftest import ContainerdFactory
-from .containerd import Containerd
+from .nodes import SNAPSHOTTER, Node, holding
 
 pytestmark = pytest.mark.slow
 
-SNAPSHOTTER = "damselfly"
 NS = "e2e-trace"
 MiB = 1 << 20
 WORKLOAD = ["/bin/busybox", "sh", "-c", "/bin/busybox sha256sum /data/a /data/b"]
@@ -63,40 +61,7 @@ class Image:
     sha256: dict[str, str]  # file name under /data -> its sha256
 
 
-@dataclass
-class Node:
-    name: str
-    dir: Path
-    served: serving.Served
-    containerd: Containerd
-
-    @property
-    def state(self) -> Path:
-        return self.dir / "state"
-
-    def cli(self, *args: str) -> str:
-        r = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-        assert r.exit_code == EXIT_OK, (
-            f"node {self.name}: damselfly {args[0]} failed:\n{r.output}\n{self.logs()}"
-        )
-        return r.output
-
-    def rpull(self, ref: str) -> str:
-        return self.cli(
-            "rpull",
-            ref,
-            "--address",
-            self.containerd.address,
-            "--namespace",
-            NS,
-            "--state-dir",
-            str(self.state),
-        )
-
-    def devices(self) -> dict[str, Any]:
-        status: dict[str, Any] = json.loads(self.cli("devices", "--state-dir", str(self.state)))
-        return status
-
+class TraceNode(Node):
     def prefetch(self) -> dict[str, Any]:
         """The replay status of the node's one image device."""
         with_replay = [d["prefetch"] for d in self.devices()["devices"].values() if d.get("prefetch")]
@@ -116,9 +81,9 @@ class Node:
 class Nodes:
     def __init__(self, make_containerd: ContainerdFactory) -> None:
         self.make_containerd = make_containerd
-        self.made: list[Node] = []
+        self.made: list[TraceNode] = []
 
-    def start(self, name: str) -> Node:
+    def start(self, name: str) -> TraceNode:
         d = Path(tempfile.mkdtemp(prefix=f"dfly-trace-{name}-", dir="/tmp"))  # short: sun_path
         config = remote_lab.serve_config(d / "config.toml", d / "state")
         served = serving.start(d, "--config", str(config))
@@ -127,7 +92,7 @@ class Nodes:
         except BaseException:
             served.stop()
             raise
-        self.made.append(Node(name, d, served, c))
+        self.made.append(TraceNode(name, d, served, c, NS))
         return self.made[-1]
 
     def close(self) -> list[str]:
@@ -181,28 +146,6 @@ def expected(image: Image, *names: str) -> str:
     return "".join(f"{image.sha256[n]}  /data/{n}\n" for n in names)
 
 
-@contextmanager
-def holding(node: Node, image: Image) -> Iterator[None]:
-    """A sleeping container: it keeps the chain mounted (and the device, its replay and its counts)."""
-    c, cid = node.containerd, f"holder-{node.name}"
-    c.run(
-        image.ref,
-        ["/bin/sleep", "3600"],
-        container_id=cid,
-        snapshotter=SNAPSHOTTER,
-        detach=True,
-        extra=["--null-io"],
-    )
-    try:
-        yield
-    finally:
-        c.ctr("task", "rm", "--force", cid, check=False)
-        c.ctr("container", "rm", cid)
-        wait_for(
-            lambda: not remote_lab.chain_mounts(node.served.root), 30, f"{node.name}: the chain released"
-        )
-
-
 def test_a_recorded_trace_serves_a_cold_nodes_reads(
     nodes: Nodes, image: Image, registry: RegistryServer
 ) -> None:
@@ -248,7 +191,7 @@ def test_a_recorded_trace_serves_a_cold_nodes_reads(
     # -- B, cold: the holder's chain mount replays the trace ------------------------------------------
     b = nodes.start("b")
     b.rpull(image.ref)
-    with holding(b, image):
+    with holding(b, image.ref):
         wait_for(lambda: b.prefetch()["state"] in ("done", "failed", "none", "mismatch"), 60, "the replay")
         before = b.prefetch()
         assert before["state"] == "done", (before, b.logs())
@@ -320,7 +263,7 @@ def test_a_prefetch_list_from_the_converter_is_replayed(
     b = nodes.start("b")
     b.rpull(ref)
     image = Image(ref, manifest.digest, {n: hashlib.sha256(d).hexdigest() for n, d in files.items()})
-    with holding(b, image):
+    with holding(b, image.ref):
         wait_for(lambda: b.prefetch()["state"] in ("done", "failed", "none", "mismatch"), 60, "the replay")
         before = b.prefetch()
         assert before["state"] == "done" and before["failures"] == 0, (before, b.logs())

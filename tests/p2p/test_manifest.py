@@ -22,9 +22,11 @@ from p2p.manifest import (
     Index,
     Manifest,
     Platform,
+    Resolved,
     build_index,
     parse_manifest,
 )
+from p2p.reference import parse_reference
 
 CFG = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(b"c"), "size": 1}
 LAYER = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest_of(b"l"), "size": 1}
@@ -112,3 +114,38 @@ def test_entry_without_variant_is_a_fallback() -> None:
 def test_bad_platform_strings(text: str) -> None:
     with pytest.raises(InvalidReferenceError):
         Platform.parse(text)
+
+
+def _resolution() -> tuple[Manifest, Index]:
+    raw = json.dumps(
+        {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": CFG, "layers": [LAYER]}
+    ).encode()
+    manifest = parse_manifest(raw, None, "m")
+    assert isinstance(manifest, Manifest)
+    entry = Descriptor(OCI_MANIFEST, manifest.digest, manifest.size, platform=Platform("linux", "amd64"))
+    index = parse_manifest(build_index([entry]), None, "i")
+    assert isinstance(index, Index)
+    return manifest, index
+
+
+def test_a_resolution_crosses_processes_as_it_was() -> None:
+    manifest, index = _resolution()
+    ref = parse_reference(f"example.com/app@{index.digest}")
+    got = Resolved.from_json(Resolved(ref, manifest, index).to_json(), Platform("linux", "amd64"), "r")
+    assert got == Resolved(ref, manifest, index)
+
+
+@pytest.mark.parametrize("tamper", ["manifest", "reference", "platform"])
+def test_a_resolution_that_does_not_hold_together_is_refused(tamper: str) -> None:
+    manifest, index = _resolution()
+    ref = parse_reference(f"example.com/app@{index.digest}")
+    doc = Resolved(ref, manifest, index).to_json()
+    platform = Platform("linux", "amd64")
+    if tamper == "manifest":
+        doc["manifest"] = doc["manifest"].replace('"layers"', ' "layers"')  # other bytes, other digest
+    elif tamper == "reference":
+        doc["reference"] = f"example.com/app@{manifest.digest}"
+    else:
+        platform = Platform("linux", "arm64")
+    with pytest.raises((InvalidManifestError, NoMatchingPlatformError)):
+        Resolved.from_json(doc, platform, "r")
