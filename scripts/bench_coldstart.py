@@ -256,7 +256,9 @@ class Bench:
         if undone:
             log(f"  serve reset had to force: {'; '.join(undone)}")
         member = self.parent.address if kind == "p2p" and self.parent is not None else None
-        return {"daemon_wait_s": wait_daemon(node.serve, DAEMON_TIMEOUT, member)}
+        waited = wait_daemon(node.serve, DAEMON_TIMEOUT, member)
+        node.containerd.wait_snapshotter(SNAPSHOTTER)
+        return {"daemon_wait_s": waited}
 
     def record_trace(self, w: Workload) -> None:
         """``damselfly record-trace`` of workload `w` on a cold node (prefetch off, registry link

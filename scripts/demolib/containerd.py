@@ -28,6 +28,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Self
@@ -301,6 +302,22 @@ class Containerd(Service):
         if check and r.returncode != 0:
             raise self.error(f"{cmd} exited {r.returncode}: {(r.stderr or r.stdout).strip()[-3000:]}")
         return r
+
+    def wait_snapshotter(self, snapshotter: str, timeout: float = 20.0) -> float:
+        """Wait until containerd reaches proxy snapshotter `snapshotter` (after the snapshotter
+        restarted, containerd's connection to it is in gRPC back-off for up to a few seconds and calls
+        fail fast with UNAVAILABLE); the seconds it took."""
+        started = time.monotonic()
+        while True:
+            r = self.ctr_raw(["snapshots", "--snapshotter", snapshotter, "ls"], timeout=10.0)
+            if r is not None and r.returncode == 0:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                why = "no answer" if r is None else (r.stderr or r.stdout).strip()[-500:]
+                raise self.error(
+                    f"containerd does not reach snapshotter {snapshotter!r} in {timeout:.0f}s: {why}"
+                )
+            time.sleep(0.2)
 
     def run_args(
         self,

@@ -15,6 +15,7 @@ fields (`control.WIRE_ERRORS`), so exit codes hold across the socket.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -263,6 +264,36 @@ class DeviceClient:
         """The pid of the daemon that answers, starting one first if none does. A daemon that is alive
         but not answering yet (starting, very busy) is waited for: a second one would mount its FUSE
         filesystem over the first one's."""
+        pid = self.ping()
+        if pid is not None:
+            return pid
+        with self._starting():
+            return self._ensure()
+
+    @contextlib.contextmanager
+    def _starting(self) -> Iterator[None]:
+        """Hold the state directory's start lock: another process (a second `serve`, `record-trace`)
+        checking for a daemon at the same moment waits, then finds ours answering."""
+        private_dir(self.paths.state)
+        fd = os.open(self.paths.start_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT + 10.0
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise DeviceError(
+                            f"another process has been starting the device daemon in {self.paths.state} "
+                            f"for over {START_TIMEOUT + 10.0:.0f}s"
+                        ) from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
+
+    def _ensure(self) -> int:
         pid = self.ping()
         if pid is not None:
             return pid

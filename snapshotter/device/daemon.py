@@ -9,11 +9,14 @@ while the snapshotter restarts. Layout of its state directory::
     <state>/dev/          FUSE mount: one file per attached device (root dir 0700, files 0400/0600)
     <state>/devd.sock     control socket, 0600
     <state>/devd.pid      pid of the running daemon
+    <state>/devd.lock     flock held by the running daemon for its whole life (one per state dir)
+    <state>/start.lock    flock a client holds while it looks for a daemon and starts one
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -25,6 +28,7 @@ from blockformat.durable import private_dir, write_file_atomic
 from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
+from ..errors import DeviceError
 from ..host.syscalls import MNT_DETACH, unmount_path
 from .control import ControlServer
 from .manager import DeviceManager, DeviceSpec
@@ -40,6 +44,7 @@ def run(
     paths = Paths(state_dir)
     # Root's alone, whoever made it and however: the cache and the devices hold every image's bytes.
     private_dir(state_dir)
+    lock = hold_lock(paths)  # released by the kernel when this process ends, however it ends
     manager = DeviceManager(state_dir, settings, p2p, plain_http)
     stop = threading.Event()
 
@@ -104,6 +109,25 @@ def run(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(paths.pidfile)
         log.info("device daemon %d stopped", os.getpid())
+        os.close(lock)
+
+
+def hold_lock(paths: Paths) -> int:
+    """Take the state directory's daemon lock, or raise `DeviceError`: a second daemon would mount its
+    FUSE filesystem over the first one's and take over its control socket, leaving the first one
+    serving devices nobody can reach or stop."""
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            with open(paths.pidfile) as f:
+                who = f"pid {int(f.read().strip())}"
+        except (OSError, ValueError):
+            who = "starting"
+        raise DeviceError(f"another device daemon ({who}) serves {paths.state}") from None
+    return fd
 
 
 def _unmount_stale(mountpoint: str) -> None:

@@ -24,3 +24,13 @@ class Paths:
     @property
     def pidfile(self) -> str:
         return os.path.join(self.state, "devd.pid")
+
+    @property
+    def lock(self) -> str:
+        """Held (flock) by the running daemon for its whole life: one daemon per state directory."""
+        return os.path.join(self.state, "devd.lock")
+
+    @property
+    def start_lock(self) -> str:
+        """Held by a client while it checks for a daemon and starts one: concurrent starters queue."""
+        return os.path.join(self.state, "start.lock")

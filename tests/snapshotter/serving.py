@@ -55,6 +55,8 @@ def start(tmp: Path, *extra: str, root: Path | None = None, socket: Path | None 
     socket = socket or tmp / "run" / "snapshotter.sock"
     log = tmp / f"serve-{time.monotonic_ns()}.log"
     argv = [*damselfly_argv(), "serve", "--root", str(root), "--address", str(socket), "--log-level", "debug"]
+    if not any(a == "--state-dir" or a.startswith("--state-dir=") or a == "--config" for a in extra):
+        argv += ["--state-dir", str(tmp / "state")]  # never the node's /run/damselfly
     proc = spawn([*argv, *extra], log)
     channel = grpc.insecure_channel(f"unix:{socket}")
     served = Served(proc, root, socket, log, channel)
