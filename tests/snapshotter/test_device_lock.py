@@ -42,7 +42,7 @@ def test_clients_starting_a_daemon_at_once_start_one(tmp_path: Path) -> None:
     def ensure() -> None:
         try:
             pids.append(DeviceClient(state).ensure())
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=ensure) for _ in range(3)]

@@ -387,8 +387,10 @@ def test_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None
     s = start(tmp_path)
     try:
         second = subprocess.run(
-            [*damselfly_argv(), "serve", "--root", str(tmp_path / "root2"), "--address", str(sock)]
-            + ["--state-dir", str(tmp_path / "state2")],
+            [
+                *damselfly_argv(), "serve", "--root", str(tmp_path / "root2"), "--address", str(sock),
+                "--state-dir", str(tmp_path / "state2"),
+            ],  # fmt: skip
             check=False,
             capture_output=True,
             text=True,
