@@ -386,11 +386,9 @@ def test_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None
     stale.close()  # the file stays, nobody listens
     s = start(tmp_path)
     try:
+        argv = [*damselfly_argv(), "serve", "--root", str(tmp_path / "root2"), "--address", str(sock)]
         second = subprocess.run(
-            [
-                *damselfly_argv(), "serve", "--root", str(tmp_path / "root2"), "--address", str(sock),
-                "--state-dir", str(tmp_path / "state2"),
-            ],  # fmt: skip
+            [*argv, "--state-dir", str(tmp_path / "state2")],
             check=False,
             capture_output=True,
             text=True,
