@@ -379,8 +379,27 @@ class Containerd(Service):
     def hold(self, key: str, parent: str, *, snapshotter: str, log: Path | None = None) -> None:
         """A view `key` of the committed snapshot `parent` that containerd's GC keeps (``gc.root``
         label) until `unhold`: with a remote snapshotter, it keeps the image's device attached."""
-        self.ctr("snapshots", "--snapshotter", snapshotter, "view", key, parent, log=log)
-        self.ctr("snapshots", "--snapshotter", snapshotter, "label", key, f"{GC_ROOT}=demo", log=log)
+        # ctr cannot label a view as it creates it: containerd's GC, still running after an earlier
+        # removal, may collect the bare view before the label lands. Then it is made again.
+        for attempt in range(5):
+            self.ctr("snapshots", "--snapshotter", snapshotter, "view", key, parent, log=log)
+            r = self.ctr(
+                "snapshots",
+                "--snapshotter",
+                snapshotter,
+                "label",
+                key,
+                f"{GC_ROOT}=demo",
+                log=log,
+                check=False,
+            )
+            if r.returncode == 0:
+                return
+            if "not found" not in r.stderr or attempt == 4:
+                raise self.error(
+                    f"ctr snapshots label {key} exited {r.returncode}: {r.stderr.strip()[-1000:]}"
+                )
+            time.sleep(0.2)
 
     def unhold(self, key: str, *, snapshotter: str, log: Path | None = None) -> None:
         """Remove the view `key` (`hold`), if it is there."""
