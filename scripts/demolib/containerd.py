@@ -306,11 +306,15 @@ class Containerd(Service):
     def wait_snapshotter(self, snapshotter: str, timeout: float = 20.0) -> float:
         """Wait until containerd reaches proxy snapshotter `snapshotter` (after the snapshotter
         restarted, containerd's connection to it is in gRPC back-off for up to a few seconds and calls
-        fail fast with UNAVAILABLE); the seconds it took."""
+        fail fast with UNAVAILABLE); the seconds it took. The probe is a Prepare of an empty snapshot,
+        removed again: listing snapshots would not do, containerd answers it from its own metadata."""
         started = time.monotonic()
+        key = f"damselfly-probe-{os.getpid()}"
+        base = ["snapshots", "--snapshotter", snapshotter]
         while True:
-            r = self.ctr_raw(["snapshots", "--snapshotter", snapshotter, "ls"], timeout=10.0)
+            r = self.ctr_raw([*base, "prepare", key], timeout=10.0)
             if r is not None and r.returncode == 0:
+                self.ctr(*base, "rm", key)
                 return time.monotonic() - started
             if time.monotonic() - started > timeout:
                 why = "no answer" if r is None else (r.stderr or r.stdout).strip()[-500:]
