@@ -19,9 +19,10 @@ and ``layers/`` take on disk. A use of an entry (a hit, or the entry written) to
 mtime is its last use; `trim` removes entries least recently used first, and a blob once no entry names
 it, until the cache is within its limit. Only *unused* entries go: a conversion holds the lock shared
 for its whole run (`in_use`) — the later layers of an image are built over the earlier ones' blobs —
-and `trim` runs only under the lock held exclusively, taken without waiting when a conversion starts and
-when it ends. So the cache may exceed its limit while conversions run, by what they add, and is brought
-back within it by the last one to end. Blobs no entry names (a crash between the rename and the entry)
+and `trim` runs only under the lock held exclusively, taken without waiting when a conversion ends
+(not when it starts: the layers it is about to reuse would be the first to go). So the cache may exceed
+its limit while conversions run, by what they add, and is brought back within it by the last one to
+end. Blobs no entry names (a crash between the rename and the entry)
 go first.
 """
 
@@ -119,12 +120,10 @@ class LayerCache:
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:
-        """Hold the cache for a conversion: nothing is evicted while it runs. Trims the cache before
-        (when no other conversion runs) and after (when it is the last one)."""
+        """Hold the cache for a conversion: nothing is evicted while it runs. Trims the cache when it
+        ends, if no other conversion runs then."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if self._try_exclusive(fd):
-                self.trim()
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits only for another process's trim
             yield
             if self._try_exclusive(fd):
