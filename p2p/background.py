@@ -8,6 +8,11 @@ One `BackgroundDownload` per blob owns its worker threads: `start` launches them
 joins them, so no thread outlives its owner. Network failures are retried with capped exponential
 backoff for as long as the download is wanted; a whole-blob digest mismatch discards the copy and
 starts again, at most `max_digest_attempts` times.
+
+**The cache limit** (`p2p.cache`): a background download fills the cache up to `BACKGROUND_SHARE` of
+its limit, evicting unused blobs on the way. When no room is left it stops fetching — the blob stays
+partial, which the cache logs once and counts — in state ``cache-full``, and tries again whenever room
+may have been made (a blob released, evicted or emptied: `BlobCache.changes`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .cache import CachedBlob, Progress
+from .cache import BACKGROUND_SHARE, CachedBlob, Progress
+from .errors import CacheFullError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,12 @@ class State(enum.Enum):
     COMPLETE = "complete"
     FAILED = "failed"
     STOPPED = "stopped"
+    #: Stopped by the cache limit, the blob partial; resumes when room is made.
+    CACHE_FULL = "cache-full"
+
+
+#: Seconds between two looks at the cache for room, while a download waits in `State.CACHE_FULL`.
+ROOM_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,7 @@ class BackgroundDownload:
         self._failures = 0
         self._error: str | None = None
         self._thread: threading.Thread | None = None
+        self._full = threading.Event()  # a fetch found no room within the cache limit
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -136,7 +149,12 @@ class BackgroundDownload:
                 return
             while True:
                 self.blob.changed.clear()
-                if not self._download_and_seal():
+                sealed = self._download_and_seal()
+                if sealed is None:  # the cache limit: wait for room, then go on
+                    if not self._wait_for_room():
+                        return
+                    continue
+                if not sealed:
                     return  # stopped, or failed for good
                 # Sealed. Nothing to do until a read finds damaged bytes in the cache and `repair`
                 # forgets their units: then they are fetched again and the blob sealed anew.
@@ -150,14 +168,26 @@ class BackgroundDownload:
         finally:
             self._done.set()
 
-    def _download_and_seal(self) -> bool:
+    def _wait_for_room(self) -> bool:
+        """Wait in `State.CACHE_FULL` until room may have been made; False if stopped meanwhile."""
+        cache = self.blob.cache
+        seen = cache.changes
+        self._set(State.CACHE_FULL)
+        while not self._stop.wait(ROOM_POLL):
+            if cache.changes != seen or not cache.limit_bytes:
+                self._full.clear()
+                return True
+        return False
+
+    def _download_and_seal(self) -> bool | None:
         """Fetch what is missing and check the whole blob (also a complete one: a ``complete`` marker
-        from an earlier process is re-verified); False if stopped or out of attempts."""
+        from an earlier process is re-verified); False if stopped or out of attempts, None if the
+        cache limit left no room for the rest."""
         for attempt in range(1, self.max_digest_attempts + 1):
             if self.blob.missing_units():
                 self._set(State.DOWNLOADING)
                 if not self._fetch_all():
-                    return False  # stopped
+                    return None if self._full.is_set() and not self._stop.is_set() else False
             self._set(State.VERIFYING)
             if self.blob.verify_complete():
                 self._set(State.COMPLETE)
@@ -185,7 +215,7 @@ class BackgroundDownload:
         pending = list(reversed(runs))
 
         def worker() -> None:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self._full.is_set():
                 with queue_lock:
                     if not pending:
                         return
@@ -197,7 +227,7 @@ class BackgroundDownload:
             t.start()
         for t in threads:
             t.join()
-        return not self._stop.is_set()
+        return not self._stop.is_set() and not self._full.is_set()
 
     def _fetch_run(self, first: int, last: int) -> None:
         u = self.blob.unit_size
@@ -208,7 +238,10 @@ class BackgroundDownload:
             if not self._limiter.acquire(length):
                 return
             try:
-                self.blob.ensure(offset, length)
+                self.blob.ensure(offset, length, share=BACKGROUND_SHARE)
+                return
+            except CacheFullError:
+                self._full.set()  # logged and counted by the cache, once for the blob
                 return
             except Exception as e:  # network or verification: wait and retry while wanted
                 with self._lock:

@@ -16,6 +16,11 @@ chunk by its SHA-256 from the index, the index and trailer against the bytes ver
 was checked. A fetch therefore widens a run of missing units to whole chunks at its edges
 (`ChunkIndex.expand`).
 
+**Within the cache limit** (`p2p.cache`): a write reserves its room first. A store refused for want of
+room leaves its units missing; `read` serves them from the verified bytes it fetched (*spilled*, not
+kept), and `ensure` — which fetches to keep — raises `CacheFullError`, before any fetch when the cache
+is full already.
+
 Reads of present units never touch the network. Concurrent reads of the same missing unit make one
 upstream request, and a unit whose fetch failed fails at once for `fail_cooldown` seconds
 (`CoolingDownError`): `p2p.flights`. Every wait is bounded by the reader's deadline (`p2p.deadline`).
@@ -49,7 +54,7 @@ from blockformat.source import RangeSource
 
 from . import deadline
 from .bitmap import PresenceBitmap, open_private
-from .errors import CacheError, CoolingDownError, DeadlineExceededError, unavailable_cause
+from .errors import CacheError, CacheFullError, CoolingDownError, DeadlineExceededError, unavailable_cause
 from .flights import UnitFlights
 from .transport import CheckedSource
 
@@ -57,6 +62,14 @@ if TYPE_CHECKING:
     from .cache import BlobCache
 
 log = logging.getLogger(__name__)
+
+#: The allocation unit assumed when reserving room in the cache (file systems' usual block size).
+BLOCK = 4096
+
+
+def blocks(nbytes: int) -> int:
+    """`nbytes` rounded up to whole blocks."""
+    return -(-nbytes // BLOCK) * BLOCK
 
 
 @dataclass(frozen=True)
@@ -155,11 +168,39 @@ class CachedBlob:
         return self._size
 
     def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length), fetching missing units. Units the cache has no room to keep
+        (its limit) are served from the verified bytes fetched for this read."""
         end = min(offset + length, self._size)
         if end <= offset:
             return b""
-        self.ensure(offset, end - offset)
-        return self.read_local(offset, end - offset)
+        spilled: list[tuple[int, bytes]] = []
+        self.ensure(offset, end - offset, spilled)
+        if not spilled:
+            return self.read_local(offset, end - offset)
+        return self._compose(offset, end, spilled)
+
+    def _compose(self, offset: int, end: int, spilled: list[tuple[int, bytes]]) -> bytes:
+        """[offset, end) from the spilled pieces (whole verified units) where they cover it, else from
+        the data file (units present: `ensure` made every unit present or spilled)."""
+        out = bytearray()
+        pos = offset
+        uncached = 0
+        for start, data in sorted(spilled, key=lambda x: x[0]):
+            stop = min(start + len(data), end)
+            if stop <= pos:
+                continue
+            if start > pos:
+                out += self.read_local(pos, min(start, end) - pos)
+                pos = min(start, end)
+                if pos >= end:
+                    break
+            out += data[pos - start : stop - start]
+            uncached += stop - pos
+            pos = stop
+        if pos < end:
+            out += self.read_local(pos, end - pos)
+        self.cache.note_uncached(uncached)
+        return bytes(out)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -287,32 +328,64 @@ class CachedBlob:
                 view.fetched.clear()
         raise AssertionError("unreachable")
 
-    def _verify_and_store(self, a: int, data: bytes | memoryview) -> None:
+    def _verify_and_store(
+        self, a: int, data: bytes | memoryview, share: float = 1.0
+    ) -> tuple[int, bytes] | None:
         """Check the structures in [a, a+len(data)) (`ChunkIndex.verified_span`), then write the whole
-        units they cover to ``data``, fdatasync it, and only then mark those units present."""
+        units they cover to ``data``, fdatasync it, and only then mark those units present.
+
+        The write reserves its room in the cache first (within `share` of its limit). Without room,
+        nothing is written and the verified whole units are returned as (offset, bytes) instead."""
         g = self._index
         if g is None:
             raise CacheError(f"{self.name}: bytes to store before the blob's index is known")
         v0, v1 = g.verified_span(a, data)
         if v1 <= v0:
-            return
+            return None
         u = self.unit_size
         first = (v0 + u - 1) // u
         last = v1 // u - 1 if v1 < self._size else self.units - 1
         if first > last:
-            return
+            return None
         lo, hi = first * u, min((last + 1) * u, self._size)
         chunk = memoryview(data)[lo - a : hi - a]
-        written = os.pwrite(self._data_fd, chunk, lo)
-        if written != len(chunk):
-            raise CacheError(f"{self.name}: short write to the cache ({written} of {len(chunk)} bytes)")
-        os.fdatasync(self._data_fd)
-        self._mark_present(first, last)
+        need = self._room_for(first, last)
+        if not self.cache.reserve(need, share):
+            self.cache.note_full(self, need)
+            return lo, bytes(chunk)
+        try:
+            written = os.pwrite(self._data_fd, chunk, lo)
+            if written != len(chunk):
+                raise CacheError(f"{self.name}: short write to the cache ({written} of {len(chunk)} bytes)")
+            os.fdatasync(self._data_fd)
+            self._mark_present(first, last)
+        finally:
+            self.cache.settle(need, self)
+        return None
+
+    def _room_for(self, first: int, last: int) -> int:
+        """What writing units first..last may take on disk: the missing ones, in whole blocks, plus a
+        block for the file system's bookkeeping (an extent tree block of a fragmented sparse file)."""
+        u = self.unit_size
+        missing = sum(
+            min((x + 1) * u, self._size) - x * u for x in range(first, last + 1) if not self.is_present(x)
+        )
+        return blocks(missing) + BLOCK
 
     # -- fetching --------------------------------------------------------------------------------
 
-    def ensure(self, offset: int, length: int) -> None:
+    def ensure(
+        self,
+        offset: int,
+        length: int,
+        spill: list[tuple[int, bytes]] | None = None,
+        share: float = 1.0,
+    ) -> None:
         """Make every unit of [offset, offset+length) present, fetching missing ones from upstream.
+
+        Units the cache has no room for (its limit, `share` of it for this caller) are fetched and
+        verified all the same; with `spill` their bytes are appended to it as (offset, whole units),
+        without it `CacheFullError` is raised — at once, before fetching, if the cache is full already.
 
         Bounded by this thread's deadline (`p2p.deadline`); units that failed a moment ago fail at once."""
         if length <= 0 or self._complete:
@@ -322,21 +395,33 @@ class CachedBlob:
         if all(self.is_present(x) for x in range(first, last + 1)):
             return
         self._check_cooling(first, last, offset, length)
+        if spill is None and self.cache.limit_bytes:
+            need = self._room_for(first, last)
+            if not self.cache.has_room(need, share):
+                self.cache.note_full(self, need)
+                raise CacheFullError(self.name, need, self.cache.limit_bytes)
         g = self.index()
         while True:
             mine, flight, waits = self._flights.claim(range(first, last + 1))
             if mine:
                 error: BaseException | None = None
+                kept_out: list[tuple[int, bytes]] = []
                 try:
                     for run_first, run_last in _runs(mine):
-                        self._fetch_units(g, run_first, run_last)
+                        self._fetch_units(g, run_first, run_last, kept_out, share)
                 except BaseException as e:
                     error = e
                     if not isinstance(unavailable_cause(e), DeadlineExceededError):  # our own time
                         self._flights.cool(mine, self.cache.fail_cooldown)
                     raise
                 finally:
+                    # Waiters for units not kept find them missing and fetch them for themselves.
                     self._flights.finish(mine, flight, error)
+                if kept_out:
+                    if spill is None:
+                        nbytes = sum(len(d) for _o, d in kept_out)
+                        raise CacheFullError(self.name, nbytes, self.cache.limit_bytes)
+                    spill.extend(kept_out)
             for w in waits:
                 if not w.done.wait(deadline.remaining()):
                     raise SourceError(
@@ -361,14 +446,21 @@ class CachedBlob:
                 CoolingDownError(f"{self.name}: {offset}+{length}", "the last fetch failed", until - now)
             )
 
-    def _fetch_units(self, g: ChunkIndex, first: int, last: int) -> None:
+    def _fetch_units(
+        self, g: ChunkIndex, first: int, last: int, kept_out: list[tuple[int, bytes]], share: float
+    ) -> None:
+        """Fetch units first..last, verify and store them; units the cache has no room for go to
+        `kept_out` (whole verified units) instead."""
         u = self.unit_size
         # Whole structures only: a unit is marked present once every structure overlapping it checked.
         a, b = g.expand(first * u, min((last + 1) * u, self._size))
+        spilled: list[tuple[int, bytes]] = []
         if isinstance(self.upstream, CheckedSource):
             # The source tries its transports in turn; bytes that fail here are another's to send.
             def store(data: bytes) -> None:
-                self._verify_and_store(a, data)
+                piece = self._verify_and_store(a, data, share)
+                if piece is not None:
+                    spilled.append(piece)
                 with self._lock:
                     self.upstream_requests += 1
                     self.upstream_bytes += len(data)
@@ -377,11 +469,15 @@ class CachedBlob:
         else:
             data = self.upstream_read(a, b - a)
             try:
-                self._verify_and_store(a, data)
+                piece = self._verify_and_store(a, data, share)
             except CorruptBlobError as e:
                 raise SourceError(self.name, a, b - a, f"upstream sent wrong bytes: {e}") from e
-        if not all(self.is_present(x) for x in range(first, last + 1)):
+            if piece is not None:
+                spilled.append(piece)
+        held = {x for o, d in spilled for x in range(o // u, (o + len(d) - 1) // u + 1)}
+        if not all(self.is_present(x) or x in held for x in range(first, last + 1)):
             raise CacheError(f"{self.name}: units {first}..{last} could not be verified after fetching")
+        kept_out.extend(spilled)
         self._flights.uncool(range(first, last + 1))
 
     def repair(self, offset: int) -> None:
@@ -441,13 +537,19 @@ class CachedBlob:
             self.discard()
             return False
         marker = os.path.join(self.dir, "complete")
-        if not os.path.exists(marker):
-            with atomic_write(marker, PRIVATE_FILE_MODE) as f:
-                f.write(self.digest.encode() + b"\n")
+        # The marker spares a restarted daemon the network, nothing more: without room for its block
+        # the blob is sealed all the same, and verified again after a restart.
+        if not os.path.exists(marker) and self.cache.reserve(BLOCK):
+            try:
+                with atomic_write(marker, PRIVATE_FILE_MODE) as f:
+                    f.write(self.digest.encode() + b"\n")
+            finally:
+                self.cache.settle(BLOCK, self)
         with self._lock:
             if generation != self._generation:  # a repair forgot units while we hashed: not sealed
                 return False
             self._complete = self._sealed = True
+        self.cache.measure(self)
         return True
 
     def discard(self) -> None:
@@ -458,6 +560,7 @@ class CachedBlob:
             self._bitmap.sync()
             os.ftruncate(self._data_fd, 0)
             os.ftruncate(self._data_fd, self._size)
+        self.cache.measure(self)
         self.changed.set()
 
     def _drop_complete_marker(self) -> None:

@@ -8,6 +8,7 @@ Every failure this package reports is a `P2PError`. Foreign exceptions (``httpx`
      ├── CredentialsError             a Docker config.json or credential helper that cannot be used
      ├── DigestMismatchError          downloaded bytes whose digest is not the one asked for
      ├── CacheError                   the node blob cache cannot do what was asked (settings, local write)
+     │    └── CacheFullError              no room within the cache limit to keep a blob's units
      ├── UnavailableError             bytes cannot be had now; ask again later
      │    ├── DeadlineExceededError       the caller's deadline (`p2p.deadline`) passed first
      │    └── CoolingDownError            the unit or the upstream failed a moment ago: not asked again yet
@@ -183,6 +184,21 @@ class NoMatchingPlatformError(RegistryError):
 
 class CacheError(P2PError):
     """The node cache cannot do what was asked (bad settings, a failed local write)."""
+
+
+class CacheFullError(CacheError):
+    """The cache has no room within its limit for units of `blob`, and nothing unused to evict. Raised
+    only to callers that fetch to keep (the background download, a trace replay): a read gets its
+    bytes all the same (`p2p.cachedblob.CachedBlob.read`)."""
+
+    def __init__(self, blob: str, nbytes: int, limit: int) -> None:
+        self.blob = blob
+        self.nbytes = nbytes
+        self.limit = limit
+        super().__init__(
+            f"{blob}: no room for {nbytes} more bytes within the cache limit of {limit} bytes, and no "
+            "unused blob to evict; raise [device] cache_limit or detach images"
+        )
 
 
 class UnavailableError(P2PError):

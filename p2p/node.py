@@ -41,7 +41,7 @@ from blockformat.source import RangeSource
 
 from . import deadline
 from .background import BackgroundDownload
-from .cache import BlobCache, CachedBlob
+from .cache import BLOCK, BlobCache, CachedBlob, blocks
 from .documents import DocumentStore
 from .errors import P2PError, RefusedError, UpstreamsFailedError
 from .health import Breaker
@@ -98,9 +98,11 @@ class BlobNode:
         self.cache_settings = cache
         self.settings = settings or P2PSettings()
         self.plain_http = plain_http
-        self.cache = BlobCache(cache_dir, cache.unit_size, cache.cache_limit, cache.fail_cooldown)
+        # The document store first: the cache's ledger, scanned at its start, counts it (its limit
+        # bounds the whole directory).
         self.documents = DocumentStore(os.path.join(cache_dir, "documents"))
-        self.metrics = NodeMetrics(self._cache_reads)
+        self.cache = BlobCache(cache_dir, cache.unit_size, cache.cache_limit, cache.fail_cooldown)
+        self.metrics = NodeMetrics(self._cache_reads, self.cache.stats)
         self._released_reads = 0
         self.me = self.settings.node_id
         self.enabled = self.settings.enabled
@@ -306,8 +308,7 @@ class BlobNode:
         self._ctx.hops, self._ctx.serving = hops, True
         try:
             with deadline.scope(at):
-                blob.ensure(offset, length)
-            data = blob.read_local(offset, length)
+                data = blob.read(offset, length)  # also units the cache has no room to keep, verified
         finally:
             self._ctx.hops, self._ctx.serving = [], False
         self.metrics.uploaded.inc(len(data))
@@ -345,7 +346,7 @@ class BlobNode:
                     self.metrics.bad_bytes.inc()
                     self.demote(transport.member, self.settings.demote_seconds, "sent a wrong document")
                 continue
-            self.documents.put(ref.digest, data)
+            self._keep_document(ref.digest, data)
             self.metrics.fetched.labels(transport.kind).inc(len(data))
             return data
         if not errors:
@@ -355,6 +356,18 @@ class BlobNode:
         raise UpstreamsFailedError(f"{ref.digest} (a document)", errors) from ExceptionGroup(
             f"{ref.digest}: every upstream failed", errors
         )
+
+    def _keep_document(self, digest: str, data: bytes) -> None:
+        """Keep a verified document in the store, within the cache's limit (without room it is not
+        kept: it was fetched for this request, and will be again)."""
+        need = blocks(len(data)) + BLOCK
+        if not self.cache.reserve(need):
+            log.info("%s: no room within the cache limit to keep this document", digest)
+            return
+        try:
+            self.documents.put(digest, data)
+        finally:
+            self.cache.settle(need, path=self.documents.path(digest))
 
     def serve_document(self, ref: BlobRef, hops: list[str], at: float) -> bytes:
         """`document` for a peer request that passed `hops`, before `at` (a worker thread)."""

@@ -12,12 +12,12 @@ effective config (`to_toml`), which is itself a valid config file::
     address = "/run/damselfly/snapshotter.sock"       # the gRPC socket containerd's proxy_plugins names
 
     [device]
-    state_dir = "/run/damselfly"                      # the device daemon's state (cache, FUSE, control)
+    state_dir = "/var/lib/damselfly/device"           # the device daemon's state (cache, FUSE, control)
     read_timeout = 30.0                               # seconds before a device read fails with EIO
     fail_cooldown = 5.0                               # a unit or registry that failed fails reads at once
     background_delay = 5.0                            # seconds before a blob's full download starts
     background_rate = 0                               # bytes/s per blob for it (0: unlimited)
-    cache_limit = 0                                   # evict complete unused blobs above this (0: never)
+    cache_limit = 10737418240                         # bytes the node cache may take on disk ("10G"; 0: none)
     unit_size = 65536                                 # the node cache's fetch unit (power of two, >= 4096)
 
     [remote]
@@ -39,6 +39,16 @@ effective config (`to_toml`), which is itself a valid config file::
     secret_file = ""              # the cluster secret (0600): every peer request is signed with it
     ...                           # seeds, registries, upload_limit, timeout, TLS: `damselfly config`
 
+Sizes (`SIZE_KEYS`) are a number of bytes or a string with a binary unit (``"10G"``, ``"64K"``);
+`damselfly config` prints them in bytes.
+
+Nothing but sockets is under ``/run`` by default: the device daemon's state — its node blob cache above
+all, which holds every attached image's bytes — is on disk next to the snapshots (``/run`` is a tmpfs
+on most hosts, and the cache would fill memory). The control socket sits in the state directory
+(`snapshotter.device.paths.Paths`); a socket path longer than a ``sockaddr_un`` holds is refused for
+the snapshotter's address (containerd connects to it) and reached through ``/proc/self/fd`` for the
+device daemon's (`snapshotter.device.control`).
+
 Add a key by adding a field with its default to the section's dataclass; parsing, printing and the
 checks follow from the dataclass.
 """
@@ -55,9 +65,21 @@ from typing import Any
 from p2p.settings import DEFAULT_COOLDOWN, DEFAULT_UNIT_SIZE, P2PSettings
 
 from .errors import ConfigError
+from .units import parse_size
 
 DEFAULT_PATH = Path("/etc/damselfly/config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: The device daemon's state directory: on disk, next to `SnapshotterSection.root`.
+DEFAULT_STATE_DIR = "/var/lib/damselfly/device"
+#: The node cache's default limit, 10 GiB. overlaybd's cache defaults to 4 GB (`cacheSizeGB`), but it
+#: holds only the ranges read on demand: overlaybd's background download lands outside it. Ours holds
+#: the full copy of every attached image as well, so it is sized for a few images at once (the demo's
+#: 1.1 GB image takes 565 MB), and stays a small share of a node's disk.
+DEFAULT_CACHE_LIMIT = 10 << 30
+#: Keys whose value is a size: an integer number of bytes, or a string like "10G" (`units.parse_size`).
+SIZE_KEYS = frozenset({"device.cache_limit", "device.unit_size", "device.background_rate"})
+#: The longest path a ``sockaddr_un`` holds (108 bytes with the terminating NUL).
+MAX_SOCKET_PATH = 107
 
 
 @dataclass(frozen=True)
@@ -71,12 +93,13 @@ class DeviceSection:
     """The device daemon's settings: the ``[device]`` table, what `damselfly device-daemon` runs with,
     and what `serve` hands a daemon it starts (`to_json`/`from_json`). The one place of their defaults."""
 
-    state_dir: str = "/run/damselfly"
+    state_dir: str = DEFAULT_STATE_DIR
     read_timeout: float = 30.0
     fail_cooldown: float = DEFAULT_COOLDOWN
     background_delay: float = 5.0
     background_rate: int = 0
-    cache_limit: int = 0
+    #: Bytes the node cache (``<state_dir>/cache``) may take on disk; 0: no limit (`p2p.cache`).
+    cache_limit: int = DEFAULT_CACHE_LIMIT
     unit_size: int = DEFAULT_UNIT_SIZE
 
     def to_json(self) -> str:
@@ -132,6 +155,11 @@ def _build(cls: type[Any], data: dict[str, Any], where: str, path: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(path, f"[{name}] must be a table, not {type(value).__name__}")
             values[name] = _build(type(default), value, f"{name}.", path)
+        elif f"{where}{name}" in SIZE_KEYS and type(value) is str:
+            try:
+                values[name] = parse_size(value)
+            except ValueError as e:
+                raise ConfigError(path, f"{where}{name}: {e}") from None
         elif type(default) is float and type(value) is int:
             values[name] = float(value)  # TOML writes 30 for 30.0
         elif type(default) is list and (
@@ -157,6 +185,12 @@ def _check(config: Config, path: str) -> Config:
     ):
         if not value.startswith("/"):
             raise ConfigError(path, f"{name} must be an absolute path, not {value!r}")
+    if len(config.snapshotter.address.encode()) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            path,
+            f"snapshotter.address is {len(config.snapshotter.address.encode())} bytes long; a unix socket "
+            f"path holds at most {MAX_SOCKET_PATH} (containerd could not connect): choose a shorter one",
+        )
     for name, number in (
         ("device.read_timeout", config.device.read_timeout),
         ("device.fail_cooldown", config.device.fail_cooldown),

@@ -15,21 +15,18 @@ from blockformat.durable import atomic_write
 from blockformat.source import FileSource
 
 from ..host.umask import shared_file_mode
+from ..units import parse_size
 from .errors import reports_errors
 
 CODEC_CHOICE = click.Choice(sorted(CODEC_NAMES), case_sensitive=False)
 
 
 def _size(text: str) -> int:
-    """Parse 4096, 4K, 64KiB, 1M, 1MiB (binary units)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    if mult != 1:
-        t = t[:-1]
+    """Parse 4096, 4K, 64KiB, 1M, 1MiB, 10G (binary units: `units.parse_size`)."""
     try:
-        return int(t) * mult
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size (e.g. 65536, 64K, 1M)") from None
+        return parse_size(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 class SizeType(click.ParamType):  # type: ignore[type-arg]

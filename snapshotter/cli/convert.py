@@ -22,7 +22,15 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..convert.converter import CODECS, DEFAULT_CACHE_DIR, DEFAULT_VSIZE, ConvertOptions, LayerResult, convert
+from ..convert.converter import (
+    CODECS,
+    DEFAULT_CACHE_DIR,
+    DEFAULT_CACHE_LIMIT,
+    DEFAULT_VSIZE,
+    ConvertOptions,
+    LayerResult,
+    convert,
+)
 from .blob import SizeType, chunk_size_option
 from .errors import reports_errors
 
@@ -112,6 +120,15 @@ def _reporter(quiet: bool) -> Iterator[Any]:
     help="Converted layers kept for reuse, and the work directory.",
 )
 @click.option(
+    "--cache-limit",
+    envvar="DAMSELFLY_CONVERT_CACHE_LIMIT",
+    type=SizeType(),
+    default=DEFAULT_CACHE_LIMIT,
+    show_default=True,
+    help="Bytes the cache's converted layers may take, like 10G (0: no limit); the least recently used "
+    "are evicted when a conversion ends (docs/convert.md).",
+)
+@click.option(
     "--prefetch-files",
     "prefetch_files",
     multiple=True,
@@ -133,6 +150,7 @@ def convert_cmd(
     plain_http: bool | None,
     oci_layout: bool,
     cache_dir: str,
+    cache_limit: int,
     prefetch_files: tuple[str, ...],
     quiet: bool,
     verbose: bool,
@@ -155,6 +173,7 @@ def convert_cmd(
         platforms=platforms,
         plain_http=plain_http,
         cache_dir=os.path.abspath(cache_dir),
+        cache_limit=cache_limit,
         quiet=quiet,
         oci_layout=oci_layout,
         prefetch_files=tuple(p for item in prefetch_files for p in item.split(",") if p.strip()),

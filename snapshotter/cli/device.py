@@ -81,7 +81,11 @@ STATE_DIR_OPTION = click.option(
     "--unit-size", type=SizeType(), default=None, help=f"Cache fetch unit [{DeviceSection.unit_size}]."
 )
 @click.option(
-    "--cache-limit", type=SizeType(), default=None, help="Evict complete unused blobs above this [0]."
+    "--cache-limit",
+    type=SizeType(),
+    default=None,
+    help="Bytes the node cache may take on disk, like 10G (0: no limit); unused blobs are evicted, least "
+    f"recently used first [{DeviceSection.cache_limit}].",
 )
 @click.option(
     "--background-delay",

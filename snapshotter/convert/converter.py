@@ -48,7 +48,7 @@ from .ext4layer import (
     raise_fd_limit,
     release_mounts,
 )
-from .layercache import CachedLayer, LayerCache
+from .layercache import DEFAULT_LIMIT, CachedLayer, LayerCache
 from .layerstream import open_layer_stream
 from .plan import PlatformPlan, converted_documents, plan
 from .sinks import RegistrySink, Sink, open_sink
@@ -60,6 +60,7 @@ GiB = 1 << 30
 CODECS = ("lz4", "zstd", "snappy")
 DEFAULT_VSIZE = 64 * GiB
 DEFAULT_CACHE_DIR = "/var/cache/damselfly/convert"
+DEFAULT_CACHE_LIMIT = DEFAULT_LIMIT
 #: Bumped when the converter's output for the same input changes (the layer cache key includes it).
 CONVERTER_VERSION = 2
 
@@ -79,6 +80,8 @@ class ConvertOptions:
     platforms: tuple[str, ...] = ()  # empty: linux/amd64; ("all",): every platform of an index
     plain_http: bool | None = None
     cache_dir: str | None = None
+    #: Bytes the cache directory's layers may take (0: no limit; `layercache`).
+    cache_limit: int = DEFAULT_CACHE_LIMIT
     quiet: bool = True
     oci_layout: bool = False
     #: Paths and globs in the image whose blocks nodes fetch first (`prefetchfiles`).
@@ -155,6 +158,10 @@ def check_options(options: ConvertOptions) -> None:
         raise ConvertError(
             f"vsize {options.vsize} is under 64 MiB or not 4 KiB aligned", "pick a larger size"
         )
+    if options.cache_limit < 0:
+        raise ConvertError(
+            f"cache limit {options.cache_limit} is negative", "give a size like 10G, or 0 for none"
+        )
 
 
 def require_root() -> None:
@@ -192,7 +199,7 @@ class Converter:
         raise_fd_limit()
         self.options = options
         self.progress = progress or _no_progress
-        self.cache = LayerCache(options.cache_dir or DEFAULT_CACHE_DIR)
+        self.cache = LayerCache(options.cache_dir or DEFAULT_CACHE_DIR, options.cache_limit)
 
     @contextlib.contextmanager
     def _work_dir(self) -> Iterator[str]:
@@ -205,7 +212,7 @@ class Converter:
 
     def run(self, src: str, dst: str) -> ConvertResult:
         opts = self.options
-        with self._work_dir() as work:
+        with self.cache.in_use(), self._work_dir() as work:
             source = open_source(src, plain_http=opts.plain_http, spool_dir=work)
             try:
                 sink = open_sink(dst, plain_http=opts.plain_http, oci_layout=opts.oci_layout)

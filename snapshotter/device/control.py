@@ -3,7 +3,7 @@
 One request per line, one reply per line::
 
     {"op": "ping"}                                   -> {"ok": true, "pid": 1234}
-    {"op": "attach", "spec": {DeviceSpec}}           -> {"ok": true, "path": "/run/damselfly/dev/NAME"}
+    {"op": "attach", "spec": {DeviceSpec}}           -> {"ok": true, "path": "<state>/dev/NAME"}
     {"op": "detach", "name": "NAME"}                 -> {"ok": true}
     {"op": "commit", "name": "NAME", "out": "/path", "codec": "lz4", "chunk_size": 65536}
                                                      -> {"ok": true, "info": {BlobInfo}}
@@ -153,12 +153,30 @@ class ControlServer:
             os.unlink(self.path)
 
 
+#: The longest path `connect` takes as it is (``sockaddr_un.sun_path`` holds 108 bytes with the NUL).
+MAX_SOCKET_PATH = 107
+
+
+def _connect(s: socket.socket, path: str) -> None:
+    """Connect to the socket at `path`, however long the state directory's path: a longer one is
+    reached through an ``O_PATH`` descriptor of its directory (the server binds it the same way,
+    `host.sockets.bind_privately`)."""
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        s.connect(path)
+        return
+    fd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        s.connect(f"/proc/self/fd/{fd}/{os.path.basename(path)}")
+    finally:
+        os.close(fd)
+
+
 def call(path: str, request: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
     """Send one request to the daemon at `path`; return its reply or raise `ControlError`."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
-            s.connect(path)
+            _connect(s, path)
             s.sendall(json.dumps(request).encode() + b"\n")
             buf = b""
             while not buf.endswith(b"\n"):

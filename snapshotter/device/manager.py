@@ -525,6 +525,7 @@ class DeviceManager:
                     upstream_bytes=blob.cached.upstream_bytes,
                     verified=blob.cached.verified,
                     repairs=blob.cached.repairs,
+                    limit_partial=self.cache.is_held(blob.cached),
                     **self.node.blob_status(blob.cached),
                 )
             if st is not None:
@@ -533,6 +534,7 @@ class DeviceManager:
         return {
             "devices": devices,
             "blobs": blobs,
+            "cache": self.cache.stats(),
             "p2p": self.node.status(),
             "read_timeouts": self.fs.timeouts,
             "read_errors": self.fs.errors,

@@ -36,7 +36,7 @@ from blockformat.digest import parse_digest
 from blockformat.errors import BlockFormatError
 from blockformat.trace import TRACE_MEDIA_TYPE, RangeSet, Trace, clip, same_chain
 from p2p import deadline
-from p2p.errors import P2PError
+from p2p.errors import CacheFullError, P2PError
 from p2p.manifest import Manifest
 from p2p.node import BlobNode, BlobRef
 from p2p.referrers import find_referrers
@@ -160,6 +160,9 @@ class Replay:
         self.present_units = 0  # already in the cache when the replay came to them
         self.fetched_bytes = 0
         self.failures = 0
+        #: The node cache had no room within its limit: what the replay fetched would not be kept, so it
+        #: stops (the reads fetch what they need themselves).
+        self.cache_full = threading.Event()
         self.seconds = 0.0
         self._fetched: set[tuple[int, int]] = set()  # (layer, unit) the replay fetched
         self._read: set[tuple[int, int]] = set()  # (layer, unit) the container's reads needed
@@ -298,7 +301,7 @@ class Replay:
         take = threading.Lock()
 
         def worker() -> None:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self.cache_full.is_set():
                 with take:
                     if not pending:
                         return
@@ -344,6 +347,11 @@ class Replay:
         try:
             with deadline.scope(time.monotonic() + self.read_timeout):
                 cached.ensure(offset, end - offset)
+        except CacheFullError:
+            if not self.cache_full.is_set():
+                self.cache_full.set()
+                log.info("%s: the node cache is full (its limit): the trace replay stops", self.name)
+            return
         except Exception as e:
             with self._lock:
                 self.failures += 1
@@ -372,6 +380,7 @@ class Replay:
             "present_units": self.present_units,
             "fetched_bytes": self.fetched_bytes,
             "failures": self.failures,
+            "cache_full": self.cache_full.is_set(),
             "seconds": round(self.seconds, 3),
             "read_units": read,
             "read_units_prefetched": prefetched,

@@ -28,6 +28,7 @@ from scripts.demolib.procs import mount_points as _mount_points
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_ERROR, EXIT_OK
 from snapshotter.convert.converter import NEEDS_ROOT, ConvertOptions, convert
+from snapshotter.convert.layercache import LayerCache
 from tests.oci_images import (
     HOSTILE,
     BuiltImage,
@@ -157,6 +158,34 @@ def test_a_second_image_on_the_same_base_converts_only_its_new_layer(
         str(b.layout), str(tmp_path / "out-z"), ConvertOptions(codec="zstd", cache_dir=options.cache_dir)
     )
     assert [x.reused for x in zstd.layers] == [False, False, False]
+
+
+def test_the_cache_limit_evicts_the_least_recently_used_layers_when_a_conversion_ends(
+    kernel: KernelResources, tmp_path: Path
+) -> None:
+    a, b = two_images(tmp_path / "src")
+    cache = tmp_path / "cache"
+    unbounded = ConvertOptions(cache_dir=str(cache), cache_limit=0)
+    convert(str(a.layout), str(tmp_path / "out-a"), unbounded)
+    second = convert(str(b.layout), str(tmp_path / "out-b"), unbounded)
+    b_top = cache / "blobs" / second.layers[2].blob_digest.partition(":")[2]
+    assert b_top.exists()
+    full = LayerCache(str(cache), 0).usage()
+    # a again, with room for less than both images: every layer of a reused (used now), and as the
+    # conversion ends b's top layer, the least recently used, is evicted
+    limit = full - 1
+    again = convert(
+        str(a.layout), str(tmp_path / "out-a2"), ConvertOptions(cache_dir=str(cache), cache_limit=limit)
+    )
+    assert [x.reused for x in again.layers] == [True, True, True]
+    assert not b_top.exists()
+    assert LayerCache(str(cache), 0).usage() <= limit
+    r = run_convert(
+        str(b.layout), str(tmp_path / "out-b2"), "--cache-dir", str(cache), "--cache-limit", str(limit)
+    )
+    assert r.exit_code == EXIT_OK, r.output
+    assert "1 layers converted, 2 reused" in r.output
+    assert LayerCache(str(cache), 0).usage() <= limit
 
 
 # -- registries -------------------------------------------------------------------------------------

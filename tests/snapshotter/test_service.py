@@ -409,7 +409,7 @@ def test_config_command_prints_the_effective_config(tmp_path: Path) -> None:
     assert 'log_level = "debug"' in out.stdout
     assert 'root = "/srv/d"' in out.stdout
     assert 'address = "/run/damselfly/snapshotter.sock"' in out.stdout
-    assert 'state_dir = "/run/damselfly"' in out.stdout
+    assert 'state_dir = "/var/lib/damselfly/device"' in out.stdout
     cfg.write_text("[snapshotter]\nrooot = 1\n")
     bad = subprocess.run(argv, check=False, capture_output=True, text=True)
     assert bad.returncode == 1
