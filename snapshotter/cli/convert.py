@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -25,6 +26,7 @@ from rich.progress import (
 from ..convert.converter import CODECS, DEFAULT_CACHE_DIR, DEFAULT_VSIZE, ConvertOptions, LayerResult, convert
 from .blob import SizeType, chunk_size_option
 from .errors import reports_errors
+from .registryopts import registry_options, settings_from
 
 
 def _human(n: float) -> str:
@@ -121,6 +123,7 @@ def _reporter(quiet: bool) -> Iterator[Any]:
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the result.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what every layer did.")
+@registry_options
 @reports_errors
 def convert_cmd(
     src: str,
@@ -136,6 +139,8 @@ def convert_cmd(
     prefetch_files: tuple[str, ...],
     quiet: bool,
     verbose: bool,
+    config_path: Path | None,
+    hosts_dir: str | None,
 ) -> None:
     """Convert image SRC into block layers at DST.
 
@@ -158,6 +163,7 @@ def convert_cmd(
         quiet=quiet,
         oci_layout=oci_layout,
         prefetch_files=tuple(p for item in prefetch_files for p in item.split(",") if p.strip()),
+        registry=settings_from(config_path, hosts_dir),
     )
     # SIGTERM (a CI job cancelled, `timeout`) unwinds like Ctrl-C, so the private device daemon, the
     # loop devices and the mounts of the layer being built are all undone.
