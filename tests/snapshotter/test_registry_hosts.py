@@ -175,7 +175,7 @@ def test_mount_reads_a_converted_image_from_a_tls_registry_whose_ca_hosts_toml_n
     _assert_refused_with_the_remedy(refused, tls_registry, not_trusting)
 
 
-def test_a_daemon_without_the_ca_fails_its_reads_and_logs_the_remedy(
+def test_a_daemon_without_the_ca_refuses_the_attach_naming_its_own_hosts_toml(
     lab: DeviceLab, tls_registry: RegistryServer, tls: LoopbackTLS, tmp_path: Path
 ) -> None:
     trusting = _trusting(tmp_path, tls_registry, tls)
@@ -183,13 +183,13 @@ def test_a_daemon_without_the_ca_fails_its_reads_and_logs_the_remedy(
         _push_image(tmp_path, client, files=20)
     not_trusting = _not_trusting(tmp_path, tls_registry)
     daemon = lab.daemon(extra_args=("--config", str(not_trusting)), read_timeout=2.0)
-    # The image resolves here (this command trusts the CA); the daemon's reads do not.
+    # The image resolves here (this command trusts the CA); the daemon's reads (the layer's index, at
+    # attach) do not, and its error comes back through the control socket with its exit status.
     mp = lab.mount_point("mp")
     proc = daemon.cli(
         "mount", f"{tls_registry.host}/{REPO}:v1", str(mp), "--config", str(trusting), check=False
     )
-    assert proc.returncode != 0, proc.stdout
-    assert f"certificate verify failed for {tls_registry.url}" in daemon.log()
+    _assert_refused_with_the_remedy(proc, tls_registry, not_trusting)
 
 
 # -- a pull-through mirror in front of the origin ---------------------------------------------------
