@@ -29,6 +29,7 @@ from tests.snapshotter import serving
 
 from .conftest import ContainerdFactory
 from .containerd import Containerd
+from .test_snapshotter_e2e import remove_container, wait_task
 
 SNAPSHOTTER = "damselfly"
 NS = "mirror-test"
@@ -118,7 +119,7 @@ def test_lazy_start_goes_through_the_mirror_hosts_toml_names(
     state = serve_dir / "state"
     config = serve_dir / "config.toml"
     config.write_text(
-        f'[device]\nstate_dir = "{state}"\nbackground_delay = 0.5\nread_timeout = 20.0\n\n'
+        f'[device]\nstate_dir = "{state}"\nbackground_delay = 2.0\nread_timeout = 20.0\n\n'
         f'[registry]\nconfig_path = "{certs}"\n'
     )
     offset = origin.log_offset()  # from here on, damselfly must not ask the origin for anything
@@ -145,10 +146,16 @@ def test_lazy_start_goes_through_the_mirror_hosts_toml_names(
         )
         assert r.exit_code == EXIT_OK, r.output
         assert "remote" in r.output, r.output  # the layer went lazy: Prepare's check answered
+        # A container that holds the chain's device while its background download completes.
+        c.run(
+            dst, ["/bin/sh", "-c", "sleep 600"], container_id="holder", snapshotter=SNAPSHOTTER, detach=True
+        )
+        wait_task(c, "holder", "RUNNING")
         assert c.run(dst, ["/bin/sh", "-c", "echo through the mirror"], snapshotter=SNAPSHOTTER).stdout == (
             "through the mirror\n"
         )
         _wait_complete(state)
+        remove_container(c, "holder")
         c.ctr("image", "rm", "--sync", dst)
     finally:
         if c is not None:
