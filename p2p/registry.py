@@ -159,11 +159,11 @@ class RegistryClient:
         # Pushes go to the first endpoint that may take them (the origin, unless hosts.toml says
         # otherwise): the client's push methods are the uploader's.
         pushers = [e for e in self.endpoints if PUSH in e.capabilities]
-        uploader = Uploader(self.session, pushers[0] if pushers else self.origin)
+        refusal = None if pushers else self._no_endpoint((PUSH,), "a push")
+        uploader = Uploader(self.session, pushers[0] if pushers else self.origin, refusal)
         self.blob_exists = uploader.blob_exists
         self.push_blob = uploader.push_blob
         self.push_manifest = uploader.push_manifest
-        self.can_push = bool(pushers)
 
     def _http_client(self, endpoint: HostEndpoint | None, proxy: str | None) -> httpx.Client:
         """The HTTP client for an endpoint's TLS and proxy (None: the default one), made once."""
@@ -219,13 +219,16 @@ class RegistryClient:
     def _endpoints_for(self, capabilities: tuple[str, ...], what: str) -> list[Endpoint]:
         out = [e for e in self.endpoints if all(c in e.capabilities for c in capabilities)]
         if not out:
-            raise HostsConfigError(
-                self.hosts.source or self.registry,
-                f"no endpoint of {self.registry} has the capabilities {'+'.join(capabilities)} that {what} "
-                "needs",
-                remedy="add them to the server's or a [host] table's capabilities",
-            )
+            raise self._no_endpoint(capabilities, what)
         return out
+
+    def _no_endpoint(self, capabilities: tuple[str, ...], what: str) -> HostsConfigError:
+        return HostsConfigError(
+            self.hosts.source or self.registry,
+            f"no endpoint of {self.registry} has the capabilities {'+'.join(capabilities)} that {what} "
+            "needs",
+            remedy="add them to the server's or a [host] table's capabilities",
+        )
 
     def _pull(
         self,
