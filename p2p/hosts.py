@@ -39,7 +39,7 @@ to the certificate files); unknown keys are logged and ignored, like containerd'
 
 TLS (`p2p.tls.ssl_context`): the system trust store (``ssl.create_default_context``, which honours
 ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``) plus the endpoint's ``ca`` files; its client certificates; or no
-verification with ``skip_verify``. Proxies (`proxy_for`): the ``[registry] proxy`` URL for every
+verification with ``skip_verify``. Proxies (`p2p.proxies.proxy_for`): the ``[registry] proxy`` URL for every
 request, else with ``use_proxy_env`` the environment's ``HTTPS_PROXY``/``HTTP_PROXY`` except for hosts
 ``NO_PROXY`` names (Go's rules, containerd's: names and their subdomains, ``host:port``, IPs, CIDRs,
 ``*``), never for loopback hosts.
@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import ipaddress
 import json
 import logging
 import os
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import HostsConfigError, InvalidReferenceError
+from .proxies import proxy_for
 from .reference import DOCKER_HUB, DOCKER_HUB_API, is_loopback
 
 if TYPE_CHECKING:
@@ -381,78 +381,6 @@ def read_host_dir(directory: Path) -> tuple[list[HostEndpoint], str]:
     except UnicodeDecodeError as e:
         raise HostsConfigError(str(path), f"not UTF-8 text: {e}") from None
     return parse_hosts_file(text, directory, str(path)), str(path)
-
-
-# -- proxies --------------------------------------------------------------------------------------
-
-
-def _split_host_port(netloc: str) -> tuple[str, int | None]:
-    u = urllib.parse.urlsplit("//" + netloc)
-    try:
-        return (u.hostname or "").lower(), u.port
-    except ValueError:
-        return (u.hostname or "").lower(), None
-
-
-def no_proxy_matches(no_proxy: str, scheme: str, netloc: str) -> bool:
-    """Whether ``NO_PROXY`` exempts `netloc` (Go's ``httpproxy`` rules, which containerd follows)."""
-    host, port = _split_host_port(netloc)
-    if port is None:
-        port = 443 if scheme == "https" else 80
-    try:
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    for entry in (e.strip().lower() for e in no_proxy.split(",")):
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        if "/" in entry:
-            try:
-                if ip is not None and ip in ipaddress.ip_network(entry, strict=False):
-                    return True
-            except ValueError:
-                pass
-            continue
-        ehost, eport = _split_host_port(entry)
-        if not ehost:
-            continue
-        if eport is not None and eport != port:
-            continue
-        try:
-            if ip is not None and ip == ipaddress.ip_address(ehost):
-                return True
-            ipaddress.ip_address(ehost)
-            continue  # an IP entry matches only that IP
-        except ValueError:
-            pass
-        domain = ehost.removeprefix("*").lstrip(".")
-        if host == domain or host.endswith("." + domain):
-            return True
-    return False
-
-
-def proxy_for(
-    settings: RegistrySettings, scheme: str, netloc: str, environ: Mapping[str, str] | None = None
-) -> str | None:
-    """The proxy for requests to ``scheme://netloc``, or None (see the module docstring)."""
-    if settings.proxy:
-        return settings.proxy
-    if not settings.use_proxy_env:
-        return None
-    env = os.environ if environ is None else environ
-    host, _ = _split_host_port(netloc)
-    if is_loopback(host) or host == "localhost":
-        return None  # Go's rule: loopback is never proxied
-
-    def get(name: str) -> str:
-        return env.get(name.upper()) or env.get(name.lower()) or ""
-
-    proxy = get("https_proxy") if scheme == "https" else get("http_proxy")
-    if not proxy or no_proxy_matches(get("no_proxy"), scheme, netloc):
-        return None
-    return proxy if "://" in proxy else "http://" + proxy
 
 
 # -- the resolver ---------------------------------------------------------------------------------

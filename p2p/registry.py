@@ -225,8 +225,7 @@ class RegistryClient:
     def _no_endpoint(self, capabilities: tuple[str, ...], what: str) -> HostsConfigError:
         return HostsConfigError(
             self.hosts.source or self.registry,
-            f"no endpoint of {self.registry} has the capabilities {'+'.join(capabilities)} that {what} "
-            "needs",
+            f"no endpoint of {self.registry} has the capabilities {'+'.join(capabilities)} that {what} needs",
             remedy="add them to the server's or a [host] table's capabilities",
         )
 

@@ -16,10 +16,9 @@ from p2p.hosts import (
     RegistrySettings,
     Resolver,
     host_dir_names,
-    no_proxy_matches,
     parse_hosts_file,
-    proxy_for,
 )
+from p2p.proxies import no_proxy_matches, proxy_for
 from p2p.tls import ssl_context
 
 from .registry_server import LoopbackTLS
