@@ -6,6 +6,8 @@ Every failure this package reports is a `P2PError`. Foreign exceptions (``httpx`
     P2PError
      ├── InvalidReferenceError        an image reference or digest string that does not parse (ValueError)
      ├── CredentialsError             a Docker config.json or credential helper that cannot be used
+     ├── HostsConfigError             a hosts.toml (containerd's certs.d tree) or a file it names that
+     │                                cannot be used; `path` and `why` say which and how
      ├── DigestMismatchError          downloaded bytes whose digest is not the one asked for
      ├── CacheError                   the node blob cache cannot do what was asked (settings, local write)
      │    └── CacheFullError              no room within the cache limit to keep a blob's units
@@ -14,6 +16,7 @@ Every failure this package reports is a `P2PError`. Foreign exceptions (``httpx`
      │    └── CoolingDownError            the unit or the upstream failed a moment ago: not asked again yet
      └── RegistryError                talking to a registry failed; `url` says where
           ├── RegistryUnavailableError    connect errors, timeouts, 5xx or 429 outlasted the retry budget
+          ├── TLSVerifyError              the server's certificate did not verify (never retried)
           ├── AuthError                   401/403: no, wrong or insufficient credentials, or no token
           ├── NotFoundError               404: the repository, manifest, tag or blob is not there
           ├── RegistryProtocolError       a response this client cannot accept: bad status, header or body
@@ -54,6 +57,21 @@ class CredentialsError(P2PError):
         self.where = where
         self.why = why
         super().__init__(f"{where}: {why}; {remedy}")
+
+
+class HostsConfigError(P2PError):
+    """A registry hosts file (containerd's ``hosts.toml``) that cannot be used, or a file it names (a CA,
+    a client certificate or key) that cannot be read."""
+
+    def __init__(
+        self,
+        path: str,
+        why: str,
+        remedy: str = "fix the file (the format is containerd's hosts.toml: docs/registries.md)",
+    ) -> None:
+        self.path = path
+        self.why = why
+        super().__init__(f"{path}: {why}; {remedy}")
 
 
 class DigestMismatchError(P2PError, blockformat_errors.DigestMismatchError):
@@ -98,6 +116,25 @@ class RegistryUnavailableError(RegistryError):
             "or raise the retry budget",
             url,
             status,
+        )
+
+
+class TLSVerifyError(RegistryError):
+    """The server's TLS certificate did not verify against the endpoint's trust (system store, plus the
+    ``ca`` of its hosts.toml). Not transient: retrying cannot help, so it is never retried.
+
+    `origin` is ``https://host[:port]`` of the server that failed; `hint` says where its trust is set
+    (the hosts.toml, and the table in it)."""
+
+    def __init__(self, url: str, origin: str, reason: str, hint: str) -> None:
+        self.origin = origin
+        self.reason = reason
+        self.hint = hint
+        super().__init__(
+            f"certificate verify failed for {origin} ({reason}): to trust it, add its CA as `ca` in {hint}, "
+            "or to the system trust store (or point SSL_CERT_FILE at a bundle holding it); "
+            "`skip_verify = true` there turns verification off",
+            url,
         )
 
 

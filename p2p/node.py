@@ -45,6 +45,7 @@ from .cache import BLOCK, BlobCache, CachedBlob, blocks
 from .documents import DocumentStore
 from .errors import P2PError, RefusedError, UpstreamsFailedError
 from .health import Breaker
+from .hosts import RegistrySettings, Resolver
 from .membership import Membership
 from .nodemetrics import NodeMetrics
 from .peerauth import RequestVerifier, Signer, load_secret
@@ -94,10 +95,14 @@ class BlobNode:
         cache: CacheSettings,
         settings: P2PSettings | None = None,
         plain_http: bool = False,
+        registry: RegistrySettings | None = None,
     ) -> None:
         self.cache_settings = cache
         self.settings = settings or P2PSettings()
         self.plain_http = plain_http
+        # Where registry requests go (mirrors, TLS, proxies): containerd's hosts.toml tree, read when
+        # this node first talks to a registry.
+        self.resolver = Resolver(registry or RegistrySettings())
         # The document store first: the cache's ledger, scanned at its start, counts it (its limit
         # bounds the whole directory).
         self.documents = DocumentStore(os.path.join(cache_dir, "documents"))
@@ -164,7 +169,7 @@ class BlobNode:
         with self._lock:
             key = (registry, plain_http)
             if key not in self._clients:
-                self._clients[key] = RegistryClient(registry, plain_http=plain_http)
+                self._clients[key] = self.resolver.client(registry, plain_http)
             breaker = self._breakers.setdefault(
                 registry, Breaker(f"registry {registry}", self.cache_settings.fail_cooldown)
             )

@@ -42,14 +42,22 @@ def _scope(repository: str, actions: str = "pull") -> list[str]:
 
 
 class Uploader:
-    """Pushes blobs and manifests to one registry's origin through its session."""
+    """Pushes blobs and manifests to one registry's origin through its session (the first endpoint with
+    the ``push`` capability, `p2p.hosts`); with `refusal`, every push raises it instead (no endpoint
+    may take pushes)."""
 
-    def __init__(self, session: Session, origin: Endpoint) -> None:
+    def __init__(self, session: Session, origin: Endpoint, refusal: P2PError | None = None) -> None:
         self.session = session
         self.origin = origin
+        self.refusal = refusal
+
+    def _may_push(self) -> None:
+        if self.refusal is not None:
+            raise self.refusal
 
     def blob_exists(self, repository: str, digest: Digest) -> bool:
         """Whether the origin has the blob (mirrors are not asked: this serves pushes)."""
+        self._may_push()
         url = self.origin.url(f"/v2/{repository}/blobs/{digest}")
         return self.session.call(
             "HEAD",
@@ -77,6 +85,7 @@ class Uploader:
         `chunk_size` the upload is a series of ``PATCH`` requests of that size, else one ``PUT`` (files
         default to `DEFAULT_UPLOAD_CHUNK`-sized chunks so memory stays bounded).
         """
+        self._may_push()
         algorithm = digest.partition(":")[0] if digest else "sha256"
         blob: bytes | BinaryIO
         if isinstance(data, bytes | bytearray | memoryview):
@@ -152,6 +161,7 @@ class Uploader:
         self, repository: str, raw: bytes, media_type: str, reference: str | None = None
     ) -> Digest:
         """PUT a manifest or index under `reference` (a tag), or by digest when None; return the digest."""
+        self._may_push()
         digest = digest_of(raw)
         ref = reference or digest
         if ":" in ref and ref != digest:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import BinaryIO, TypeVar
@@ -36,12 +37,15 @@ from blockformat.errors import InvalidDigestError
 from .auth import CredentialProvider, DockerConfig, repository_scope
 from .errors import (
     DigestMismatchError,
+    HostsConfigError,
     InvalidReferenceError,
     P2PError,
     RangeResponseError,
     RegistryProtocolError,
     RegistryUnavailableError,
+    TLSVerifyError,
 )
+from .hosts import PULL, PUSH, RESOLVE, HostEndpoint, RegistryHosts, RegistrySettings, Resolver
 from .manifest import (
     ACCEPT,
     DEFAULT_PLATFORM,
@@ -54,9 +58,10 @@ from .manifest import (
     parse_manifest,
 )
 from .push import Uploader
-from .reference import DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback, parse_reference
+from .reference import DOCKER_HUB, DOCKER_HUB_API, Reference, parse_reference
 from .retry import Deadline, RetryPolicy, Timeouts
 from .session import Session
+from .tls import default_ssl_context, ssl_context
 from .wire import Endpoint, iter_body, read_body
 
 log = logging.getLogger(__name__)
@@ -84,28 +89,31 @@ def referrers_tag(digest: str) -> str:
     return f"{algorithm}-{hexpart[:64]}"
 
 
-def api_host(registry: str) -> str:
-    return DOCKER_HUB_API if registry == DOCKER_HUB else registry
-
-
 class RegistryClient:
     """A client for one registry (``host[:port]``, or ``docker.io``).
 
+    - `hosts`: its endpoints, in order (`p2p.hosts.Resolver.hosts`: containerd's hosts.toml, which is
+      how damselfly's commands make clients); without it, the endpoints the next three arguments make:
     - `plain_http`: talk HTTP instead of HTTPS; ``None`` (default) means HTTP for loopback hosts only
       (what Docker does for 127.0.0.0/8), HTTPS for everything else.
     - `insecure`: HTTPS without certificate verification.
     - `mirrors`: base URLs (``http://127.0.0.1:5001``) tried in order before the origin for pulls.
-    - `proxy`: an HTTP(S) proxy URL for every request; proxy environment variables are NOT consulted, so
-      what is configured is what happens.
+    - `proxy`: an HTTP(S) proxy URL for every request; proxy environment variables are NOT consulted
+      here (`p2p.hosts.RegistrySettings.use_proxy_env` decides that), so what is configured is what
+      happens.
     - `credentials`: host → `Credentials`; default: Docker's config.json (`DockerConfig.load`).
     - `retry`, `timeouts`: the bounds (`p2p.retry`); `transport`, `clock`, `sleep`: replace the network
-      and time in tests.
+      and time in tests (a `transport` serves every endpoint, whatever their TLS settings).
+
+    Each endpoint's TLS (system trust plus its ``ca``, client certificates, ``skip_verify``) and proxy
+    live in an HTTP client of its own, shared by endpoints that configure the same.
     """
 
     def __init__(
         self,
         registry: str,
         *,
+        hosts: RegistryHosts | None = None,
         plain_http: bool | None = None,
         insecure: bool = False,
         mirrors: Sequence[str] = (),
@@ -118,22 +126,27 @@ class RegistryClient:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.registry = DOCKER_HUB if registry in ("index.docker.io", DOCKER_HUB_API) else registry
-        host = api_host(self.registry)
-        if plain_http is None:
-            plain_http = is_loopback(host)
-        scheme = "http" if plain_http else "https"
-        self.origin = Endpoint(f"{scheme}://{host}", self.registry)
-        self.mirrors = tuple(self._mirror(m) for m in mirrors)
-        self._mirror_down_until: dict[str, float] = {}
+        if hosts is None:
+            settings = RegistrySettings(config_path="", proxy=proxy or "")
+            hosts = Resolver(settings).hosts(self.registry, plain_http, mirrors=mirrors, insecure=insecure)
+        elif hosts.registry != self.registry:
+            raise ValueError(f"hosts of {hosts.registry} given for a client of {self.registry}")
+        self.hosts = hosts
         timeouts = timeouts or Timeouts()
-        self._http = httpx.Client(
-            timeout=timeouts.httpx(),
-            verify=not insecure,
-            proxy=proxy if transport is None else None,
-            transport=transport,
-            trust_env=False,
-            follow_redirects=False,
-        )
+        self._timeouts = timeouts
+        self._transport = transport
+        self._http_clients: dict[object, httpx.Client] = {}
+        self._http = self._http_client(None, proxy)
+        try:
+            self.endpoints = tuple(
+                self._endpoint(e, i == len(hosts.endpoints) - 1) for i, e in enumerate(hosts.endpoints)
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.origin = self.endpoints[-1]
+        self.mirrors = self.endpoints[:-1]
+        self._mirror_down_until: dict[str, float] = {}
         self.session = Session(
             self._http,
             credentials if credentials is not None else DockerConfig.load(),
@@ -143,22 +156,57 @@ class RegistryClient:
             sleep,
             proxy,
         )
-        # Pushes go to the origin only (`p2p.push`): the client's push methods are the uploader's.
-        uploader = Uploader(self.session, self.origin)
+        # Pushes go to the first endpoint that may take them (the origin, unless hosts.toml says
+        # otherwise): the client's push methods are the uploader's.
+        pushers = [e for e in self.endpoints if PUSH in e.capabilities]
+        refusal = None if pushers else self._no_endpoint((PUSH,), "a push")
+        uploader = Uploader(self.session, pushers[0] if pushers else self.origin, refusal)
         self.blob_exists = uploader.blob_exists
         self.push_blob = uploader.push_blob
         self.push_manifest = uploader.push_manifest
 
-    def _mirror(self, url: str) -> Endpoint:
-        u = httpx.URL(url)
-        if u.scheme not in ("http", "https") or not u.host:
-            raise InvalidReferenceError(url, "a mirror is an http:// or https:// base URL")
-        netloc = u.netloc.decode("ascii")
-        # containerd sends ``ns=<registry>`` to mirrors so one mirror can serve several upstreams.
-        return Endpoint(f"{u.scheme}://{netloc}{u.path.rstrip('/')}", netloc, True, {"ns": self.registry})
+    def _http_client(self, endpoint: HostEndpoint | None, proxy: str | None) -> httpx.Client:
+        """The HTTP client for an endpoint's TLS and proxy (None: the default one), made once."""
+        tls = endpoint.tls_key() if endpoint is not None and endpoint.scheme == "https" else None
+        key = (tls, proxy)
+        client = self._http_clients.get(key)
+        if client is None:
+            verify: ssl.SSLContext | bool = True
+            if self._transport is None:
+                special = tls is not None and tls != ((), (), False)
+                verify = ssl_context(endpoint) if special and endpoint is not None else default_ssl_context()
+            client = httpx.Client(
+                timeout=self._timeouts.httpx(),
+                verify=verify,
+                proxy=proxy if self._transport is None else None,
+                transport=self._transport,
+                trust_env=False,
+                follow_redirects=False,
+            )
+            self._http_clients[key] = client
+        return client
+
+    def _endpoint(self, e: HostEndpoint, last: bool) -> Endpoint:
+        mirror = self.hosts.is_mirror(e)
+        # containerd sends ``ns=<registry>`` to other hosts so one mirror can serve several upstreams.
+        params = {"ns": self.registry} if mirror else {}
+        headers = tuple((name, ", ".join(values)) for name, values in e.headers)
+        return Endpoint(
+            e.url,
+            e.host,
+            not last,
+            params,
+            e.path,
+            e.capabilities,
+            headers,
+            self._http_client(e, e.proxy),
+            e.proxy,
+            e.hint,
+        )
 
     def close(self) -> None:
-        self._http.close()
+        for client in self._http_clients.values():
+            client.close()
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -168,8 +216,18 @@ class RegistryClient:
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    def _endpoints(self) -> tuple[Endpoint, ...]:
-        return (*self.mirrors, self.origin)
+    def _endpoints_for(self, capabilities: tuple[str, ...], what: str) -> list[Endpoint]:
+        out = [e for e in self.endpoints if all(c in e.capabilities for c in capabilities)]
+        if not out:
+            raise self._no_endpoint(capabilities, what)
+        return out
+
+    def _no_endpoint(self, capabilities: tuple[str, ...], what: str) -> HostsConfigError:
+        return HostsConfigError(
+            self.hosts.source or self.registry,
+            f"no endpoint of {self.registry} has the capabilities {'+'.join(capabilities)} that {what} needs",
+            remedy="add them to the server's or a [host] table's capabilities",
+        )
 
     def _pull(
         self,
@@ -181,12 +239,19 @@ class RegistryClient:
         method: str = "GET",
         headers: dict[str, str] | None = None,
         ok: tuple[int, ...] = (200,),
+        capabilities: tuple[str, ...] = (PULL,),
     ) -> T:
-        """GET/HEAD `path` from the mirrors, then the origin, until one succeeds; redirects are followed."""
+        """GET/HEAD `path` from each endpoint with `capabilities` in order (mirrors, then the origin)
+        until one succeeds; redirects are followed. Only the last one's failure is raised, with the
+        others' as notes; the others get one attempt (the next endpoint is their retry), and one that
+        was unreachable or failed TLS verification is skipped for `MIRROR_COOLDOWN` seconds."""
         failures: list[str] = []
-        for endpoint in self._endpoints():
-            if endpoint.is_mirror:
-                down_until = self._mirror_down_until.get(endpoint.base_url, 0.0)
+        endpoints = self._endpoints_for(capabilities, what)
+        for i, endpoint in enumerate(endpoints):
+            last = i == len(endpoints) - 1
+            key = endpoint.base_url + endpoint.api_root
+            if not last:
+                down_until = self._mirror_down_until.get(key, 0.0)
                 if self.session.clock() < down_until:
                     failures.append(f"mirror {endpoint.base_url} skipped: unreachable moments ago")
                     continue
@@ -201,18 +266,18 @@ class RegistryClient:
                     ok=ok,
                     follow_redirects=True,
                     what=what,
-                    retry=MIRROR_RETRY if endpoint.is_mirror else None,
+                    retry=None if last else MIRROR_RETRY,
                 )
             except P2PError as e:
-                if not endpoint.is_mirror:
+                if last:
                     for f in failures:
                         e.add_note(f)
                     raise
-                if isinstance(e, RegistryUnavailableError):
-                    self._mirror_down_until[endpoint.base_url] = self.session.clock() + MIRROR_COOLDOWN
+                if isinstance(e, RegistryUnavailableError | TLSVerifyError):
+                    self._mirror_down_until[key] = self.session.clock() + MIRROR_COOLDOWN
                 log.info("mirror %s failed, trying the next source: %s", endpoint.base_url, e)
                 failures.append(f"mirror {endpoint.base_url} failed first: {e}")
-        raise AssertionError("unreachable: the origin is always last")
+        raise AssertionError("unreachable: the last endpoint's failure is raised")
 
     @staticmethod
     def _scope(repository: str, actions: str = "pull") -> list[str]:
@@ -260,6 +325,9 @@ class RegistryClient:
             scopes=self._scope(repository),
             headers={"accept": ACCEPT},
             what=f"manifest {repository}:{reference}",
+            # A tag is resolved only where hosts.toml allows (containerd: pull + resolve); a digest
+            # names immutable bytes, which any endpoint that may serve pulls can give.
+            capabilities=(PULL,) if want is not None else (PULL, RESOLVE),
         )
 
     def referrers_index(self, repository: str, digest: Digest, tag_schema: bool = True) -> bytes | None:
@@ -286,6 +354,7 @@ class RegistryClient:
                 headers={"accept": OCI_INDEX},
                 what=what,
                 ok=(200, 404),
+                capabilities=(PULL, RESOLVE),  # a list that changes, like a tag
             )
             if raw is not None:
                 return raw

@@ -34,9 +34,15 @@ from typing import TypeVar
 import httpx
 
 from . import deadline as read_deadline
-from .auth import CredentialProvider, TokenCache, same_origin
+from .auth import CredentialProvider, TokenCache, origin_text, same_origin
 from .authflow import AuthFlow
-from .errors import DeadlineExceededError, RegistryError, RegistryProtocolError, RegistryUnavailableError
+from .errors import (
+    DeadlineExceededError,
+    RegistryError,
+    RegistryProtocolError,
+    RegistryUnavailableError,
+    TLSVerifyError,
+)
 from .retry import RETRY_STATUSES, Deadline, RetryPolicy, Timeouts, parse_retry_after
 from .wire import (
     USER_AGENT,
@@ -47,6 +53,7 @@ from .wire import (
     error_detail,
     read_error_body,
     status_error,
+    tls_verify_failure,
 )
 
 log = logging.getLogger(__name__)
@@ -126,7 +133,10 @@ class Session:
         while True:
             attempt += 1
             cap = self._time_left(where, what, failure, attempt, start)
-            send_headers = {"user-agent": USER_AGENT, **(headers or {})}
+            send_headers = {"user-agent": USER_AGENT}
+            if endpoint.headers and same_origin(url, endpoint.origin_url):  # hosts.toml's, not a realm's
+                send_headers.update(endpoint.headers)
+            send_headers.update(headers or {})
             if authenticate_here:
                 auth = self.auth.authorization(endpoint, scopes, renew)
                 renew = False
@@ -134,10 +144,11 @@ class Session:
                     send_headers["authorization"] = auth
             deadline = Deadline.starting_now(self.timeouts, self.clock, read_deadline.current())
             try:
-                request = self.http.build_request(
+                http = endpoint.http or self.http
+                request = http.build_request(
                     method, url, headers=send_headers, content=content, timeout=self.timeouts.httpx(cap)
                 )
-                resp = self.http.send(request, stream=True, follow_redirects=follow_redirects)
+                resp = http.send(request, stream=True, follow_redirects=follow_redirects)
                 try:
                     status = resp.status_code
                     if status == 401 and authenticate:
@@ -170,9 +181,16 @@ class Session:
             except (httpx.TooManyRedirects, httpx.UnsupportedProtocol) as e:
                 raise RegistryProtocolError(where, f"{what}: {e}") from None
             except httpx.TransportError as e:
+                verify = tls_verify_failure(e)
+                if verify is not None:  # not transient: no retry can make the certificate verify
+                    failed = e.request.url if _has_request(e) else url
+                    raise TLSVerifyError(
+                        str(failed), origin_text(failed), verify, endpoint.hint or "the registry's hosts.toml"
+                    ) from None
                 cause = describe_transport_error(e)
-                if self.proxy is not None and isinstance(e, httpx.ConnectError | httpx.ProxyError):
-                    cause += f" (through the HTTP proxy {self.proxy}: check it too)"
+                proxy = endpoint.proxy or self.proxy
+                if proxy is not None and isinstance(e, httpx.ConnectError | httpx.ProxyError):
+                    cause += f" (through the HTTP proxy {proxy}: check it too)"
                 never_sent = isinstance(e, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
                 if not idempotent and not never_sent:
                     raise RegistryUnavailableError(
@@ -229,3 +247,11 @@ class Session:
             raise RegistryUnavailableError(where, cause, attempt, elapsed, failure.status)
         log.info("%s: %s; retry %d in %.2fs", where, failure.cause, attempt, delay)
         self.sleep(delay)
+
+
+def _has_request(e: httpx.TransportError) -> bool:
+    try:
+        _ = e.request  # raises when the error has none
+    except RuntimeError:
+        return False
+    return True

@@ -12,6 +12,7 @@ retrying (the session's loop catches it). A final, unexpected status becomes the
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -40,18 +41,32 @@ class TransientError(Exception):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where requests go: ``scheme://host[:port]`` and the host name credentials are looked up under."""
+    """Where requests go: ``scheme://host[:port]``, the host name credentials are looked up under, and
+    how to talk to it (`p2p.hosts.HostEndpoint` made concrete: its API root, capabilities, headers, and
+    the HTTP client holding its TLS and proxy)."""
 
     base_url: str
     host: str
     is_mirror: bool = False
     params: Mapping[str, str] = field(default_factory=dict)  # extra query parameters (a mirror's ``ns``)
+    #: What ``/v2`` of the distribution spec becomes here (a mirror's prefix, or hosts.toml's
+    #: ``override_path``).
+    api_root: str = "/v2"
+    capabilities: frozenset[str] = frozenset({"pull", "resolve", "push"})
+    headers: tuple[tuple[str, str], ...] = ()  # sent to this endpoint's own origin only
+    #: The client for this endpoint (its TLS and proxy); None: the session's.
+    http: httpx.Client | None = field(default=None, compare=False, repr=False)
+    proxy: str | None = None  # only to say so in messages
+    hint: str = ""  # where its TLS is configured (a hosts.toml), for messages
 
     @property
     def origin_url(self) -> httpx.URL:
         return httpx.URL(self.base_url)
 
     def url(self, path: str) -> httpx.URL:
+        """The URL of API path `path` (``/v2/...``) at this endpoint."""
+        if self.api_root != "/v2" and (path == "/v2" or path.startswith("/v2/")):
+            path = self.api_root + path[3:]
         url = httpx.URL(self.base_url + path)
         return url.copy_merge_params(dict(self.params)) if self.params else url
 
@@ -130,6 +145,17 @@ def describe_transport_error(e: httpx.TransportError) -> str:
     if isinstance(e, httpx.RemoteProtocolError):
         return f"connection broken: {e or 'peer closed the connection'}"
     return f"{type(e).__name__}: {e or 'connection failed'}"
+
+
+def tls_verify_failure(e: httpx.TransportError) -> str | None:
+    """The reason a server's certificate did not verify, if that is what `e` is (httpx wraps the
+    ``ssl.SSLCertVerificationError`` in its ``ConnectError``), else None."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or seen.reason or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return "certificate verify failed" if "CERTIFICATE_VERIFY_FAILED" in str(e) else None
 
 
 def status_error(resp: httpx.Response, body: bytes, what: str) -> RegistryError:

@@ -26,6 +26,11 @@ effective config (`to_toml`), which is itself a valid config file::
     check_timeout = 5.0           # seconds for the reachability check of a layer at Prepare
     unreachable_cooldown = 30.0   # a registry that failed the check is not asked again for this long
 
+    [registry]                    # how every command reaches registries (docs/registries.md)
+    config_path = "/etc/containerd/certs.d"   # containerd's hosts.toml tree: mirrors, CAs, client certs
+    use_proxy_env = false         # honour HTTPS_PROXY, HTTP_PROXY and NO_PROXY
+    proxy = ""                    # an HTTP(S) proxy for every registry request (wins over the environment)
+
     [metrics]
     address = ""                  # host:port for Prometheus' /metrics (empty: off)
 
@@ -62,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2p.hosts import RegistrySettings
 from p2p.settings import DEFAULT_COOLDOWN, DEFAULT_UNIT_SIZE, P2PSettings
 
 from .errors import ConfigError
@@ -138,6 +144,7 @@ class Config:
     snapshotter: SnapshotterSection = field(default_factory=SnapshotterSection)
     device: DeviceSection = field(default_factory=DeviceSection)
     remote: RemoteSection = field(default_factory=RemoteSection)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     p2p: P2PSettings = field(default_factory=P2PSettings)
 
@@ -207,7 +214,7 @@ def _check(config: Config, path: str) -> Config:
     unit = config.device.unit_size
     if unit < 4096 or unit & (unit - 1):
         raise ConfigError(path, f"device.unit_size must be a power of two of at least 4096, not {unit}")
-    problems = config.p2p.problems()
+    problems = config.p2p.problems() + config.registry.problems()
     if problems:
         raise ConfigError(path, problems[0])
     address = config.metrics.address
@@ -227,6 +234,18 @@ def parse(text: str, path: str = "<string>") -> Config:
         raise ConfigError(path, f"not valid TOML: {e}") from e
     config: Config = _build(Config, data, "", path)
     return _check(config, path)
+
+
+def registry_settings(path: Path | None = None, hosts_dir: str | None = None) -> RegistrySettings:
+    """The ``[registry]`` table of the config at `path` (`load`'s rules), `hosts_dir` (a command's
+    ``--hosts-dir``) replacing its config_path: what the CLI commands that talk to registries use."""
+    settings = load(path).registry
+    if hosts_dir is not None:
+        settings = dataclasses.replace(settings, config_path=hosts_dir)
+        problems = settings.problems()
+        if problems:
+            raise ConfigError("--hosts-dir", problems[0], "name absolute directories")
+    return settings
 
 
 def load(path: Path | None = None) -> Config:

@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -33,6 +34,7 @@ from ..convert.converter import (
 )
 from .blob import SizeType, chunk_size_option
 from .errors import reports_errors
+from .registryopts import registry_options, settings_from
 
 
 def _human(n: float) -> str:
@@ -138,6 +140,7 @@ def _reporter(quiet: bool) -> Iterator[Any]:
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the result.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what every layer did.")
+@registry_options
 @reports_errors
 def convert_cmd(
     src: str,
@@ -154,6 +157,8 @@ def convert_cmd(
     prefetch_files: tuple[str, ...],
     quiet: bool,
     verbose: bool,
+    config_path: Path | None,
+    hosts_dir: str | None,
 ) -> None:
     """Convert image SRC into block layers at DST.
 
@@ -177,6 +182,7 @@ def convert_cmd(
         quiet=quiet,
         oci_layout=oci_layout,
         prefetch_files=tuple(p for item in prefetch_files for p in item.split(",") if p.strip()),
+        registry=settings_from(config_path, hosts_dir),
     )
     # SIGTERM (a CI job cancelled, `timeout`) unwinds like Ctrl-C, so the private device daemon, the
     # loop devices and the mounts of the layer being built are all undone.

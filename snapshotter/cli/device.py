@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from p2p.hosts import RegistrySettings, Resolver
 from p2p.settings import P2PSettings
 
 from .. import config
@@ -25,6 +26,7 @@ from ..host.mounts import mount, mount_loop, umount_loop
 from ..image.spec import device_spec_for
 from .blob import SizeType
 from .errors import reports_errors
+from .registryopts import registry_options, settings_from
 
 DEFAULT_STATE_DIR = DeviceSection.state_dir
 STATE_DIR_OPTION = click.option(
@@ -49,8 +51,8 @@ STATE_DIR_OPTION = click.option(
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="The config file (the same as `damselfly serve`'s): its [device], [p2p] and [remote] plain_http "
-    "apply.",
+    help="The config file (the same as `damselfly serve`'s): its [device], [p2p], [registry] and [remote] "
+    "plain_http apply.",
 )
 @click.option(
     "--settings",
@@ -63,6 +65,12 @@ STATE_DIR_OPTION = click.option(
     "p2p_json",
     default=None,
     help="Every [p2p] setting as one JSON object (how `damselfly serve` starts the daemon).",
+)
+@click.option(
+    "--registry",
+    "registry_json",
+    default=None,
+    help="Every [registry] setting as one JSON object (how `damselfly serve` starts the daemon).",
 )
 @click.option("--plain-http", is_flag=True, help="HTTP for every registry ([remote] plain_http).")
 @click.option(
@@ -106,6 +114,7 @@ def device_daemon(
     config_path: Path | None,
     settings_json: str | None,
     p2p_json: str | None,
+    registry_json: str | None,
     plain_http: bool,
     read_timeout: float | None,
     fail_cooldown: float | None,
@@ -143,7 +152,8 @@ def device_daemon(
     settings = DeviceSection.from_json(
         json.dumps({**json.loads(base.to_json()), **overrides, "state_dir": state_dir})
     )
-    run(state_dir, settings, p2p, plain_http or cfg.remote.plain_http)
+    registry = cfg.registry if registry_json is None else RegistrySettings.from_json(registry_json)
+    run(state_dir, settings, p2p, plain_http or cfg.remote.plain_http, registry)
     # Reads that timed out may still wait on a hung network in pool threads; Python would join them at
     # exit. Everything the daemon owns is closed by now, so leave at once.
     logging.shutdown()
@@ -151,12 +161,14 @@ def device_daemon(
     os._exit(0)
 
 
-def _client(state_dir: str) -> DeviceClient:
-    return DeviceClient(state_dir)
+def _client(state_dir: str, registry: RegistrySettings | None = None) -> DeviceClient:
+    return DeviceClient(state_dir, registry=registry)
 
 
-def _attach(state_dir: str, spec: DeviceSpec) -> str:
-    client = _client(state_dir)
+def _attach(state_dir: str, spec: DeviceSpec, registry: RegistrySettings) -> str:
+    """Attach through the daemon of `state_dir`; a daemon started here reads registries with
+    `registry` (one that runs already keeps its own settings)."""
+    client = _client(state_dir, registry)
     client.ensure()  # a detached daemon: it must outlive this command
     return client.attach(spec)
 
@@ -172,13 +184,26 @@ def _attach(state_dir: str, spec: DeviceSpec) -> str:
     "--upper", "upper_dir", default=None, help="Directory of a writable upper: a read-write device."
 )
 @click.option("--name", default=None, help="Device name (default: derived from the image's layers).")
+@registry_options
 @reports_errors
 def attach(
-    src: str, state_dir: str, plain_http: bool, platform: str, upper_dir: str | None, name: str | None
+    src: str,
+    state_dir: str,
+    plain_http: bool,
+    platform: str,
+    upper_dir: str | None,
+    name: str | None,
+    config_path: Path | None,
+    hosts_dir: str | None,
 ) -> None:
-    """Attach the block device of image SRC (OCI layout directory or registry reference); print its path."""
-    spec = device_spec_for(src, plain_http=plain_http, platform=platform, name=name, upper=upper_dir)
-    click.echo(_attach(state_dir, spec))
+    """Attach the block device of image SRC (OCI layout directory or registry reference); print its path.
+
+    A device daemon started here reads registries with this command's [registry] settings."""
+    registry = settings_from(config_path, hosts_dir)
+    spec = device_spec_for(
+        src, plain_http=plain_http, platform=platform, name=name, upper=upper_dir, resolver=Resolver(registry)
+    )
+    click.echo(_attach(state_dir, spec, registry))
 
 
 @click.command()
@@ -239,15 +264,26 @@ IMAGE_MOUNT_OPTIONS = ("ro", "noload", "nosuid", "nodev")
 @click.option(
     "--platform", default="linux/amd64", show_default=True, help="Platform of a multi-platform image."
 )
+@registry_options
 @reports_errors
-def mount_cmd(src: str, mountpoint: str, state_dir: str, plain_http: bool, platform: str) -> None:
+def mount_cmd(
+    src: str,
+    mountpoint: str,
+    state_dir: str,
+    plain_http: bool,
+    platform: str,
+    config_path: Path | None,
+    hosts_dir: str | None,
+) -> None:
     """Mount image SRC's root filesystem read-only at MOUNTPOINT, fetching blocks lazily.
 
     SRC is an OCI layout directory or a registry reference of a converted image. The mount is
-    nosuid,nodev. The same image may be mounted at several places (they share one device).
+    nosuid,nodev. The same image may be mounted at several places (they share one device). A device
+    daemon started here reads registries with this command's [registry] settings.
     """
-    spec = device_spec_for(src, plain_http=plain_http, platform=platform)
-    path = _attach(state_dir, spec)
+    registry = settings_from(config_path, hosts_dir)
+    spec = device_spec_for(src, plain_http=plain_http, platform=platform, resolver=Resolver(registry))
+    path = _attach(state_dir, spec, registry)
     try:
         os.makedirs(mountpoint, exist_ok=True)
         loop = _mount_device(path, mountpoint)

@@ -51,6 +51,7 @@ from rich.progress import (
 from blockformat.digest import Digest
 from p2p.auth import CredentialProvider, Credentials, static_credentials
 from p2p.errors import InvalidReferenceError
+from p2p.hosts import Resolver
 from p2p.manifest import DEFAULT_PLATFORM, Descriptor, Platform, Resolved
 from p2p.reference import Reference, parse_reference
 from p2p.registry import RegistryClient
@@ -58,6 +59,7 @@ from p2p.registry import RegistryClient
 from ..image.ocilayout import REF_NAME, LayoutWriter
 from ..units import binary_size
 from .errors import reports_errors
+from .registryopts import registry_options, settings_from
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -274,6 +276,7 @@ def _platform(ctx: click.Context, param: click.Parameter, value: str) -> Platfor
     "--jobs", "-j", type=click.IntRange(1, 32), default=DEFAULT_JOBS, show_default=True, help="Blobs at once."
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; print only the summary line.")
+@registry_options
 @reports_errors
 def fetch(
     reference: str,
@@ -285,6 +288,8 @@ def fetch(
     password: str | None,
     jobs: int,
     quiet: bool,
+    config_path: Path | None,
+    hosts_dir: str | None,
 ) -> None:
     """Pull the image REF (manifest, config, layers) into an OCI image layout directory.
 
@@ -302,8 +307,9 @@ def fetch(
         credentials = static_credentials({ref.registry: Credentials(username, password or "")})
     root = dest if dest is not None else Path(ref.repository.rsplit("/", 1)[-1])
     layout = layout_for(root)
-    with RegistryClient(
-        ref.registry, plain_http=True if plain_http else None, insecure=insecure, credentials=credentials
+    resolver = Resolver(settings_from(config_path, hosts_dir))
+    with resolver.client(
+        ref.registry, True if plain_http else None, insecure=insecure, credentials=credentials
     ) as client:
         resolved = client.resolve(ref, platform)
         layout.open()

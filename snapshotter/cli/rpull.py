@@ -4,13 +4,14 @@ lazily (`snapshotter.remote.rpull`)."""
 from __future__ import annotations
 
 import contextlib
-import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import click
 
 from blockformat.digest import Digest
 from p2p.errors import InvalidReferenceError
+from p2p.hosts import RegistrySettings, Resolver
 from p2p.manifest import Manifest, Platform, Resolved
 from p2p.reference import Reference, parse_reference
 
@@ -19,16 +20,16 @@ from ..device.client import DeviceClient
 from ..remote.containerd import DEFAULT_ADDRESS, ContainerdClient
 from ..remote.rpull import Puller, Registry, host_platform
 from .errors import reports_errors
+from .registryopts import registry_options, settings_from
 
 if TYPE_CHECKING:
     from p2p.registry import RegistryClient
 
 
-def registry_client(registry: str, plain_http: bool | None) -> RegistryClient:
-    """A registry client, its module imported only now (httpx, and the trio that httpcore imports)."""
-    module = importlib.import_module("p2p.registry")
-    client: RegistryClient = module.RegistryClient(registry, plain_http=plain_http)
-    return client
+def registry_client(registry: str, plain_http: bool | None, settings: RegistrySettings) -> RegistryClient:
+    """A registry client over the registry's hosts.toml endpoints, its module imported only now (httpx,
+    and the trio that httpcore imports: `Resolver.client` imports them)."""
+    return Resolver(settings).client(registry, plain_http)
 
 
 class NodeRegistry:
@@ -38,10 +39,13 @@ class NodeRegistry:
     more than the pull's own work. Layer blobs of plain layers, which containerd must have, are
     downloaded here with a client made on first use."""
 
-    def __init__(self, node: DeviceClient, registry: str, plain_http: bool | None) -> None:
+    def __init__(
+        self, node: DeviceClient, registry: str, plain_http: bool | None, settings: RegistrySettings
+    ) -> None:
         self.node = node
         self.registry = registry
         self.plain_http = plain_http
+        self.settings = settings
         self._client: RegistryClient | None = None
 
     def resolve(self, ref: Reference, platform: Platform) -> Resolved:
@@ -53,7 +57,7 @@ class NodeRegistry:
 
     def download_blob(self, repository: str, digest: Digest, out: BinaryIO, size: int | None = None) -> int:
         if self._client is None:  # only plain layers need one
-            self._client = registry_client(self.registry, self.plain_http)
+            self._client = registry_client(self.registry, self.plain_http, self.settings)
         return self._client.download_blob(repository, digest, out, size)
 
     def close(self) -> None:
@@ -111,6 +115,7 @@ def _platform(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     help="The device daemon's state directory: when its daemon runs the peer network, the image "
     "config comes through it (from peers that have it, else the registry).",
 )
+@registry_options
 @reports_errors
 def rpull(
     reference: str,
@@ -120,27 +125,32 @@ def rpull(
     platform: Platform,
     plain_http: bool,
     state_dir: str,
+    config_path: Path | None,
+    hosts_dir: str | None,
 ) -> None:
     """Pull the image REF into containerd and unpack it into the damselfly snapshotter.
 
     Converted layers are not downloaded: the snapshotter records them and fetches blocks when a
     container reads them. Plain (tar) layers are fetched and unpacked as `ctr image pull` would, so any
     image works. Afterwards: `ctr run --snapshotter damselfly REF ID`. Registry credentials come from
-    Docker's config.json ($DOCKER_CONFIG).
+    Docker's config.json ($DOCKER_CONFIG). With a device daemon running (`damselfly serve`), the
+    reference is resolved and the config fetched through it, with its [registry] settings; plain layers
+    are fetched here, with this command's.
     """
     ref = parse_reference(reference)
     plain = True if plain_http else None
+    settings = settings_from(config_path, hosts_dir)
     with contextlib.ExitStack() as stack:
         containerd = stack.enter_context(ContainerdClient(address, namespace))
         node = DeviceClient(state_dir)
         registry: Registry
         documents = None
         if node.ping() is not None:
-            via_node = NodeRegistry(node, ref.registry, plain)
+            via_node = NodeRegistry(node, ref.registry, plain, settings)
             stack.callback(via_node.close)
             registry = via_node
         else:  # no device daemon here (no `damselfly serve`?): the registry directly
-            registry = stack.enter_context(registry_client(ref.registry, plain))
+            registry = stack.enter_context(registry_client(ref.registry, plain, settings))
         Puller(containerd, registry, snapshotter=snapshotter, report=click.echo, documents=documents).pull(
             ref, platform
         )

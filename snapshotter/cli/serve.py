@@ -125,13 +125,15 @@ def serve(
     store = MetaStore(root_dir / "metadata.db")
     dev = cfg.device
     # The daemon runs the node's peer network too ([p2p]); [remote] plain_http is its registries'.
-    daemon = DeviceDaemon(dev.state_dir, dev, cfg.p2p, cfg.remote.plain_http)
+    daemon = DeviceDaemon(dev.state_dir, dev, cfg.p2p, cfg.remote.plain_http, cfg.registry)
     rc = cfg.remote
     remote = RemoteSnapshots(
         store,
         root_dir,
         daemon,
-        RemoteOptions(rc.enabled, rc.plain_http, rc.check_timeout, rc.unreachable_cooldown, rc.prefetch),
+        RemoteOptions(
+            rc.enabled, rc.plain_http, rc.check_timeout, rc.unreachable_cooldown, rc.prefetch, cfg.registry
+        ),
     )
     metrics: MetricsServer | None = None
     try:

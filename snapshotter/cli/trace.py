@@ -19,18 +19,20 @@ import click
 
 from blockformat.annotations import PREFIX
 from blockformat.trace import TRACE_MEDIA_TYPE, Trace
+from p2p.hosts import Resolver
 from p2p.manifest import Descriptor, Manifest, Platform
 from p2p.reference import Reference, parse_reference
 from p2p.referrers import push_referrer
 from p2p.registry import RegistryClient
 
-from ..config import load
+from ..config import load, registry_settings
 from ..device.client import DeviceClient
 from ..errors import SnapshotterError
 from ..image.spec import device_name
 from ..remote.containerd import DEFAULT_ADDRESS, ContainerdClient
 from ..remote.rpull import Puller, host_platform
 from .errors import reports_errors
+from .registryopts import HOSTS_DIR_OPTION
 
 #: Seconds `ctr` gets to remove a container that was killed.
 KILL_WAIT = 30.0
@@ -106,6 +108,7 @@ def run_container(
 @click.argument("reference", metavar="REF")
 @click.argument("command", nargs=-1, required=True)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="damselfly's config file.")
+@HOSTS_DIR_OPTION
 @click.option("--address", "-a", default=DEFAULT_ADDRESS, show_default=True, envvar="CONTAINERD_ADDRESS")
 @click.option("--namespace", "-n", default="default", show_default=True, envvar="CONTAINERD_NAMESPACE")
 @click.option("--snapshotter", default="damselfly", show_default=True)
@@ -133,6 +136,7 @@ def record_trace(
     reference: str,
     command: tuple[str, ...],
     config_path: str | None,
+    hosts_dir: str | None,
     address: str,
     namespace: str,
     snapshotter: str,
@@ -155,12 +159,13 @@ def record_trace(
     if no_push and output is None:
         raise click.UsageError("--no-push needs --output: the trace would go nowhere")
     cfg = load(Path(config_path) if config_path else None)
+    settings = registry_settings(Path(config_path) if config_path else None, hosts_dir)
     ref = parse_reference(reference)
     plain = True if plain_http or cfg.remote.plain_http else None
     daemon = DeviceClient(state_dir or cfg.device.state_dir)
     if not _daemon_answers(daemon):
         raise TraceError(f"no device daemon answers at {daemon.paths.state}: is `damselfly serve` running?")
-    with RegistryClient(ref.registry, plain_http=plain) as registry:
+    with Resolver(settings).client(ref.registry, plain) as registry:
         platform: Platform = host_platform()
         manifest = registry.resolve(ref, platform).manifest
         name = chain_device(manifest, str(ref))

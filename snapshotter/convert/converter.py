@@ -35,6 +35,7 @@ from blockformat.chunkfile import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SHIFT, MIN_CHUNK
 from blockformat.digest import Digest
 from blockformat.layer import LAYER_MAJOR
 from blockformat.trace import TRACE_MEDIA_TYPE, Trace
+from p2p.hosts import RegistrySettings, Resolver
 from p2p.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Index, build_index
 from p2p.referrers import push_referrer
 
@@ -86,6 +87,8 @@ class ConvertOptions:
     oci_layout: bool = False
     #: Paths and globs in the image whose blocks nodes fetch first (`prefetchfiles`).
     prefetch_files: tuple[str, ...] = ()
+    #: How registries are reached (hosts.toml mirrors, TLS, proxies); not part of the output's key.
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
 
     def key(self) -> dict[str, Any]:
         """What shapes a converted layer's bytes."""
@@ -213,9 +216,12 @@ class Converter:
     def run(self, src: str, dst: str) -> ConvertResult:
         opts = self.options
         with self.cache.in_use(), self._work_dir() as work:
-            source = open_source(src, plain_http=opts.plain_http, spool_dir=work)
+            resolver = Resolver(opts.registry)
+            source = open_source(src, plain_http=opts.plain_http, spool_dir=work, resolver=resolver)
             try:
-                sink = open_sink(dst, plain_http=opts.plain_http, oci_layout=opts.oci_layout)
+                sink = open_sink(
+                    dst, plain_http=opts.plain_http, oci_layout=opts.oci_layout, resolver=resolver
+                )
                 try:
                     return self._run(source, sink, work)
                 finally:

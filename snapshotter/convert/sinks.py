@@ -12,6 +12,7 @@ import abc
 
 from blockformat.digest import Digest, digest_of, parse_digest
 from p2p.errors import P2PError
+from p2p.hosts import Resolver
 from p2p.manifest import Descriptor
 from p2p.reference import Reference, parse_reference
 from p2p.registry import RegistryClient
@@ -100,7 +101,12 @@ class RegistrySink(Sink):
         self.client.close()
 
 
-def open_sink(dst: str, *, plain_http: bool | None, oci_layout: bool) -> Sink:
+def open_sink(
+    dst: str, *, plain_http: bool | None, oci_layout: bool, resolver: Resolver | None = None
+) -> Sink:
+    """Where the converted image goes: a layout, or a registry reference (pushed to the first endpoint
+    of `resolver`'s with the push capability: the registry itself, unless its hosts.toml says
+    otherwise)."""
     if oci_layout or is_local(dst):
         path, ref = split_ref(dst)
         return LayoutSink(path, ref)
@@ -110,4 +116,4 @@ def open_sink(dst: str, *, plain_http: bool | None, oci_layout: bool) -> Sink:
         raise ImageError(dst, str(e), "pass a registry reference or an OCI layout directory") from e
     if reference.digest is not None and reference.tag is None:
         raise ImageError(dst, "a destination names a tag, not a digest", "pass host/repo:tag")
-    return RegistrySink(reference, RegistryClient(reference.registry, plain_http=plain_http))
+    return RegistrySink(reference, (resolver or Resolver()).client(reference.registry, plain_http))

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from blockformat.digest import Digest, parse_digest
 from p2p.errors import P2PError
+from p2p.hosts import Resolver
 from p2p.manifest import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
@@ -290,7 +291,11 @@ def is_local(arg: str) -> bool:
     return os.path.exists(path) or arg.startswith(("/", "./", "../"))
 
 
-def open_source(src: str, *, plain_http: bool | None, spool_dir: str) -> ImageSource:
+def open_source(
+    src: str, *, plain_http: bool | None, spool_dir: str, resolver: Resolver | None = None
+) -> ImageSource:
+    """The image `src`: a layout, an archive, or a registry reference (read through `resolver`'s
+    endpoints; default: containerd's hosts.toml tree)."""
     if is_local(src):
         path, ref = split_ref(src)
         if not os.path.exists(path):
@@ -317,7 +322,8 @@ def open_source(src: str, *, plain_http: bool | None, spool_dir: str) -> ImageSo
         reference = parse_reference(src)
     except P2PError as e:
         raise ImageError(src, str(e), "pass a registry reference, an OCI layout directory or archive") from e
-    return RegistrySource(reference, RegistryClient(reference.registry, plain_http=plain_http), spool_dir)
+    client = (resolver or Resolver()).client(reference.registry, plain_http)
+    return RegistrySource(reference, client, spool_dir)
 
 
 __all__ = [

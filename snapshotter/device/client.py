@@ -7,7 +7,8 @@ Three users, one way:
 - the device commands (`damselfly mount`, `attach`, `commit`, ...): started on demand, detached;
 - `damselfly convert`: a private daemon in its work directory, stopped when the conversion ends.
 
-The daemon gets its settings as one JSON object (`config.DeviceSection.to_json`); requests go over the
+The daemon gets its settings as JSON objects (`config.DeviceSection.to_json`, and the ``[p2p]`` and
+``[registry]`` tables' `to_json`); requests go over the
 control socket (`control`), and a refusal comes back as the exception the daemon raised, with its
 fields (`control.WIRE_ERRORS`), so exit codes hold across the socket.
 """
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockformat.chunkfile import BlobInfo
 from blockformat.durable import private_dir
+from p2p.hosts import RegistrySettings
 from p2p.manifest import Platform, Resolved
 from p2p.settings import P2PSettings
 
@@ -103,10 +105,12 @@ class DeviceClient:
         settings: DeviceSection | None = None,
         p2p: P2PSettings | None = None,
         plain_http: bool = False,
+        registry: RegistrySettings | None = None,
     ) -> None:
         self.paths = Paths(state_dir)
         self.p2p = p2p
         self.plain_http = plain_http
+        self.registry = registry  # None: the daemon's defaults (containerd's /etc/containerd/certs.d)
         self.settings = settings or DeviceSection(state_dir=state_dir)
 
     # -- talking -----------------------------------------------------------------------------------
@@ -215,6 +219,8 @@ class DeviceClient:
             argv += ["--p2p", self.p2p.to_json()]
         if self.plain_http:
             argv.append("--plain-http")
+        if self.registry is not None:
+            argv += ["--registry", self.registry.to_json()]
         log_path = os.path.join(state, "devd.log")
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(

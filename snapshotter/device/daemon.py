@@ -25,6 +25,7 @@ import types
 from typing import Any
 
 from blockformat.durable import private_dir, write_file_atomic
+from p2p.hosts import RegistrySettings
 from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
@@ -39,13 +40,17 @@ log = logging.getLogger(__name__)
 
 
 def run(
-    state_dir: str, settings: DeviceSection, p2p: P2PSettings | None = None, plain_http: bool = False
+    state_dir: str,
+    settings: DeviceSection,
+    p2p: P2PSettings | None = None,
+    plain_http: bool = False,
+    registry: RegistrySettings | None = None,
 ) -> None:
     paths = Paths(state_dir)
     # Root's alone, whoever made it and however: the cache and the devices hold every image's bytes.
     private_dir(state_dir)
     lock = hold_lock(paths)  # released by the kernel when this process ends, however it ends
-    manager = DeviceManager(state_dir, settings, p2p, plain_http)
+    manager = DeviceManager(state_dir, settings, p2p, plain_http, registry)
     stop = threading.Event()
 
     def handle(request: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from blockformat.upper import WritableUpper
 from p2p import deadline
 from p2p.background import BackgroundDownload, Status
 from p2p.cache import CachedBlob
+from p2p.hosts import RegistrySettings
 from p2p.manifest import MAX_DOCUMENT_SIZE, Platform
 from p2p.node import BlobNode, BlobRef, CacheSettings
 from p2p.reference import parse_reference
@@ -240,6 +241,7 @@ class DeviceManager:
         settings: DeviceSection | None = None,
         p2p: P2PSettings | None = None,
         plain_http: bool = False,
+        registry: RegistrySettings | None = None,
     ) -> None:
         self.settings = settings or DeviceSection(state_dir=state_dir)
         self.state_dir = state_dir
@@ -247,7 +249,7 @@ class DeviceManager:
         cache = CacheSettings(
             s.unit_size, s.cache_limit, s.fail_cooldown, s.background_delay, float(s.background_rate)
         )
-        self.node = BlobNode(os.path.join(state_dir, "cache"), cache, p2p, plain_http)
+        self.node = BlobNode(os.path.join(state_dir, "cache"), cache, p2p, plain_http, registry)
         self.cache = self.node.cache
         self.fs = BlockFS(read_timeout=s.read_timeout)
         self._lock = threading.Lock()

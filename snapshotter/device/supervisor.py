@@ -20,6 +20,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from p2p.hosts import RegistrySettings
 from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
@@ -43,8 +44,9 @@ class DeviceDaemon(DeviceClient):
         settings: DeviceSection | None = None,
         p2p: P2PSettings | None = None,
         plain_http: bool = False,
+        registry: RegistrySettings | None = None,
     ) -> None:
-        super().__init__(state_dir, settings, p2p, plain_http)
+        super().__init__(state_dir, settings, p2p, plain_http, registry)
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None

@@ -11,9 +11,9 @@ import hashlib
 import os
 
 from blockformat.chunkfile import MAX_BLOB_SIZE
+from p2p.hosts import Resolver
 from p2p.manifest import Platform
 from p2p.reference import parse_reference
-from p2p.registry import RegistryClient
 
 from ..device.manager import DeviceSpec, LayerSpec, SourceSpec
 from ..errors import ImageError
@@ -42,7 +42,10 @@ def device_spec_for(
     platform: str = "linux/amd64",
     name: str | None = None,
     upper: str | None = None,
+    resolver: Resolver | None = None,
 ) -> DeviceSpec:
+    """The device of image `src` (an OCI layout ``DIR[:REF]`` or a registry reference, resolved through
+    `resolver`: default, containerd's hosts.toml tree)."""
     plat = Platform.parse(platform)
     layout = _split_layout(src)
     if layout is not None:
@@ -55,7 +58,7 @@ def device_spec_for(
 
     else:
         ref = parse_reference(src)
-        with RegistryClient(ref.registry, plain_http=True if plain_http else None) as client:
+        with (resolver or Resolver()).client(ref.registry, True if plain_http else None) as client:
             manifest = client.resolve(ref, plat).manifest
 
         def source(digest: str) -> SourceSpec:

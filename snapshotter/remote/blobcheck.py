@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blockformat.digest import Digest
 from p2p.errors import P2PError, RegistryUnavailableError
+from p2p.hosts import RegistrySettings, Resolver
 from p2p.registry import RegistryClient
 from p2p.retry import RetryPolicy, Timeouts
 
@@ -31,6 +32,7 @@ class RemoteOptions:
     check_timeout: float = 5.0
     unreachable_cooldown: float = 30.0
     prefetch: bool = True  # replay the image's access trace at the chain mount, if it has one
+    registry: RegistrySettings = field(default_factory=RegistrySettings)  # mirrors, TLS, proxies
 
 
 class BlobCheck:
@@ -53,9 +55,10 @@ class BlobCheck:
             client = self._clients.get(registry)
             if client is None:
                 t = self.options.check_timeout
-                client = RegistryClient(
+                # The check goes where the device daemon's reads will: the same hosts.toml endpoints.
+                client = Resolver(self.options.registry).client(
                     registry,
-                    plain_http=True if self.options.plain_http else None,
+                    True if self.options.plain_http else None,
                     retry=RetryPolicy(attempts=2, budget=t, base_delay=0.1, max_delay=0.5),
                     timeouts=Timeouts(connect=t, read=t, write=t, pool=t, total=t),
                 )

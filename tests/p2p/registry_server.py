@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -308,11 +309,52 @@ class TokenServer:
 
 
 class RegistryServer(Registry):
-    """One docker-registry process on 127.0.0.1 with its own storage; `auth` is a registry auth config."""
+    """One docker-registry process on 127.0.0.1 with its own storage; `auth` is a registry auth config.
 
-    def __init__(self, auth: dict[str, Any] | None = None, name: str = "registry") -> None:
+    With `tls` it serves HTTPS with that certificate (`url` is then ``https://``); with `upstream` (a
+    registry's URL) it is a pull-through cache of it (distribution's ``proxy.remoteurl``): it fetches
+    what it lacks from there and refuses pushes. `access_log` logs every request (Apache combined
+    format, with the client's User-Agent) to `log`."""
+
+    def __init__(
+        self,
+        auth: dict[str, Any] | None = None,
+        name: str = "registry",
+        *,
+        tls: LoopbackTLS | None = None,
+        upstream: str | None = None,
+        access_log: bool = False,
+    ) -> None:
         directory = Path(tempfile.mkdtemp(prefix=f"damselfly-{name}-"))
-        super().__init__(directory, directory / "registry.log", auth=auth, access_log=False)
+        super().__init__(directory, directory / "registry.log", auth=auth, access_log=access_log)
+        self.tls = tls
+        self.upstream = upstream
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}"
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        if self.tls is not None:
+            config["http"]["tls"] = {"certificate": str(self.tls.cert_path), "key": str(self.tls.key_path)}
+        if self.upstream is not None:
+            config["proxy"] = {"remoteurl": self.upstream}
+        return config
+
+    def _answers(self) -> bool:
+        if self.tls is None:
+            return super()._answers()
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self.tls.client_context())
+        )
+        try:
+            with opener.open(f"{self.url}/v2/", timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
 
     def blob_data_path(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob's bytes (to corrupt them in tests)."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
-from p2p.errors import NotFoundError, RegistryUnavailableError
+from p2p.errors import HostsConfigError, NotFoundError, RegistryUnavailableError
+from p2p.hosts import RegistryHosts, RegistrySettings, Resolver
 from p2p.registry import MIRROR_COOLDOWN, RegistryClient
 from scripts.demolib.registry import free_port
 
@@ -140,3 +142,75 @@ def test_dead_proxy_is_reported_as_unavailable(registry: RegistryServer, make_cl
 def test_bad_mirror_url_is_refused() -> None:
     with pytest.raises(ValueError, match="mirror"):
         RegistryClient("127.0.0.1:5000", mirrors=["ftp://mirror"], credentials=lambda h: None)
+
+
+# -- hosts.toml capabilities (p2p.hosts) ------------------------------------------------------------
+
+
+def _hosts(tmp_path: Path, registry: str, text: str) -> RegistryHosts:
+    d = tmp_path / "certs.d" / registry
+    d.mkdir(parents=True)
+    (d / "hosts.toml").write_text(text)
+    return Resolver(RegistrySettings(config_path=str(tmp_path / "certs.d")), {}).hosts(registry)
+
+
+def test_a_pull_only_mirror_serves_digests_but_never_resolves_tags(
+    registry: RegistryServer,
+    mirror_registry: RegistryServer,
+    make_client: ClientFactory,
+    repo: str,
+    tmp_path: Path,
+) -> None:
+    image = make_image([os.urandom(100)])
+    push_image(make_client(mirror_registry.host), repo, image)  # on the mirror only
+    hosts = _hosts(tmp_path, registry.host, f'[host."{mirror_registry.url}"]\ncapabilities = ["pull"]\n')
+    client = make_client(registry.host, hosts=hosts)
+    with pytest.raises(NotFoundError) as e:
+        client.resolve(f"{registry.host}/{repo}")  # a tag: the origin only, which lacks it
+    assert not getattr(e.value, "__notes__", None), "the pull-only mirror was asked to resolve a tag"
+    assert client.get_manifest(repo, image.manifest_digest).digest == image.manifest_digest
+    assert client.get_blob(repo, image.layer_descriptors[0].digest) == image.layers[0]
+
+
+def test_a_pull_and_resolve_mirror_resolves_tags(
+    registry: RegistryServer,
+    mirror_registry: RegistryServer,
+    make_client: ClientFactory,
+    repo: str,
+    tmp_path: Path,
+) -> None:
+    image = make_image([os.urandom(100)])
+    push_image(make_client(mirror_registry.host), repo, image)
+    hosts = _hosts(
+        tmp_path, registry.host, f'[host."{mirror_registry.url}"]\ncapabilities = ["pull", "resolve"]\n'
+    )
+    client = make_client(registry.host, hosts=hosts)
+    assert client.resolve(f"{registry.host}/{repo}").manifest.digest == image.manifest_digest
+
+
+def test_pushes_are_refused_when_no_endpoint_may_take_them(
+    registry: RegistryServer, make_client: ClientFactory, repo: str, tmp_path: Path
+) -> None:
+    hosts = _hosts(
+        tmp_path, registry.host, f'server = "{registry.url}"\ncapabilities = ["pull", "resolve"]\n'
+    )
+    client = make_client(registry.host, hosts=hosts)
+    with pytest.raises(HostsConfigError, match="capabilities push that a push needs") as e:
+        client.push_blob(repo, b"read-only")
+    assert e.value.path == hosts.source
+
+
+def test_override_path_makes_the_mirror_url_the_api_root(
+    registry: RegistryServer, make_client: ClientFactory, repo: str, tmp_path: Path
+) -> None:
+    digest = make_client(registry.host).push_blob(repo, b"override").digest
+    dead_origin = f"127.0.0.1:{free_port()}"
+    # The front serves the distribution API at its root: it redirects /<repo>/blobs/... to the
+    # registry's /v2/<repo>/blobs/...; a request for /v2/... would land on /v2/v2/... and miss.
+    with RedirectServer(registry.url + "/v2") as front:
+        hosts = _hosts(
+            tmp_path, dead_origin, f'[host."{front.url}"]\ncapabilities = ["pull"]\noverride_path = true\n'
+        )
+        client = make_client(dead_origin, hosts=hosts)
+        assert client.get_blob(repo, digest) == b"override"
+    assert front.redirects == 1

@@ -22,12 +22,12 @@ from blockformat.annotations import LayerAnnotations
 from blockformat.chunkfile import CRC, MAX_BLOB_SIZE, MAX_INDEX_SIZE, TRAILER, TRAILER_MAGIC, TRAILER_SIZE
 from blockformat.digest import Digest, digest_of
 from blockformat.layer import LayerWriter
+from p2p.hosts import Resolver
 from p2p.manifest import MAX_DOCUMENT_SIZE, OCI_MANIFEST, Descriptor, Manifest, parse_manifest
 from snapshotter.cli.errors import EXIT_CORRUPT, EXIT_ERROR
 from snapshotter.cli.fetch import layout_for
 from snapshotter.convert.sources import VerifiedReader, open_source
 from snapshotter.errors import ImageError, LayerError, LayoutError
-from snapshotter.image import spec
 from snapshotter.image.blockimage import write_oci_layout
 from snapshotter.image.ocilayout import LayoutReader
 from snapshotter.image.spec import device_spec_for
@@ -182,9 +182,7 @@ def test_an_oversized_index_json_is_refused_without_reading_it_whole(layout: Pat
         LayoutReader(layout).entries()
 
 
-def test_a_registry_manifest_with_a_layer_larger_than_any_blob_is_refused(
-    layout: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_registry_manifest_with_a_layer_larger_than_any_blob_is_refused(layout: Path) -> None:
     # The device daemon sizes a layer's cache bitmap by the descriptor's size: 2^50 bytes would be a
     # 2 GiB bitmap. The registry's manifest is the only place that size comes from.
     manifest_desc = _index(layout)["manifests"][0]
@@ -193,9 +191,6 @@ def test_a_registry_manifest_with_a_layer_larger_than_any_blob_is_refused(
     hostile = parse_manifest(json.dumps(manifest).encode(), OCI_MANIFEST, "registry.test/app")
 
     class FakeRegistry:
-        def __init__(self, registry: str, plain_http: bool | None = None) -> None:
-            pass
-
         def __enter__(self) -> FakeRegistry:
             return self
 
@@ -205,9 +200,12 @@ def test_a_registry_manifest_with_a_layer_larger_than_any_blob_is_refused(
         def resolve(self, ref: object, platform: object) -> Any:
             return type("Resolved", (), {"manifest": hostile})
 
-    monkeypatch.setattr(spec, "RegistryClient", FakeRegistry)
+    class FakeResolver(Resolver):
+        def client(self, registry: str, plain_http: bool | None = None, **kwargs: Any) -> Any:
+            return FakeRegistry()
+
     with pytest.raises(ImageError, match=f"declares {MAX_BLOB_SIZE + 1} bytes"):
-        device_spec_for("registry.test/app:1")
+        device_spec_for("registry.test/app:1", resolver=FakeResolver())
 
 
 # -- archives and layer streams ----------------------------------------------------------------------
