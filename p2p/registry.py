@@ -33,7 +33,7 @@ import httpx
 from blockformat.digest import Digest, Verifier, digest_of, parse_digest
 from blockformat.errors import InvalidDigestError
 
-from .auth import CredentialProvider, DockerConfig, repository_scope
+from .auth import CredentialProvider, DockerConfigFile, repository_scope
 from .errors import (
     DigestMismatchError,
     InvalidReferenceError,
@@ -97,7 +97,8 @@ class RegistryClient:
     - `mirrors`: base URLs (``http://127.0.0.1:5001``) tried in order before the origin for pulls.
     - `proxy`: an HTTP(S) proxy URL for every request; proxy environment variables are NOT consulted, so
       what is configured is what happens.
-    - `credentials`: host → `Credentials`; default: Docker's config.json (`DockerConfig.load`).
+    - `credentials`: host → `Credentials` (`p2p.auth`); default: Docker's config.json, read again when it
+      changes (`DockerConfigFile`).
     - `retry`, `timeouts`: the bounds (`p2p.retry`); `transport`, `clock`, `sleep`: replace the network
       and time in tests.
     """
@@ -136,7 +137,7 @@ class RegistryClient:
         )
         self.session = Session(
             self._http,
-            credentials if credentials is not None else DockerConfig.load(),
+            credentials if credentials is not None else DockerConfigFile(),
             retry or RetryPolicy(),
             timeouts,
             clock,
