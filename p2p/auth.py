@@ -63,6 +63,13 @@ class Credentials:
     identity_token: str | None = field(default=None, repr=False)
     registry_token: str | None = field(default=None, repr=False)
 
+    @property
+    def kind(self) -> str:
+        """What these credentials are, for logs (not even the user name)."""
+        if self.username or self.password:
+            return "user name and password"
+        return "identity token" if self.identity_token else "registry token"
+
     def describe(self) -> str:
         """Which kind of credentials these are, for messages (no secret)."""
         if self.username:

@@ -17,7 +17,8 @@ block reads and background downloads of its layers authenticate as containerd's 
   leaves what an earlier pull stored (a running container's reads of that image keep working).
 
 Nothing here is written to disk or logged: `Credentials` keeps its secrets out of its repr, and
-`Keychain` logs only the kind of credentials and where they are for.
+`Keychain` logs only the kind of credentials and where they are for. `entry_to_json`/`entry_from_json`
+are the form an entry crosses the device daemon's root-only control socket in (``credentials`` op).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import base64
 import binascii
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from .auth import Credentials, normalize_host
 from .errors import CredentialsError
@@ -81,12 +83,41 @@ def credentials_from_cri(
     return None
 
 
+def entry_to_json(registry: str, repository: str, creds: Credentials) -> dict[str, str]:
+    """One keychain entry as the device daemon's ``credentials`` request carries it."""
+    return {
+        "registry": registry,
+        "repository": repository,
+        "username": creds.username,
+        "password": creds.password,
+        "identity_token": creds.identity_token or "",
+        "registry_token": creds.registry_token or "",
+    }
+
+
+def entry_from_json(entry: Mapping[str, Any]) -> tuple[str, str, Credentials]:
+    """`entry_to_json` in reverse; `CredentialsError` (naming no secret) for a malformed one."""
+    fields = ("registry", "repository", "username", "password", "identity_token", "registry_token")
+    values = {name: entry.get(name, "") for name in fields}
+    bad = [n for n, v in values.items() if not isinstance(v, str) or len(v) > MAX_FIELD]
+    if bad or not values["registry"] or not values["repository"]:
+        why = f"field {bad[0]} is not a string of at most {MAX_FIELD} bytes" if bad else "no repository"
+        raise CredentialsError("credentials entry", why, "send registry, repository and strings")
+    creds = Credentials(
+        values["username"],
+        values["password"],
+        values["identity_token"] or None,
+        values["registry_token"] or None,
+    )
+    return values["registry"], values["repository"], creds
+
+
 class Keychain:
     """Credentials by (registry, repository), in memory (see the module docstring)."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self._lock = threading.Lock()
-        self._max = max_entries
+        self.max_entries = max_entries
         self._entries: OrderedDict[tuple[str, str], Credentials] = OrderedDict()
 
     @staticmethod
@@ -100,7 +131,7 @@ class Keychain:
             changed = self._entries.get(key) != creds
             self._entries[key] = creds
             self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
+            while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
         return changed
 
