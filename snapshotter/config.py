@@ -29,6 +29,11 @@ effective config (`to_toml`), which is itself a valid config file::
     [metrics]
     address = ""                  # host:port for Prometheus' /metrics (empty: off)
 
+    [cri]                         # the CRI image-service proxy: Kubernetes pull secrets for lazy reads
+    enabled = false               # serve runtime.v1.ImageService on `listen`, forwarded to `containerd`
+    listen = "/run/damselfly/cri.sock"                # the kubelet's --image-service-endpoint
+    containerd = "/run/containerd/containerd.sock"    # containerd's CRI socket (its gRPC address)
+
     [p2p]                         # the peer network (docs/p2p.md; keys: p2p.settings.P2PSettings)
     enabled = false               # serve peers and fetch from them (false: only the registry)
     listen = "0.0.0.0:8470"       # the peer server's IP:PORT
@@ -110,12 +115,20 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class CriSection:
+    enabled: bool = False
+    listen: str = "/run/damselfly/cri.sock"
+    containerd: str = "/run/containerd/containerd.sock"
+
+
+@dataclass(frozen=True)
 class Config:
     log_level: str = "info"
     snapshotter: SnapshotterSection = field(default_factory=SnapshotterSection)
     device: DeviceSection = field(default_factory=DeviceSection)
     remote: RemoteSection = field(default_factory=RemoteSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    cri: CriSection = field(default_factory=CriSection)
     p2p: P2PSettings = field(default_factory=P2PSettings)
 
 
@@ -154,6 +167,8 @@ def _check(config: Config, path: str) -> Config:
         ("snapshotter.root", config.snapshotter.root),
         ("snapshotter.address", config.snapshotter.address),
         ("device.state_dir", config.device.state_dir),
+        ("cri.listen", config.cri.listen),
+        ("cri.containerd", config.cri.containerd),
     ):
         if not value.startswith("/"):
             raise ConfigError(path, f"{name} must be an absolute path, not {value!r}")
