@@ -178,7 +178,7 @@ def test_pull_secret_from_cri_pullimage_serves_prepare_and_lazy_reads(
         assert list(node.docker_config.iterdir()) == []
         logs = node.served.log_text() + (node.state / "devd.log").read_text(errors="replace")
         assert "kept in memory" in logs
-        assert ALICE.password not in logs
+        assert ALICE.password not in logs and ALICE.basic_header().split()[1] not in logs
 
         node.cri.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=converted)), timeout=60)
         gone = node.cri.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=converted)), timeout=30)
