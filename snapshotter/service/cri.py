@@ -180,7 +180,9 @@ class CriProxy(grpc.GenericRpcHandler):
         code_of, details_of = getattr(e, "code", None), getattr(e, "details", None)
         code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
         details = str((details_of() if callable(details_of) else str(e)) or "")
-        if code is grpc.StatusCode.UNAVAILABLE:
+        # grpcio's own words when the channel cannot connect; anything else is containerd's answer,
+        # passed on as it is (containerd's UNAVAILABLE for a snapshotter it cannot reach, say).
+        if code is grpc.StatusCode.UNAVAILABLE and "failed to connect to all addresses" in details:
             details = f"damselfly's CRI proxy cannot reach containerd at {self.containerd}: {details}"
             log.error("%s: %s", method, details)
         context.abort(code, details)

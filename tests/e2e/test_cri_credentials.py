@@ -89,7 +89,10 @@ def _node(
     state = directory / "state"
     empty = directory / "docker-config"  # no config.json: credentials come from PullImage or nowhere
     empty.mkdir()
+    # containerd's address is known before it starts: `serve` (which names it) must be up first, or
+    # containerd's first dial of the proxy snapshotter fails and backs off.
     c = make_containerd(
+        start=False,
         proxy_plugins={SNAPSHOTTER: str(directory / "run" / "snapshotter.sock")},
         namespace=K8S,
         cri_snapshotter=SNAPSHOTTER,
@@ -104,6 +107,7 @@ def _node(
     served = serving.start(directory, "--config", str(config), env=env)
     channel = grpc.insecure_channel(f"unix:{directory / 'cri.sock'}")
     try:
+        c.start()
         yield Node(c, served, cri_grpc.ImageServiceStub(channel), state, empty)
         forced = c.stop()  # before the snapshotter goes: containerd may still call it
         assert not forced, forced
