@@ -47,12 +47,14 @@ demo:
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
-# Python modules for proto/ (containerd's API, wire-compatible), checked in under snapshotter/api/.
+# Python modules for proto/ (containerd's API and CRI's image service, wire-compatible), checked in
+# under snapshotter/api/.
 PROTOS := $(shell find proto -name '*.proto' | sort)
+PROTO_PACKAGES := containerd runtime
 proto: install
-	rm -rf snapshotter/api/containerd
+	cd snapshotter/api && rm -rf $(PROTO_PACKAGES)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=snapshotter/api --pyi_out=snapshotter/api \
 		--grpc_python_out=snapshotter/api $(PROTOS)
-	find snapshotter/api/containerd -type d -exec touch {}/__init__.py \;
-	find snapshotter/api/containerd -name '*.py' -o -name '*.pyi' | \
-		xargs sed -i -E 's/^from containerd\./from snapshotter.api.containerd./'
+	cd snapshotter/api && find $(PROTO_PACKAGES) -type d -exec touch {}/__init__.py \;
+	cd snapshotter/api && find $(PROTO_PACKAGES) -name '*.py' -o -name '*.pyi' | \
+		xargs sed -i -E 's/^from (containerd|runtime)\./from snapshotter.api.\1./'

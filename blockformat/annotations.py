@@ -33,9 +33,18 @@ KEY_FSTYPE = PREFIX + "fstype"
 KEY_REPOSITORY = PREFIX + "repository"
 KEY_BLOB_DIGEST = PREFIX + "blob-digest"
 
-#: Media type of a layer blob. An OCI registry stores any layer media type; containerd leaves it to
-#: the snapshotter (which answers Prepare with AlreadyExists) and never tries to unpack it.
-MEDIA_TYPE_LAYER = "application/vnd.damselfly.layer.v1"
+#: Media type of a layer blob. It must start with ``application/vnd.oci.image.layer.``: containerd 1.6's
+#: unpacker (``unpacker.go``, ``images.IsLayerType``) and the CRI plugin's label wrapper treat only such
+#: types (and Docker's tar types) as layers — anything else is fetched in full as plain content and
+#: never offered to the snapshotter's Prepare, so a CRI or nerdctl pull would download every block
+#: layer and then fail to unpack it. With this prefix each layer is Prepared with its annotations, the
+#: snapshotter answers AlreadyExists, and containerd never fetches it (nydus does the same:
+#: ``application/vnd.oci.image.layer.nydus.blob.v1``). An OCI registry stores any layer media type.
+MEDIA_TYPE_LAYER = "application/vnd.oci.image.layer.damselfly.v1"
+#: What damselfly wrote before (still read: `rpull` and `Prepare` go by the annotations).
+MEDIA_TYPE_LAYER_V0 = "application/vnd.damselfly.layer.v1"
+#: Every media type of a damselfly layer blob.
+MEDIA_TYPES_LAYER = (MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_V0)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,11 @@ origin, and basic credentials go only to the endpoint's own origin (`p2p.session
 
 Credentials come from a `CredentialProvider`: a callable from registry host to `Credentials`. `DockerConfig`
 reads Docker's ``config.json`` (``auths`` with a base64 ``auth`` or ``username``/``password``, and
-``identitytoken``; ``credHelpers``/``credsStore`` through ``docker-credential-*`` programs).
+``identitytoken``; ``credHelpers``/``credsStore`` through ``docker-credential-*`` programs);
+`DockerConfigFile` is the provider a long-lived client uses: it reads the file again when it changed (a
+``docker login`` while the node runs). A provider may answer per repository too (`RepositoryProvider`:
+the credentials a kubelet sent with a CRI ``PullImage`` are for that image, `p2p.keychain`);
+`lookup_credentials` asks it that way when the request names a repository.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import httpx
 
@@ -49,11 +54,29 @@ HELPER_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class Credentials:
-    """A user name and password, or an identity (refresh) token for the OAuth2 flow."""
+    """A user name and password, or an identity (refresh) token for the OAuth2 flow, or a registry token:
+    a bearer token sent to the registry as it is (a CRI ``AuthConfig.registry_token``), no token server
+    asked. No field but the user name is ever in a repr, a log line or a message."""
 
     username: str = ""
     password: str = field(default="", repr=False)
     identity_token: str | None = field(default=None, repr=False)
+    registry_token: str | None = field(default=None, repr=False)
+
+    @property
+    def kind(self) -> str:
+        """What these credentials are, for logs (not even the user name)."""
+        if self.username or self.password:
+            return "user name and password"
+        return "identity token" if self.identity_token else "registry token"
+
+    def describe(self) -> str:
+        """Which kind of credentials these are, for messages (no secret)."""
+        if self.username:
+            return f"the credentials of {self.username}"
+        if self.identity_token:
+            return "the identity token"
+        return "the registry token" if self.registry_token else "empty credentials"
 
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
@@ -61,6 +84,33 @@ class Credentials:
 
 
 CredentialProvider = Callable[[str], "Credentials | None"]
+
+
+@runtime_checkable
+class RepositoryProvider(Protocol):
+    """A `CredentialProvider` that may also answer for one repository of a host (`lookup_credentials`)."""
+
+    def __call__(self, host: str) -> Credentials | None: ...
+
+    def for_repository(self, host: str, repository: str) -> Credentials | None: ...
+
+
+def lookup_credentials(provider: CredentialProvider, host: str, repository: str | None) -> Credentials | None:
+    """The credentials `provider` has for `repository` on `host` (per repository where it can tell), else
+    for `host`."""
+    if repository is not None and isinstance(provider, RepositoryProvider):
+        return provider.for_repository(host, repository)
+    return provider(host)
+
+
+def scope_repository(scopes: list[str]) -> str | None:
+    """The repository the first ``repository:<name>:<actions>`` scope names (what a request is for)."""
+    for scope in scopes:
+        kind, _, rest = scope.partition(":")
+        name, sep, _actions = rest.rpartition(":")
+        if kind == "repository" and sep and name:
+            return name
+    return None
 
 
 def normalize_host(key: str) -> str:
@@ -81,17 +131,27 @@ def static_credentials(mapping: Mapping[str, Credentials]) -> CredentialProvider
     return lookup
 
 
-def chain_providers(*providers: CredentialProvider) -> CredentialProvider:
-    """The first provider that has credentials for a host wins."""
+class ProviderChain:
+    """Providers asked in order; the first that has credentials wins (per repository where one can tell:
+    `RepositoryProvider`)."""
 
-    def lookup(host: str) -> Credentials | None:
-        for p in providers:
-            c = p(host)
+    def __init__(self, *providers: CredentialProvider) -> None:
+        self.providers = providers
+
+    def __call__(self, host: str) -> Credentials | None:
+        return self.for_repository(host, None)
+
+    def for_repository(self, host: str, repository: str | None) -> Credentials | None:
+        for p in self.providers:
+            c = lookup_credentials(p, host, repository)
             if c is not None:
                 return c
         return None
 
-    return lookup
+
+def chain_providers(*providers: CredentialProvider) -> CredentialProvider:
+    """The first provider that has credentials for a host (or repository) wins."""
+    return ProviderChain(*providers)
 
 
 def default_docker_config_path() -> Path:
@@ -168,6 +228,47 @@ class DockerConfig:
             server = "https://index.docker.io/v1/" if key == "docker.io" else host
             return run_credential_helper(self._default_helper, server)
         return None
+
+
+class DockerConfigFile:
+    """A Docker ``config.json`` that is read again whenever it changes; callable as a `CredentialProvider`.
+
+    A registry client lives as long as the node's daemon, while an operator may ``docker login`` (or a
+    credential helper's configuration may change) at any time. Each lookup compares the file's identity
+    — device, inode, size, modification time in nanoseconds: one ``stat``, no read — with the one it
+    parsed last, and parses it again when any differs (an editor's or ``docker login``'s rename gives
+    a new inode; an in-place write a new size or time). A missing file means no credentials, and a file
+    that appears later is read then. A file that does not parse raises `CredentialsError` at that lookup
+    and is tried again at the next (it may have been caught mid-write). Credential helpers are run at
+    every lookup, as before: they hold their own state.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else default_docker_config_path()
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int, int, int] | None = None
+        self._config = DockerConfig(self.path, {}, {}, None)
+        self.loads = 0  # how many times the file was parsed (tests)
+
+    def current(self) -> DockerConfig:
+        """The file's credentials as they are now (parsed again only if the file changed)."""
+        try:
+            st = os.stat(self.path)
+            seen: tuple[int, int, int, int] | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            seen = None
+        except OSError as e:
+            raise CredentialsError(str(self.path), f"cannot read Docker config: {e.strerror or e}") from None
+        with self._lock:
+            if seen == self._seen:
+                return self._config
+            config = DockerConfig.load(self.path)  # gone meanwhile: no credentials
+            self._config, self._seen = config, seen
+            self.loads += 1
+            return config
+
+    def __call__(self, host: str) -> Credentials | None:
+        return self.current()(host)
 
 
 def _parse_auth_entry(where: str, entry: object) -> Credentials | None:

@@ -4,7 +4,10 @@ What a `p2p.session.Session` asks before and after each request:
 
 - `authorization`: the ``Authorization`` header for a request to an endpoint — none until the endpoint
   asked (a ``401``); then basic credentials, or a bearer token from the realm the challenge named
-  (cached per realm, service and scopes; with ``renew`` a fresh one).
+  (cached per realm, service and scopes; with ``renew`` a fresh one), or the registry token the
+  credentials carry (sent as it is). Credentials are looked up for the repository the request's scope
+  names (`p2p.auth.lookup_credentials`) at every request, never kept here: a provider whose answer
+  changes (a config.json edited, a CRI pull's credentials) is heeded at the next request.
 - `learn_challenge`: on a ``401`` from the endpoint's own origin, the ``WWW-Authenticate`` challenge to
   answer next time (bearer preferred).
 - `refused` / `foreign_refusal`: the `AuthError` for a second ``401``, or for one from another origin.
@@ -31,10 +34,12 @@ from .auth import (
     Credentials,
     Token,
     TokenCache,
+    lookup_credentials,
     origin_text,
     parse_token_response,
     parse_www_authenticate,
     same_origin,
+    scope_repository,
     token_request,
     withholding_reason,
 )
@@ -86,8 +91,8 @@ class AuthFlow:
         self._warned: set[tuple[str, str]] = set()  # (host, realm) whose withheld credentials were logged
         self.token_requests = 0  # how many tokens were fetched (tests and metrics)
 
-    def _creds(self, host: str) -> Credentials | None:
-        return self.credentials(host)
+    def _creds(self, host: str, scopes: list[str]) -> Credentials | None:
+        return lookup_credentials(self.credentials, host, scope_repository(scopes))
 
     def authorization(self, endpoint: Endpoint, scopes: list[str], renew: bool) -> str | None:
         """The Authorization header for a request to `endpoint`; with `renew`, never a cached token."""
@@ -95,15 +100,20 @@ class AuthFlow:
             challenge = self._challenges.get(endpoint.host)
         if challenge is None:
             return None
+        creds = self._creds(endpoint.host, scopes)
         if challenge.scheme == "basic":
-            creds = self._creds(endpoint.host)
-            if creds is None or creds.identity_token:
+            if creds is None or not (creds.username or creds.password):
+                what = "no credentials" if creds is None else "no user name and password in the credentials"
                 raise AuthError(
                     str(endpoint.url("/v2/")),
-                    f"registry requires basic authentication; no credentials for {endpoint.host}",
+                    f"registry requires basic authentication; {what} for {endpoint.host}",
                     401,
                 )
             return creds.basic_header()
+        if creds is not None and creds.registry_token:
+            # A registry token is the bearer token itself (Docker's AuthConfig.RegistryToken): no token
+            # server is asked, and nothing is cached — it is the provider's to renew.
+            return f"Bearer {creds.registry_token}"
         realm = challenge.params.get("realm")
         if not realm:
             raise AuthError(str(endpoint.url("/v2/")), "bearer challenge without a realm", 401)
@@ -114,7 +124,7 @@ class AuthFlow:
             if cached is not None:
                 return f"Bearer {cached}"
         all_scopes = sorted(set(scopes) | set(challenge.scopes))
-        token = self._fetch_token(endpoint, realm, service, all_scopes)
+        token = self._fetch_token(endpoint, realm, service, all_scopes, creds)
         self.tokens.put(key, token)
         return f"Bearer {token.value}"
 
@@ -131,14 +141,15 @@ class AuthFlow:
             reason = f"the realm {realm!r} is not a valid URL"
         return None if reason is None else (realm, reason)
 
-    def _fetch_token(self, endpoint: Endpoint, realm: str, service: str, scopes: list[str]) -> Token:
+    def _fetch_token(
+        self, endpoint: Endpoint, realm: str, service: str, scopes: list[str], creds: Credentials | None
+    ) -> Token:
         try:
             realm_url = httpx.URL(realm)
         except httpx.InvalidURL as e:
             raise RegistryProtocolError(
                 str(endpoint.url("/v2/")), f"bearer challenge with an unusable realm {realm!r}: {e}"
             ) from None
-        creds = self._creds(endpoint.host)
         withheld = withholding_reason(endpoint.origin_url, realm_url) if creds is not None else None
         if withheld is not None:
             with self._lock:
@@ -213,11 +224,7 @@ class AuthFlow:
         withheld: str | None,
         e: AuthError,
     ) -> AuthError:
-        who = (
-            "anonymous access"
-            if creds is None
-            else f"the credentials of {creds.username or 'identity token'}"
-        )
+        who = "anonymous access" if creds is None else creds.describe()
         why = f"token server refused {who} for scope {' '.join(scopes) or '(none)'}"
         if withheld is None:
             return AuthError(str(url), why, e.status)
@@ -239,11 +246,14 @@ class AuthFlow:
         with self._lock:
             self._challenges[endpoint.host] = usable[0]
 
-    def refused(self, endpoint: Endpoint, resp: httpx.Response, body: bytes, what: str) -> AuthError:
+    def refused(
+        self, endpoint: Endpoint, resp: httpx.Response, body: bytes, what: str, scopes: list[str]
+    ) -> AuthError:
         detail = error_detail(body)
         suffix = f" ({detail})" if detail else ""
         remedy = ""
-        if self._creds(endpoint.host) is None:
+        creds = self._creds(endpoint.host, scopes)
+        if creds is None:
             why = (
                 f"{what}: registry requires authentication and no credentials were found for {endpoint.host}"
             )
@@ -254,6 +264,8 @@ class AuthFlow:
                 f"withheld from the token realm {realm}: {reason}"
             )
             remedy = WITHHELD_REMEDY
+        elif creds.registry_token and not (creds.username or creds.identity_token):
+            why = f"{what}: registry refused the registry token for {endpoint.host}"
         else:
             why = f"{what}: registry refused the credentials for {endpoint.host}"
         return AuthError(str(resp.url), why + suffix, 401, remedy)

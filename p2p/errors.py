@@ -144,8 +144,9 @@ class AuthError(RegistryError):
     def __init__(self, url: str, why: str, status: int | None = None, remedy: str = "") -> None:
         self.why = why
         remedy = remedy or (
-            "check the credentials (docker login, DOCKER_CONFIG, or the client's credentials argument) "
-            "and that they grant access to this repository"
+            "check the credentials (docker login, DOCKER_CONFIG, the pod's image pull secret through "
+            "damselfly's CRI socket, or the client's credentials argument) and that they grant access to "
+            "this repository"
         )
         super().__init__(f"{url}: {why}; {remedy}", url, status)
 

@@ -12,7 +12,9 @@ and the parent of rank i is rank (i-1)//fanout. A node asks its parent; a parent
 or errors is skipped to the next ancestor, then the registry, and demoted for `demote_seconds`. Bytes
 from a peer are handed to the cache, which checks every chunk against the verified index before it keeps
 them (`CachedBlob._verify_and_store`): a peer whose bytes fail is demoted, counted, and the range is
-fetched from the next source. The root fetches from the registry, with this node's credentials.
+fetched from the next source. The root fetches from the registry, with this node's credentials: those
+handed to it for a repository (`keychain`: a CRI pull's, from `damselfly serve`), else Docker's
+config.json (read again when it changes).
 
 **Serving peers** (`BlobNode.serve_range`, called by the peer server on a worker thread): the range is
 made present in this node's cache the same way — so a miss goes up this node's own tree, and concurrent
@@ -40,12 +42,14 @@ import trio
 from blockformat.source import RangeSource
 
 from . import deadline
+from .auth import CredentialProvider, DockerConfigFile, chain_providers
 from .background import BackgroundDownload
 from .cache import BLOCK, BlobCache, CachedBlob, blocks
 from .documents import DocumentStore
 from .errors import P2PError, RefusedError, UpstreamsFailedError
 from .health import Breaker
 from .hosts import RegistrySettings, Resolver
+from .keychain import Keychain
 from .membership import Membership
 from .nodemetrics import NodeMetrics
 from .peerauth import RequestVerifier, Signer, load_secret
@@ -123,6 +127,9 @@ class BlobNode:
         self._own_registries: set[str] = set()  # registries this node's own devices read from
         self._clients: dict[tuple[str, bool | None], RegistryClient] = {}
         self._breakers: dict[str, Breaker] = {}
+        #: Credentials per repository, in memory only (`p2p.keychain`), asked before config.json.
+        self.keychain = Keychain()
+        self.credentials: CredentialProvider = chain_providers(self.keychain, DockerConfigFile())
         self._ctx = threading.local()
         self.uploads = 0
 
@@ -169,7 +176,7 @@ class BlobNode:
         with self._lock:
             key = (registry, plain_http)
             if key not in self._clients:
-                self._clients[key] = self.resolver.client(registry, plain_http)
+                self._clients[key] = self.resolver.client(registry, plain_http, credentials=self.credentials)
             breaker = self._breakers.setdefault(
                 registry, Breaker(f"registry {registry}", self.cache_settings.fail_cooldown)
             )

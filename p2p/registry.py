@@ -34,7 +34,7 @@ import httpx
 from blockformat.digest import Digest, Verifier, digest_of, parse_digest
 from blockformat.errors import InvalidDigestError
 
-from .auth import CredentialProvider, DockerConfig, repository_scope
+from .auth import CredentialProvider, DockerConfigFile, repository_scope
 from .errors import (
     DigestMismatchError,
     HostsConfigError,
@@ -101,7 +101,8 @@ class RegistryClient:
     - `proxy`: an HTTP(S) proxy URL for every request; proxy environment variables are NOT consulted
       here (`p2p.hosts.RegistrySettings.use_proxy_env` decides that), so what is configured is what
       happens.
-    - `credentials`: host → `Credentials`; default: Docker's config.json (`DockerConfig.load`).
+    - `credentials`: host → `Credentials` (`p2p.auth`); default: Docker's config.json, read again when it
+      changes (`DockerConfigFile`).
     - `retry`, `timeouts`: the bounds (`p2p.retry`); `transport`, `clock`, `sleep`: replace the network
       and time in tests (a `transport` serves every endpoint, whatever their TLS settings).
 
@@ -149,7 +150,7 @@ class RegistryClient:
         self._mirror_down_until: dict[str, float] = {}
         self.session = Session(
             self._http,
-            credentials if credentials is not None else DockerConfig.load(),
+            credentials if credentials is not None else DockerConfigFile(),
             retry or RetryPolicy(),
             timeouts,
             clock,

@@ -156,7 +156,7 @@ class Session:
                         if not same_origin(resp.url, endpoint.origin_url):
                             raise self.auth.foreign_refusal(endpoint, resp, body, what)
                         if auth_rounds >= 1:
-                            raise self.auth.refused(endpoint, resp, body, what)
+                            raise self.auth.refused(endpoint, resp, body, what, scopes)
                         # Learn how to authenticate (or renew a token the registry no longer takes) and
                         # repeat — once: a second 401 in this call is final.
                         auth_rounds += 1

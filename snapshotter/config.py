@@ -34,6 +34,11 @@ effective config (`to_toml`), which is itself a valid config file::
     [metrics]
     address = ""                  # host:port for Prometheus' /metrics (empty: off)
 
+    [cri]                         # the CRI image-service proxy: Kubernetes pull secrets for lazy reads
+    enabled = false               # serve runtime.v1.ImageService on `listen`, forwarded to `containerd`
+    listen = "/run/damselfly/cri.sock"                # the kubelet's --image-service-endpoint
+    containerd = "/run/containerd/containerd.sock"    # containerd's CRI socket (its gRPC address)
+
     [p2p]                         # the peer network (docs/p2p.md; keys: p2p.settings.P2PSettings)
     enabled = false               # serve peers and fetch from them (false: only the registry)
     listen = "0.0.0.0:8470"       # the peer server's IP:PORT
@@ -139,6 +144,13 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class CriSection:
+    enabled: bool = False
+    listen: str = "/run/damselfly/cri.sock"
+    containerd: str = "/run/containerd/containerd.sock"
+
+
+@dataclass(frozen=True)
 class Config:
     log_level: str = "info"
     snapshotter: SnapshotterSection = field(default_factory=SnapshotterSection)
@@ -146,6 +158,7 @@ class Config:
     remote: RemoteSection = field(default_factory=RemoteSection)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    cri: CriSection = field(default_factory=CriSection)
     p2p: P2PSettings = field(default_factory=P2PSettings)
 
 
@@ -189,6 +202,8 @@ def _check(config: Config, path: str) -> Config:
         ("snapshotter.root", config.snapshotter.root),
         ("snapshotter.address", config.snapshotter.address),
         ("device.state_dir", config.device.state_dir),
+        ("cri.listen", config.cri.listen),
+        ("cri.containerd", config.cri.containerd),
     ):
         if not value.startswith("/"):
             raise ConfigError(path, f"{name} must be an absolute path, not {value!r}")

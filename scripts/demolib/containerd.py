@@ -1,7 +1,9 @@
 """A private containerd 1.6 (the demo's and the tests'): own root, state, sockets and config under one
 directory, a log file, and ``ctr`` pointed at it.
 
-Config version 2 with the CRI plugin and the snapshotters and runtimes that need host setup disabled, and
+Config version 2 with the CRI plugin (unless `cri_snapshotter` asks for it: a kubelet's image service,
+its state and root below the directory, CNI directories there too, so PullImage works without any
+network setup) and the snapshotters and runtimes that need host setup disabled, and
 the caller's proxy snapshotter plugins (the demo's: ``damselfly``, its own `damselfly serve` socket);
 never the host's ``/var/lib/containerd`` or ``/run/containerd/containerd.sock``. ``ctr`` always gets
 ``--address`` and ``--namespace``, and ``ctr run`` (`run_args`) keeps runc's state and the stdio fifos
@@ -53,6 +55,7 @@ DISABLED_PLUGINS = (
     "io.containerd.tracing.processor.v1.otlp",
     "io.containerd.internal.v1.tracing",
 )
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 #: containerd refuses to start when one of these fails to load, instead of failing later, obscurely.
 REQUIRED_PLUGINS = (
     "io.containerd.snapshotter.v1.overlayfs",
@@ -99,9 +102,16 @@ class Containerd(Service):
         proxy_plugins: Mapping[str, str] | None = None,
         log_level: str = "info",
         wrap: Callable[[Sequence[str]], list[str]] = list,
+        cri_snapshotter: str | None = None,
+        cri_auths: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         super().__init__(directory, log)
         self.namespace = namespace
+        #: With a snapshotter: the CRI plugin runs (on `address`), pulling into it with the
+        #: ``containerd.io/snapshot/cri.*`` labels; `cri_auths`: registry host -> (user, password) it
+        #: pulls with when a PullImage brings none (its ``registry.configs``).
+        self.cri_snapshotter = cri_snapshotter
+        self.cri_auths = dict(cri_auths or {})
         self.proxy_plugins = dict(proxy_plugins or {})
         self.log_level = log_level
         self.wrap = wrap
@@ -126,12 +136,15 @@ class Containerd(Service):
     # -- lifecycle --
 
     def config(self) -> str:
+        cri = self.cri_snapshotter is not None
+        disabled = [p for p in DISABLED_PLUGINS if not (cri and p == CRI_PLUGIN)]
+        required = [*REQUIRED_PLUGINS, CRI_PLUGIN] if cri else list(REQUIRED_PLUGINS)
         lines = [
             "version = 2",
             f"root = {toml_value(str(self.root))}",
             f"state = {toml_value(str(self.state))}",
-            f"disabled_plugins = {toml_value(DISABLED_PLUGINS)}",
-            f"required_plugins = {toml_value(REQUIRED_PLUGINS)}",
+            f"disabled_plugins = {toml_value(disabled)}",
+            f"required_plugins = {toml_value(required)}",
             "oom_score = 0",
             "",
             "[grpc]",
@@ -156,6 +169,8 @@ class Containerd(Service):
             # on a loaded 2-core machine a removed container's snapshot could wait half a minute).
             "  pause_threshold = 0.2",
         ]
+        if cri:
+            lines += self._cri_config()
         for name, address in sorted(self.proxy_plugins.items()):
             lines += [
                 "",
@@ -164,6 +179,34 @@ class Containerd(Service):
                 f"  address = {toml_value(address)}",
             ]
         return "\n".join(lines) + "\n"
+
+    def _cri_config(self) -> list[str]:
+        """The CRI plugin's table: its root and state are containerd's (below the directory), its CNI
+        directories too (empty: no pod network, none needed to pull), its stream server on loopback."""
+        cri = f'plugins."{CRI_PLUGIN}"'
+        lines = [
+            "",
+            f"[{cri}]",
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            "  disable_tcp_service = true",
+            "",
+            f"[{cri}.containerd]",
+            f"  snapshotter = {toml_value(self.cri_snapshotter or '')}",
+            "  disable_snapshot_annotations = false",
+            "",
+            f"[{cri}.cni]",
+            f"  bin_dir = {toml_value(str(self.dir / 'cni' / 'bin'))}",
+            f"  conf_dir = {toml_value(str(self.dir / 'cni' / 'net.d'))}",
+        ]
+        for host, (user, password) in sorted(self.cri_auths.items()):
+            lines += [
+                "",
+                f"[{cri}.registry.configs.{toml_value(host)}.auth]",
+                f"  username = {toml_value(user)}",
+                f"  password = {toml_value(password)}",
+            ]
+        return lines
 
     def env(self) -> dict[str, str]:
         # No CONTAINERD_* of the caller's (ctr reads CONTAINERD_SNAPSHOTTER, _NAMESPACE, _ADDRESS).

@@ -12,13 +12,18 @@ from pathlib import Path
 from types import FrameType
 
 import click
+import grpc
+
+from p2p.auth import DockerConfigFile, chain_providers
+from p2p.keychain import Keychain
 
 from ..config import LOG_LEVELS, Config, load, to_toml
 from ..device.supervisor import DeviceDaemon
 from ..errors import SnapshotterError
 from ..metrics import MetricsServer
-from ..remote.blobcheck import RemoteOptions
+from ..remote.blobcheck import BlobCheck, RemoteOptions
 from ..remote.snapshots import RemoteSnapshots
+from ..service.cri import CredentialKeeper, CriProxy, build_cri_server
 from ..service.metadata import MetaStore
 from ..service.overlay import OverlayDriver
 from ..service.server import build_server
@@ -113,6 +118,10 @@ def serve(
     so a converted image's first Prepare does not wait for it), detached so that it outlives a restart
     (or a crash) of this service while containers use it; on a clean stop with no converted chain
     mounted, it is stopped too.
+
+    With ``[cri] enabled``, it also serves the CRI image service on ``[cri] listen`` for the kubelet,
+    forwarded to containerd's, and keeps the credentials of its PullImage calls in memory for the Prepare
+    checks and the block reads of those images (`snapshotter.service.cri`).
     """
     cfg = _effective(config_path, root, address, log_level, state_dir)
     logging.basicConfig(
@@ -124,20 +133,23 @@ def serve(
     driver = OverlayDriver(root_dir)
     store = MetaStore(root_dir / "metadata.db")
     dev = cfg.device
+    # Credentials of CRI pulls, in memory only: the Prepare checks ask them first, the daemon gets them.
+    keychain = Keychain()
     # The daemon runs the node's peer network too ([p2p]); [remote] plain_http is its registries'.
-    daemon = DeviceDaemon(dev.state_dir, dev, cfg.p2p, cfg.remote.plain_http, cfg.registry)
+    daemon = DeviceDaemon(dev.state_dir, dev, cfg.p2p, cfg.remote.plain_http, cfg.registry, keychain)
     rc = cfg.remote
-    remote = RemoteSnapshots(
-        store,
-        root_dir,
-        daemon,
-        RemoteOptions(
-            rc.enabled, rc.plain_http, rc.check_timeout, rc.unreachable_cooldown, rc.prefetch, cfg.registry
-        ),
+    options = RemoteOptions(
+        rc.enabled, rc.plain_http, rc.check_timeout, rc.unreachable_cooldown, rc.prefetch, cfg.registry
     )
+    check = BlobCheck(options, chain_providers(keychain, DockerConfigFile()))
+    remote = RemoteSnapshots(store, root_dir, daemon, options, check)
     metrics: MetricsServer | None = None
+    cri: grpc.Server | None = None
+    proxy: CriProxy | None = None
     try:
         _claim_socket(sock)
+        if cfg.cri.enabled:
+            _claim_socket(Path(cfg.cri.listen))
         # Before serving: mounts of running containers stay as they are; missing ones come back.
         remote.reconcile()
         starting: threading.Thread | None = None
@@ -153,6 +165,9 @@ def serve(
             metrics = MetricsServer(cfg.metrics.address)
             log.info("metrics on http://%s/metrics", cfg.metrics.address)
         server = build_server(Snapshots(store, driver, remote), str(sock))
+        if cfg.cri.enabled:
+            proxy = CriProxy(cfg.cri.containerd, CredentialKeeper(keychain, daemon.share_credentials))
+            cri = build_cri_server(proxy, cfg.cri.listen)
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -162,11 +177,21 @@ def serve(
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         server.start()
+        if cri is not None:
+            cri.start()
+            log.info(
+                "serving runtime.v1.ImageService on %s for containerd at %s",
+                cfg.cri.listen,
+                cfg.cri.containerd,
+            )
         try:
             log.info("serving containerd.services.snapshots.v1 on %s (root %s)", sock, root_dir)
             while not stop.wait(1.0):
                 pass
         finally:
+            if cri is not None:
+                cri.stop(STOP_GRACE).wait()
+                Path(cfg.cri.listen).unlink(missing_ok=True)
             server.stop(STOP_GRACE).wait()
             sock.unlink(missing_ok=True)
             daemon.close()  # stop watching; the daemon and the chain mounts stay for running containers
@@ -177,6 +202,8 @@ def serve(
                 daemon.stop_if_idle()  # ... but an idle one need not outlive us
     finally:
         daemon.close()
+        if proxy is not None:
+            proxy.close()
         remote.close()
         if metrics is not None:
             metrics.close()

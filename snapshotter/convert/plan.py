@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from blockformat.annotations import MEDIA_TYPE_LAYER, LayerAnnotations
+from blockformat.annotations import MEDIA_TYPE_LAYER, MEDIA_TYPES_LAYER, LayerAnnotations
 from blockformat.digest import Digest, digest_of
 from p2p.manifest import (
     DEFAULT_PLATFORM,
@@ -97,7 +97,7 @@ def choose_platforms(index: Index, wanted: tuple[str, ...], where: str) -> list[
 def check_layers(manifest: Manifest, config: dict[str, Any], where: str) -> list[str]:
     """The config's diff_ids, after checking every layer can be converted (before converting any)."""
     for i, desc in enumerate(manifest.layers):
-        if desc.media_type == MEDIA_TYPE_LAYER:
+        if desc.media_type in MEDIA_TYPES_LAYER:
             raise ImageError(
                 where, f"layer {i} ({desc.digest}) is already a damselfly layer", "it is converted"
             )

@@ -152,6 +152,11 @@ class DeviceClient:
             raise DeviceError(f"the node's copy of {digest} at {path} is not that blob")
         return data
 
+    def give_credentials(self, entries: list[dict[str, str]]) -> int:
+        """Hand the daemon credentials per repository (`p2p.keychain.entry_to_json`), kept in its memory
+        only; how many entries changed. The control socket is root's alone (0600)."""
+        return int(self.call({"op": "credentials", "entries": entries})["changed"])
+
     def resolve(self, reference: str, platform: Platform, plain_http: bool | None) -> Resolved:
         """`reference` resolved by the daemon's registry client (its connections are warm, its imports
         done): the manifest for `platform`, checked again here (`Resolved.from_json`)."""

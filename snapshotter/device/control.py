@@ -8,6 +8,13 @@ One request per line, one reply per line::
     {"op": "commit", "name": "NAME", "out": "/path", "codec": "lz4", "chunk_size": 65536}
                                                      -> {"ok": true, "info": {BlobInfo}}
     {"op": "status"}                                 -> {"ok": true, "status": {...}}
+    {"op": "credentials", "entries": [{"registry": "r.example", "repository": "team/app",
+        "username": "...", "password": "...", "identity_token": "", "registry_token": ""}]}
+                                                     -> {"ok": true, "changed": 1}
+
+``credentials`` hands the daemon the credentials `damselfly serve` got from CRI ``PullImage`` calls
+(`p2p.keychain`): kept in the daemon's memory only, never logged (a failed request's reply and log
+name no secret).
     {"op": "shutdown"}                               -> {"ok": true}
 
 A failure replies ``{"ok": false, "error": "<message>", "kind": "<exception class>", "fields": {...}}``;

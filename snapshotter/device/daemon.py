@@ -61,6 +61,8 @@ def run(
             return {"path": manager.document(request)}
         if op == "resolve":
             return {"resolved": manager.resolve(request)}
+        if op == "credentials":
+            return {"changed": manager.credentials(request)}
         if op == "attach":
             prefetch = request.get("prefetch")
             return {

@@ -29,7 +29,9 @@ from blockformat.upper import WritableUpper
 from p2p import deadline
 from p2p.background import BackgroundDownload, Status
 from p2p.cache import CachedBlob
+from p2p.errors import CredentialsError
 from p2p.hosts import RegistrySettings
+from p2p.keychain import entry_from_json
 from p2p.manifest import MAX_DOCUMENT_SIZE, Platform
 from p2p.node import BlobNode, BlobRef, CacheSettings
 from p2p.reference import parse_reference
@@ -501,6 +503,26 @@ class DeviceManager:
         client, _ = self.node.registry_client(ref.registry, plain_http)
         with deadline.scope(time.monotonic() + self.settings.read_timeout):
             return client.resolve(ref, platform).to_json()
+
+    def credentials(self, request: dict[str, Any]) -> int:
+        """Keep the credentials of the request's entries (`p2p.keychain.entry_to_json`) in the node's
+        keychain, in memory only: its registry clients ask them first for those repositories (a CRI
+        pull's, handed over by `damselfly serve`). Returns how many entries changed. Logs no secret."""
+        entries = request.get("entries")
+        if not isinstance(entries, list) or len(entries) > self.node.keychain.max_entries:
+            raise DeviceError("malformed credentials request: entries must be a list of at most 4096")
+        changed = 0
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise DeviceError("malformed credentials request: an entry is not an object")
+            try:
+                registry, repository, creds = entry_from_json(entry)
+            except CredentialsError as e:
+                raise DeviceError(f"malformed credentials request: {e}") from None
+            if self.node.keychain.put(registry, repository, creds):
+                changed += 1
+                log.info("credentials for %s/%s (%s) kept in memory", registry, repository, creds.kind)
+        return changed
 
     def status(self) -> dict[str, Any]:
         devices = {}

@@ -12,6 +12,11 @@ cleanly and no device is in use, and `watch` pings it from a thread: a daemon th
 is started again and the callback re-attaches what the snapshotter needs. (Devices of a daemon that
 died are gone with it: their loop devices fail reads until the chain is mounted anew; the restart only
 makes new containers work again.)
+
+Credentials from CRI pulls (`snapshotter.service.cri`) live in `serve`'s memory (`keychain`) and, once
+a daemon answers, in the daemon's: `share_credentials` hands it one repository's at once, and every
+`ensure` that finds a daemon this process has not handed them to yet (started now, restarted, or
+started by someone else) hands it all of them, before it is used.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import threading
 from collections.abc import Callable
 
 from p2p.hosts import RegistrySettings
+from p2p.keychain import Keychain, entry_to_json
 from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
@@ -45,8 +51,12 @@ class DeviceDaemon(DeviceClient):
         p2p: P2PSettings | None = None,
         plain_http: bool = False,
         registry: RegistrySettings | None = None,
+        keychain: Keychain | None = None,
     ) -> None:
         super().__init__(state_dir, settings, p2p, plain_http, registry)
+        self.keychain = keychain
+        self._credentials_lock = threading.Lock()
+        self._credentials_pid: int | None = None  # the daemon that has every entry of `keychain`
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -61,7 +71,43 @@ class DeviceDaemon(DeviceClient):
                 pid = super().ensure()
         # Only now: a watcher that pinged while the first daemon was starting must not "restart" it.
         self._used = True
+        self._hand_credentials(pid)
         return pid
+
+    # -- credentials of CRI pulls ---------------------------------------------------------------------
+
+    def share_credentials(self, registry: str, repository: str) -> None:
+        """Hand the daemon the keychain's credentials for `repository` now, if a daemon answers (else
+        the next `ensure` hands it every entry)."""
+        if self.keychain is None:
+            return
+        pid = self.ping()
+        if pid is None:
+            return
+        with self._credentials_lock:
+            if pid == self._credentials_pid:
+                creds = self.keychain.for_repository(registry, repository)
+                if creds is not None:
+                    self.give_credentials([entry_to_json(registry, repository, creds)])
+                return
+        self._hand_credentials(pid)
+
+    def _hand_credentials(self, pid: int) -> None:
+        """Every entry of the keychain to the daemon `pid`, unless it has them. A failure is logged (no
+        secret in it) and tried again at the next `ensure`."""
+        if self.keychain is None or len(self.keychain) == 0:
+            return
+        with self._credentials_lock:
+            if pid == self._credentials_pid:
+                return
+            entries = [entry_to_json(r, repo, c) for r, repo, c in self.keychain.entries()]
+            try:
+                self.give_credentials(entries)
+            except (ControlError, DeviceError) as e:
+                log.warning("cannot hand the credentials of CRI pulls to the device daemon: %s", e)
+                return
+            self._credentials_pid = pid
+            log.info("handed the credentials of %d repositories to the device daemon %d", len(entries), pid)
 
     def start(self, *, verbose: bool = True) -> DaemonProcess:
         started = super().start(verbose=verbose)

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 from blockformat.digest import Digest
-from p2p.errors import P2PError, RegistryUnavailableError
+from p2p.auth import CredentialProvider
+from p2p.errors import AuthError, P2PError, RegistryUnavailableError
 from p2p.hosts import RegistrySettings, Resolver
 from p2p.registry import RegistryClient
 from p2p.retry import RetryPolicy, Timeouts
@@ -40,11 +41,13 @@ class BlobCheck:
 
     A positive answer is kept (a digest names immutable bytes); a failure marks the registry down for
     `cooldown` seconds, so a pull of a many-layer image from a dead registry costs one timeout, not
-    one per layer.
+    one per layer. `credentials`: the clients' provider (default: Docker's config.json; `serve` puts the
+    credentials of CRI pulls first).
     """
 
-    def __init__(self, options: RemoteOptions) -> None:
+    def __init__(self, options: RemoteOptions, credentials: CredentialProvider | None = None) -> None:
         self.options = options
+        self.credentials = credentials
         self._lock = threading.Lock()
         self._clients: dict[str, RegistryClient] = {}
         self._sizes: dict[tuple[str, str, str], int] = {}
@@ -61,6 +64,7 @@ class BlobCheck:
                     True if self.options.plain_http else None,
                     retry=RetryPolicy(attempts=2, budget=t, base_delay=0.1, max_delay=0.5),
                     timeouts=Timeouts(connect=t, read=t, write=t, pool=t, total=t),
+                    credentials=self.credentials,
                 )
                 self._clients[registry] = client
             return client
@@ -84,6 +88,8 @@ class BlobCheck:
             with self._lock:
                 self._down[registry] = (time.monotonic() + self.options.unreachable_cooldown, str(e))
             raise FallbackError("unreachable", f"registry {registry} is unreachable: {e}") from None
+        except AuthError as e:  # no, wrong or insufficient credentials: the message says which
+            raise FallbackError("auth", f"blob {digest} in {registry}/{repository}: {e}") from None
         except P2PError as e:
             raise FallbackError("source", f"blob {digest} in {registry}/{repository}: {e}") from None
         except Exception as e:  # a bug or an unmapped error must not fail the pull: fall back, loudly

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal, Protocol
 
-from blockformat.annotations import MEDIA_TYPE_LAYER, PREFIX
+from blockformat.annotations import MEDIA_TYPES_LAYER, PREFIX
 from blockformat.digest import Digest, digest_of
 from p2p.manifest import Descriptor, Manifest, Platform, Resolved
 from p2p.reference import Reference
@@ -81,7 +81,10 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
 
 
 def is_tar_layer(media_type: str) -> bool:
-    """Whether containerd's Diff service can apply the layer (containerd's ``images.IsLayerType``)."""
+    """Whether containerd's Diff service can apply the layer (containerd's ``images.IsLayerType``, less
+    damselfly's own block layers, which containerd counts as layers but cannot apply)."""
+    if media_type in MEDIA_TYPES_LAYER:
+        return False
     if media_type.startswith("application/vnd.oci.image.layer."):
         return True
     base = media_type.split("+", 1)[0]
@@ -354,7 +357,7 @@ class Puller:
     ) -> int:
         """Apply a plain layer onto the active snapshot's `mounts` through containerd's Diff service;
         returns the bytes fetched from the registry (0 if the blob was already in the content store)."""
-        if layer.media_type == MEDIA_TYPE_LAYER or not is_tar_layer(layer.media_type):
+        if not is_tar_layer(layer.media_type):
             raise ImageError(
                 f"{ref} layer {layer.digest}",
                 f"snapshotter {self.snapshotter!r} answered Prepare with an active snapshot, so the layer "
@@ -363,7 +366,7 @@ class Puller:
                 (
                     "the snapshotter did not take the converted layer (see `damselfly serve`'s log for "
                     "why it fell back) or is not damselfly; pull the unconverted image instead"
-                    if layer.media_type == MEDIA_TYPE_LAYER
+                    if layer.media_type in MEDIA_TYPES_LAYER
                     else "convert the image, or pull one with OCI/Docker tar layers"
                 ),
             )

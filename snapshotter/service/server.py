@@ -11,13 +11,16 @@ without one (its keys embed the namespace); Prepare, View and Commit then fail w
 FailedPrecondition, as containerd's ``namespaces.NamespaceRequired`` does — except for keys in
 containerd's backend format, below.
 
-containerd 1.6 never sends the header to a proxy snapshotter (its server's namespace interceptors,
-``services/server/namespace.go``, are not installed in 1.6.20, so the metadata layer's outgoing calls
-carry none). Its backend keys embed the namespace instead: ``<namespace>/<sequence>/<key>`` for
-Prepare, View and Commit. Such a request without a header is recorded in `CONTAINERD_NAMESPACE`, one
-flat space for every key containerd's metadata layer makes (its keys are unique across its
-namespaces; a converted layer's chain ID recorded there is shared by all of them, as containerd's
-garbage collector, which counts references across namespaces, expects).
+containerd 1.6 sends no header to a proxy snapshotter for clients of its socket (its server's namespace
+interceptors, ``services/server/namespace.go``, are not installed in 1.6.20, so the metadata layer's
+outgoing calls carry none); its in-process CRI plugin's calls do carry one (``k8s.io``: the plugin's
+own context). Its backend keys embed the namespace: ``<namespace>/<sequence>/<key>`` for Prepare, View
+and Commit. Such a request — without a header, or with the header its key embeds — is recorded in
+`CONTAINERD_NAMESPACE`, one flat space for every key containerd's metadata layer makes (its keys are
+unique across its namespaces; a converted layer's chain ID recorded there is shared by all of them, as
+containerd's garbage collector, which counts references across namespaces, expects), which every
+namespace's lookups also see (`snapshotter.service.transaction`): a CRI pull and a later ``ctr run``
+meet the same snapshots.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from ..host.sockets import bind_privately
 from .overlay import Mount
 from .records import Info, Kind
 from .snapshots import Snapshots
+from .transaction import CONTAINERD_NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +74,6 @@ LIST_BATCH = 100
 _IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
 _MAX_IDENTIFIER = 76
 
-#: Where Prepare/View/Commit without a namespace header but with containerd's backend key format are
-#: recorded (not a valid containerd identifier, so no header can name it).
-CONTAINERD_NAMESPACE = "_"
 _BACKEND_KEY = re.compile(r"([A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*)/[0-9]+/.")
 
 _KIND_TO_PB = {Kind.VIEW: pb.VIEW, Kind.ACTIVE: pb.ACTIVE, Kind.COMMITTED: pb.COMMITTED}
@@ -104,10 +105,12 @@ def namespace_of(context: grpc.ServicerContext) -> str | None:
 
 
 def namespace_to_create(context: grpc.ServicerContext, key: str) -> str | None:
-    """`namespace_of`, or for a header-less request whose key is a containerd backend key
-    (``<namespace>/<sequence>/<key>``: containerd 1.6) `CONTAINERD_NAMESPACE`."""
+    """`namespace_of`, or for a request whose key is a containerd backend key
+    (``<namespace>/<sequence>/<key>``: containerd 1.6) without a header or with that namespace's,
+    `CONTAINERD_NAMESPACE`."""
     ns = namespace_of(context)
-    if ns is None and _BACKEND_KEY.match(key):
+    backend = _BACKEND_KEY.match(key)
+    if backend is not None and ns in (None, backend.group(1)):
         return CONTAINERD_NAMESPACE
     return ns
 

@@ -12,6 +12,12 @@ InvalidArgument.
 A transaction is scoped to one namespace, or (None) to all of them: containerd sends no namespace when
 its garbage collector walks, removes and cleans up (its own keys embed the namespace), so such a scope
 resolves a key in any namespace, and a key several namespaces hold is ambiguous (FailedPrecondition).
+
+`CONTAINERD_NAMESPACE` is containerd's own flat space (`snapshotter.service.server`): what its metadata
+layer creates. Every namespace's scope also sees it — a key not in the namespace is looked up there, and
+a walk lists it — because containerd calls a proxy snapshotter both without a namespace (for clients
+over its socket: ``ctr``, ``rpull``) and, from its in-process CRI plugin, with one (``k8s.io``): both must
+find the same snapshots.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from collections.abc import Mapping, Sequence
 from ..errors import AlreadyExistsError, FailedPreconditionError, InvalidRequestError, NotFoundError
 from .filters import Filter, snapshot_fields
 from .records import Info, Kind, Layer, Snapshot, Usage, check_labels, now_ns, stored_labels
+
+#: containerd's flat space (not a valid containerd identifier, so no header can name it).
+CONTAINERD_NAMESPACE = "_"
 
 _SELECT = "SELECT s.*, p.key AS parent_key FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id "
 
@@ -56,6 +65,10 @@ class Tx:
             row: sqlite3.Row | None = self._conn.execute(
                 _SELECT + "WHERE s.namespace = ? AND s.key = ?", (self.namespace, key)
             ).fetchone()
+            if row is None and self.namespace != CONTAINERD_NAMESPACE:
+                row = self._conn.execute(
+                    _SELECT + "WHERE s.namespace = ? AND s.key = ?", (CONTAINERD_NAMESPACE, key)
+                ).fetchone()
             return row
         rows = self._conn.execute(_SELECT + "WHERE s.key = ?", (key,)).fetchall()
         if len(rows) > 1:
@@ -151,7 +164,7 @@ class Tx:
         """Every snapshot of the scope that the filter matches, in id order."""
         if self.namespace is not None:
             rows = self._conn.execute(
-                _SELECT + "WHERE s.namespace = ? ORDER BY s.id", (self.namespace,)
+                _SELECT + "WHERE s.namespace IN (?, ?) ORDER BY s.id", (self.namespace, CONTAINERD_NAMESPACE)
             ).fetchall()
         else:
             rows = self._conn.execute(_SELECT + "ORDER BY s.id").fetchall()

@@ -4,7 +4,8 @@
   unique to the test.
 - `containerd` (module): a private containerd with no proxy plugins (overlayfs, runc).
 - `make_containerd` (test): ``make_containerd(proxy_plugins={"damselfly": "/x/snapshotter.sock"})``
-  starts another one; all are stopped at the end of the test.
+  starts another one (``start=False``: made, its address known, started by the test); all are stopped
+  at the end of the test.
 
 Whatever a test leaves behind (containers, shims, mounts) is removed at teardown, and reported as a
 warning; anything that teardown could not remove fails the test, and the session's last teardown
@@ -76,10 +77,10 @@ def make_containerd() -> Iterator[ContainerdFactory]:
     _require_root()
     made: list[Containerd] = []
 
-    def factory(**kwargs: Any) -> Containerd:
+    def factory(*, start: bool = True, **kwargs: Any) -> Containerd:
         c = Containerd(**kwargs)
         made.append(c)
-        return c.start()
+        return c.start() if start else c
 
     yield factory
     errors = []

@@ -80,6 +80,8 @@ class Containerd(harness.Containerd):
         namespace: str = DEFAULT_NAMESPACE,
         log_level: str = "debug",
         parent: str | os.PathLike[str] = "/tmp",
+        cri_snapshotter: str | None = None,
+        cri_auths: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         # A short path: the socket path (plus ".ttrpc") must fit in sun_path (108 bytes).
         directory = Path(tempfile.mkdtemp(prefix="damselfly-ctrd-", dir=parent)).resolve()
@@ -89,6 +91,8 @@ class Containerd(harness.Containerd):
             namespace=namespace,
             proxy_plugins=proxy_plugins,
             log_level=log_level,
+            cri_snapshotter=cri_snapshotter,
+            cri_auths=cri_auths,
         )
         #: The cgroup (in every hierarchy) that `run` puts containers below: one per instance.
         self.cgroup_parent = directory.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -12,14 +13,18 @@ import pytest
 from p2p.auth import (
     Credentials,
     DockerConfig,
+    DockerConfigFile,
     Token,
     TokenCache,
     chain_providers,
+    lookup_credentials,
     parse_token_response,
     parse_www_authenticate,
+    scope_repository,
     static_credentials,
 )
 from p2p.errors import AuthError, CredentialsError
+from p2p.keychain import Keychain
 
 
 def test_bearer_challenge_with_quoted_scope_list() -> None:
@@ -139,6 +144,80 @@ def test_providers_chain_in_order() -> None:
     assert chained("s.example") == Credentials("b", "3")
     assert chained("t.example") is None
     assert "1" not in repr(Credentials("a", "1"))  # passwords never show in logs
+
+
+def test_config_file_is_read_again_when_it_changes_and_only_then(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    watched = DockerConfigFile()
+    assert watched.path == tmp_path / "config.json"
+    assert watched("r.example") is None  # no file yet: no credentials, nothing parsed
+    assert watched.loads == 0
+
+    _config(tmp_path, {"auths": {"r.example": {"username": "u1", "password": "p1"}}})
+    assert watched("r.example") == Credentials("u1", "p1")  # a file that appears is read
+    for _ in range(3):
+        assert watched("r.example") == Credentials("u1", "p1")
+    assert watched.loads == 1  # unchanged: one stat per lookup, no parse
+
+    # `docker login` writes a temporary file and renames it over the old one: a new inode.
+    new = tmp_path / "config.json.tmp"
+    new.write_text(json.dumps({"auths": {"r.example": {"username": "u2", "password": "p2"}}}))
+    os.replace(new, tmp_path / "config.json")
+    assert watched("r.example") == Credentials("u2", "p2")
+
+    # An in-place rewrite of the same length, with the same modification time forced back: the size
+    # and inode are the same, so only the time tells; a different time is noticed.
+    path = tmp_path / "config.json"
+    before = path.stat()
+    path.write_text(json.dumps({"auths": {"r.example": {"username": "u3", "password": "p3"}}}))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    assert watched("r.example") == Credentials("u3", "p3")
+
+    path.write_text("{broken")  # caught mid-write, or a typo: an error now, read again next time
+    with pytest.raises(CredentialsError, match="not valid JSON"):
+        watched("r.example")
+    path.write_text(json.dumps({"auths": {}}))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000))
+    assert watched("r.example") is None
+
+    path.unlink()  # removed: no credentials any more
+    assert watched("r.example") is None
+
+
+def test_config_file_helpers_run_at_every_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = tmp_path / "count"
+    _helper(
+        tmp_path,
+        monkeypatch,
+        f'read server\necho x >> {counter}\necho \'{{"Username":"hu","Secret":"hs"}}\'\n',
+    )
+    watched = DockerConfigFile(_config(tmp_path, {"credHelpers": {"r.example": "fake"}}))
+    assert watched("r.example") == Credentials("hu", "hs")
+    assert watched("r.example") == Credentials("hu", "hs")
+    assert counter.read_text().count("x") == 2 and watched.loads == 1
+
+
+def test_scope_names_the_repository_a_request_is_for() -> None:
+    assert scope_repository(["repository:team/app:pull"]) == "team/app"
+    assert scope_repository(["registry:catalog:*", "repository:a:pull,push", "repository:b:pull"]) == "a"
+    assert scope_repository([]) is None
+    assert scope_repository(["repository::pull", "nonsense"]) is None
+
+
+def test_repository_credentials_are_asked_per_repository_first() -> None:
+    keychain = Keychain()
+    keychain.put("https://R.example", "team/app", Credentials("cri", "s1"))
+    host_wide = static_credentials({"r.example": Credentials("docker", "s2")})
+    chained = chain_providers(keychain, host_wide)
+    assert lookup_credentials(chained, "r.example", "team/app") == Credentials("cri", "s1")
+    assert lookup_credentials(chained, "r.example", "team/other") == Credentials("docker", "s2")
+    assert lookup_credentials(chained, "r.example", None) == Credentials("docker", "s2")
+    assert lookup_credentials(keychain, "r.example", None) is None  # never for a whole registry
+    assert lookup_credentials(host_wide, "r.example", "team/app") == Credentials("docker", "s2")
+    nested = chain_providers(chain_providers(keychain), host_wide)
+    assert lookup_credentials(nested, "r.example", "team/app") == Credentials("cri", "s1")
 
 
 def test_token_response_and_cache_expiry() -> None:

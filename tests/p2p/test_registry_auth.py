@@ -6,12 +6,14 @@ import base64
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from p2p.auth import Credentials, DockerConfig, static_credentials
+from p2p.auth import Credentials, DockerConfig, DockerConfigFile, static_credentials
 from p2p.errors import AuthError, NotFoundError
+from p2p.keychain import Keychain
 from p2p.registry import RegistryClient
 
 from .conftest import ALICE, ALICE_REFRESH_TOKEN, BOB, ClientFactory, TokenRegistry
@@ -246,3 +248,42 @@ def test_one_client_shared_by_many_threads(
         t.join(timeout=30)
     assert not errors, errors
     assert not any(t.is_alive() for t in threads)
+
+
+# -- credentials that change while a client lives -------------------------------------------------
+
+
+def test_a_live_client_heeds_a_docker_login_made_after_it_started(
+    basic_registry: RegistryServer, make_client: ClientFactory, repo: str, docker_config_dir: Path
+) -> None:
+    client = make_client(basic_registry.host, credentials=DockerConfigFile())
+    with pytest.raises(AuthError, match="no credentials"):
+        client.push_blob(repo, b"before the login")
+    _write_config(docker_config_dir, {basic_registry.host: {"auth": _b64(ALICE.username, ALICE.password)}})
+    assert client.push_blob(repo, b"after the login").how == "uploaded"  # same client, no restart
+
+
+def test_a_short_lived_token_is_renewed_on_the_real_clock(
+    token_registry: TokenRegistry, token_client: ClientFactory, repo: str
+) -> None:
+    token_registry.tokens.expires_in = 2  # kept for 1 s (half a short lifetime), then fetched anew
+    client = token_client(credentials=static_credentials({token_registry.host: ALICE}))
+    digest = client.push_blob(repo, b"short-lived").digest
+    client.read_blob_range(repo, digest, 0, 3)
+    count = client.session.token_requests
+    client.read_blob_range(repo, digest, 0, 3)
+    assert client.session.token_requests == count  # still valid
+    time.sleep(1.2)
+    assert client.read_blob_range(repo, digest, 0, 3) == b"sho"
+    assert client.session.token_requests == count + 1
+
+
+def test_repository_credentials_are_used_for_their_repository_only(
+    basic_registry: RegistryServer, make_client: ClientFactory, repo: str
+) -> None:
+    keychain = Keychain()
+    keychain.put(basic_registry.host, repo, ALICE)
+    client = make_client(basic_registry.host, credentials=keychain)
+    assert client.push_blob(repo, b"for this repository").how == "uploaded"
+    with pytest.raises(AuthError, match="no credentials"):
+        client.push_blob(repo + "-other", b"not for that one")

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import pytest
 from click.testing import CliRunner
 
-from blockformat.annotations import MEDIA_TYPE_LAYER
+from blockformat.annotations import MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_V0
 from blockformat.digest import Digest
 from p2p.manifest import (
     OCI_CONFIG,
@@ -91,6 +91,7 @@ def test_unpack_keys_are_containerds_format_and_unique() -> None:
         ("application/vnd.docker.image.rootfs.diff.tar.gzip", True),
         ("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", True),
         (MEDIA_TYPE_LAYER, False),
+        (MEDIA_TYPE_LAYER_V0, False),
         ("application/octet-stream", False),
     ],
 )
