@@ -47,7 +47,7 @@ from blockformat.durable import PRIVATE_FILE_MODE, atomic_write, private_dir
 from blockformat.errors import CorruptBlobError, SourceError
 from blockformat.source import RangeSource
 
-from . import deadline
+from . import deadline, tally
 from .bitmap import PresenceBitmap, open_private
 from .errors import CacheError, CoolingDownError, DeadlineExceededError, unavailable_cause
 from .flights import UnitFlights
@@ -327,15 +327,18 @@ class CachedBlob:
             mine, flight, waits = self._flights.claim(range(first, last + 1))
             if mine:
                 error: BaseException | None = None
+                fetched = tally.watch()
                 try:
-                    for run_first, run_last in _runs(mine):
-                        self._fetch_units(g, run_first, run_last)
+                    with fetched:
+                        for run_first, run_last in _runs(mine):
+                            self._fetch_units(g, run_first, run_last)
                 except BaseException as e:
                     error = e
                     if not isinstance(unavailable_cause(e), DeadlineExceededError):  # our own time
                         self._flights.cool(mine, self.cache.fail_cooldown)
                     raise
                 finally:
+                    flight.fetched = fetched.counts
                     self._flights.finish(mine, flight, error)
             for w in waits:
                 if not w.done.wait(deadline.remaining()):
@@ -346,6 +349,7 @@ class CachedBlob:
                     raise SourceError(
                         self.name, offset, length, f"a concurrent fetch failed: {w.error}"
                     ) from w.error
+                tally.add_all(w.fetched)
             if not waits:
                 return
             # Units another reader fetched are present now; loop once more for any it could not mark.
@@ -407,6 +411,7 @@ class CachedBlob:
             self._bitmap.clear(first, last)
             self._drop_complete_marker()
             self.repairs += 1
+        self.cache.count_repair()
         self._bitmap.sync()
         self.changed.set()
         log.warning(
