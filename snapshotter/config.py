@@ -6,6 +6,7 @@ defaults", a missing file named explicitly is an error. Unknown keys and wrong t
 effective config (`to_toml`), which is itself a valid config file::
 
     log_level = "info"            # debug, info, warning, error
+    log_format = "text"           # text, or json: one object per line (serve and the device daemon)
 
     [snapshotter]
     root = "/var/lib/damselfly"                       # metadata.db and snapshots/<id>/
@@ -19,6 +20,7 @@ effective config (`to_toml`), which is itself a valid config file::
     background_rate = 0                               # bytes/s per blob for it (0: unlimited)
     cache_limit = 0                                   # evict complete unused blobs above this (0: never)
     unit_size = 65536                                 # the node cache's fetch unit (power of two, >= 4096)
+    metrics_address = ""                              # host:port of the daemon's own /metrics (empty: off)
 
     [remote]
     enabled = true                # converted layers become remote snapshots (false: containerd unpacks)
@@ -27,7 +29,7 @@ effective config (`to_toml`), which is itself a valid config file::
     unreachable_cooldown = 30.0   # a registry that failed the check is not asked again for this long
 
     [metrics]
-    address = ""                  # host:port for Prometheus' /metrics (empty: off)
+    address = ""                  # host:port for Prometheus' /metrics: serve's + the daemon's (empty: off)
 
     [p2p]                         # the peer network (docs/p2p.md; keys: p2p.settings.P2PSettings)
     enabled = false               # serve peers and fetch from them (false: only the registry)
@@ -58,6 +60,7 @@ from .errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/damselfly/config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class DeviceSection:
     background_rate: int = 0
     cache_limit: int = 0
     unit_size: int = DEFAULT_UNIT_SIZE
+    #: ``host:port`` the daemon serves its own ``/metrics`` on (empty: off; `snapshotter.device.metrics`).
+    metrics_address: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -112,6 +117,7 @@ class MetricsSection:
 @dataclass(frozen=True)
 class Config:
     log_level: str = "info"
+    log_format: str = "text"
     snapshotter: SnapshotterSection = field(default_factory=SnapshotterSection)
     device: DeviceSection = field(default_factory=DeviceSection)
     remote: RemoteSection = field(default_factory=RemoteSection)
@@ -150,6 +156,8 @@ def _build(cls: type[Any], data: dict[str, Any], where: str, path: str) -> Any:
 def _check(config: Config, path: str) -> Config:
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(path, f"log_level {config.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(path, f"log_format {config.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
     for name, value in (
         ("snapshotter.root", config.snapshotter.root),
         ("snapshotter.address", config.snapshotter.address),
@@ -176,13 +184,13 @@ def _check(config: Config, path: str) -> Config:
     problems = config.p2p.problems()
     if problems:
         raise ConfigError(path, problems[0])
-    address = config.metrics.address
-    if address:
+    for name, address in (
+        ("metrics.address", config.metrics.address),
+        ("device.metrics_address", config.device.metrics_address),
+    ):
         host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(
-                path, f"metrics.address must be host:port (like 127.0.0.1:9464), not {address!r}"
-            )
+        if address and (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ConfigError(path, f"{name} must be host:port (like 127.0.0.1:9464), not {address!r}")
     return config
 
 
