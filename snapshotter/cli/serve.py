@@ -13,10 +13,13 @@ from types import FrameType
 
 import click
 
+from .. import logs
 from ..config import LOG_LEVELS, Config, load, to_toml
+from ..device.metrics import DaemonMetrics
 from ..device.supervisor import DeviceDaemon
 from ..errors import SnapshotterError
-from ..metrics import MetricsServer
+from ..host.notify import notify
+from ..metrics import REGISTRY, MetricsServer
 from ..remote.blobcheck import RemoteOptions
 from ..remote.snapshots import RemoteSnapshots
 from ..service.metadata import MetaStore
@@ -113,19 +116,18 @@ def serve(
     so a converted image's first Prepare does not wait for it), detached so that it outlives a restart
     (or a crash) of this service while containers use it; on a clean stop with no converted chain
     mounted, it is stopped too.
+
+    Under systemd (Type=notify) it reports READY=1 once the socket serves, and STOPPING=1 at its stop.
     """
     cfg = _effective(config_path, root, address, log_level, state_dir)
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(getattr(logging, cfg.log_level.upper()), cfg.log_format)
     root_dir = Path(cfg.snapshotter.root)
     sock = Path(cfg.snapshotter.address)
     driver = OverlayDriver(root_dir)
     store = MetaStore(root_dir / "metadata.db")
     dev = cfg.device
     # The daemon runs the node's peer network too ([p2p]); [remote] plain_http is its registries'.
-    daemon = DeviceDaemon(dev.state_dir, dev, cfg.p2p, cfg.remote.plain_http)
+    daemon = DeviceDaemon(dev.state_dir, dev, cfg.p2p, cfg.remote.plain_http, cfg.log_format)
     rc = cfg.remote
     remote = RemoteSnapshots(
         store,
@@ -134,6 +136,7 @@ def serve(
         RemoteOptions(rc.enabled, rc.plain_http, rc.check_timeout, rc.unreachable_cooldown, rc.prefetch),
     )
     metrics: MetricsServer | None = None
+    daemon_metrics: DaemonMetrics | None = None
     try:
         _claim_socket(sock)
         # Before serving: mounts of running containers stay as they are; missing ones come back.
@@ -148,6 +151,9 @@ def serve(
             starting.start()
         daemon.watch(remote.reconcile)
         if cfg.metrics.address:
+            # One scrape target: the device daemon's metrics too, asked at each scrape.
+            daemon_metrics = DaemonMetrics(daemon)
+            REGISTRY.register(daemon_metrics)
             metrics = MetricsServer(cfg.metrics.address)
             log.info("metrics on http://%s/metrics", cfg.metrics.address)
         server = build_server(Snapshots(store, driver, remote), str(sock))
@@ -162,9 +168,11 @@ def serve(
         server.start()
         try:
             log.info("serving containerd.services.snapshots.v1 on %s (root %s)", sock, root_dir)
+            notify(f"READY=1\nSTATUS=serving on {sock}")
             while not stop.wait(1.0):
                 pass
         finally:
+            notify("STOPPING=1")
             server.stop(STOP_GRACE).wait()
             sock.unlink(missing_ok=True)
             daemon.close()  # stop watching; the daemon and the chain mounts stay for running containers
@@ -178,6 +186,8 @@ def serve(
         remote.close()
         if metrics is not None:
             metrics.close()
+        if daemon_metrics is not None:
+            REGISTRY.unregister(daemon_metrics)
         store.close()
     log.info("stopped")
 

@@ -43,8 +43,9 @@ class DeviceDaemon(DeviceClient):
         settings: DeviceSection | None = None,
         p2p: P2PSettings | None = None,
         plain_http: bool = False,
+        log_format: str = "text",
     ) -> None:
-        super().__init__(state_dir, settings, p2p, plain_http)
+        super().__init__(state_dir, settings, p2p, plain_http, log_format)
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
