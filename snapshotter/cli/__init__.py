@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detach": ("device", "detach"),
     "commit": ("device", "commit"),
     "devices": ("device", "devices"),
+    "status": ("status", "status"),
     "device-daemon": ("device", "device_daemon"),
     "stop-daemon": ("device", "stop_daemon"),
 }
