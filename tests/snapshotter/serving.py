@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +50,20 @@ class Served:
         return self.proc.returncode
 
 
-def start(tmp: Path, *extra: str, root: Path | None = None, socket: Path | None = None) -> Served:
+def start(
+    tmp: Path,
+    *extra: str,
+    root: Path | None = None,
+    socket: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Served:
     root = root or tmp / "root"
     socket = socket or tmp / "run" / "snapshotter.sock"
     log = tmp / f"serve-{time.monotonic_ns()}.log"
     argv = [*damselfly_argv(), "serve", "--root", str(root), "--address", str(socket), "--log-level", "debug"]
     if not any(a == "--state-dir" or a.startswith("--state-dir=") or a == "--config" for a in extra):
         argv += ["--state-dir", str(tmp / "state")]  # never the node's /run/damselfly
-    proc = spawn([*argv, *extra], log)
+    proc = spawn([*argv, *extra], log, env)
     channel = grpc.insecure_channel(f"unix:{socket}")
     served = Served(proc, root, socket, log, channel)
 
