@@ -228,7 +228,10 @@ class BlobNode:
         log.warning("peer %s demoted for %.0fs: %s", member, seconds, why)
 
     def fetch_failed(self, source: str, digest: str, e: Exception) -> None:
-        """A fetch from a transport of kind `source` failed: counted, and kept among the last errors."""
+        """A fetch from a transport of kind `source` failed: counted, and kept among the last errors.
+        A peer's refusal is none (it answered: it only does not fetch that blob for others)."""
+        if isinstance(e, PeerError) and e.kind == "refused":
+            return
         self.metrics.fetch_failures.labels(source).inc()
         self.metrics.errors.add(source, digest, str(e))
 

@@ -174,7 +174,7 @@ def report(root: str, state_dir: str, daemon: Mapping[str, Any] | None) -> dict[
             "layers": c.layers,
             "snapshots": sorted(name for _ns, name in c.snapshots),
             "users": c.users,
-            "mounted": find_mount(os.path.join(root, "remote", c.device)) is not None,
+            "mounted": find_mount(os.path.realpath(os.path.join(root, "remote", c.device))) is not None,
             "attached": c.device in devices_by_name,
         }
         for c in sorted(found.values(), key=lambda c: (sorted(c.images), c.device))
