@@ -115,6 +115,9 @@ class BlobCache:
         self._lock = threading.Lock()
         self._open: dict[Digest, CachedBlob] = {}
         self._last_use: dict[Digest, float] = {}
+        #: Structures found damaged in the cache (and fetched again), every blob, since this process
+        #: started: ``damselfly_corrupt_chunks_total{source="cache"}``.
+        self.repairs = 0
         for d in (root, os.path.join(root, "blobs"), os.path.join(root, "blobs", "sha256")):
             private_dir(d)
         # The ledger: bytes on disk per blob directory, per other file accounted (`settle(path=)`),
@@ -167,6 +170,10 @@ class BlobCache:
         if self.limit_bytes:
             self.evict()  # a new blob's directory and bitmap take a few blocks
         return blob
+
+    def count_repair(self) -> None:
+        with self._lock:
+            self.repairs += 1
 
     def release(self, blob: CachedBlob) -> None:
         with self._lock:

@@ -52,7 +52,7 @@ from blockformat.durable import PRIVATE_FILE_MODE, atomic_write, private_dir
 from blockformat.errors import CorruptBlobError, SourceError
 from blockformat.source import RangeSource
 
-from . import deadline
+from . import deadline, tally
 from .bitmap import PresenceBitmap, open_private
 from .errors import CacheError, CacheFullError, CoolingDownError, DeadlineExceededError, unavailable_cause
 from .flights import UnitFlights
@@ -406,9 +406,11 @@ class CachedBlob:
             if mine:
                 error: BaseException | None = None
                 kept_out: list[tuple[int, bytes]] = []
+                fetched = tally.watch()
                 try:
-                    for run_first, run_last in _runs(mine):
-                        self._fetch_units(g, run_first, run_last, kept_out, share)
+                    with fetched:
+                        for run_first, run_last in _runs(mine):
+                            self._fetch_units(g, run_first, run_last, kept_out, share)
                 except BaseException as e:
                     error = e
                     if not isinstance(unavailable_cause(e), DeadlineExceededError):  # our own time
@@ -416,6 +418,7 @@ class CachedBlob:
                     raise
                 finally:
                     # Waiters for units not kept find them missing and fetch them for themselves.
+                    flight.fetched = fetched.counts
                     self._flights.finish(mine, flight, error)
                 if kept_out:
                     if spill is None:
@@ -431,6 +434,7 @@ class CachedBlob:
                     raise SourceError(
                         self.name, offset, length, f"a concurrent fetch failed: {w.error}"
                     ) from w.error
+                tally.add_all(w.fetched)
             if not waits:
                 return
             # Units another reader fetched are present now; loop once more for any it could not mark.
@@ -503,6 +507,7 @@ class CachedBlob:
             self._bitmap.clear(first, last)
             self._drop_complete_marker()
             self.repairs += 1
+        self.cache.count_repair()
         self._bitmap.sync()
         self.changed.set()
         log.warning(

@@ -21,11 +21,13 @@ from collections.abc import Callable, Iterable
 class Flight:
     """One in-progress upstream fetch that other readers of the same units wait for."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "fetched")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: BaseException | None = None
+        #: Bytes the fetch got, by source (`p2p.tally`): its waiters count them as theirs.
+        self.fetched: dict[str, int] = {}
 
 
 class UnitFlights:

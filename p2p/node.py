@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -111,7 +112,7 @@ class BlobNode:
         # bounds the whole directory).
         self.documents = DocumentStore(os.path.join(cache_dir, "documents"))
         self.cache = BlobCache(cache_dir, cache.unit_size, cache.cache_limit, cache.fail_cooldown)
-        self.metrics = NodeMetrics(self._cache_reads, self.cache.stats)
+        self.metrics = NodeMetrics(self._cache_reads, self.cache.stats, lambda: self.cache.repairs)
         self._released_reads = 0
         self.me = self.settings.node_id
         self.enabled = self.settings.enabled
@@ -240,6 +241,14 @@ class BlobNode:
         self.metrics.demotions.inc()
         log.warning("peer %s demoted for %.0fs: %s", member, seconds, why)
 
+    def fetch_failed(self, source: str, digest: str, e: Exception) -> None:
+        """A fetch from a transport of kind `source` failed: counted, and kept among the last errors.
+        A peer's refusal is none (it answered: it only does not fetch that blob for others)."""
+        if isinstance(e, PeerError) and e.kind == "refused":
+            return
+        self.metrics.fetch_failures.labels(source).inc()
+        self.metrics.errors.add(source, digest, str(e))
+
     def peer_failed(self, e: PeerError) -> None:
         self.metrics.peer_errors.labels(e.kind).inc()
         if e.kind == "refused":
@@ -343,22 +352,28 @@ class BlobNode:
         errors: list[Exception] = []
         for transport in self.route(ref.digest, registry):
             deadline.check(f"{ref.digest}: the document")
+            started = time.monotonic()
             try:
                 data = transport.fetch_document(ref)
             except PeerError as e:
                 errors.append(e)
+                self.fetch_failed(transport.kind, ref.digest, e)
                 self.peer_failed(e)
                 continue
             except P2PError as e:
                 errors.append(e)
+                self.fetch_failed(transport.kind, ref.digest, e)
                 continue
             if not self.documents.matches(ref.digest, ref.size, data):
                 errors.append(P2PError(f"{transport.name} sent a document that is not {ref.digest}"))
+                self.metrics.corrupt.inc(transport.kind)
+                self.metrics.errors.add(transport.kind, ref.digest, errors[-1].args[0])
                 if isinstance(transport, PeerTransport):
                     self.metrics.bad_bytes.inc()
                     self.demote(transport.member, self.settings.demote_seconds, "sent a wrong document")
                 continue
             self._keep_document(ref.digest, data)
+            self.metrics.fetch_seconds.labels(transport.kind).observe(time.monotonic() - started)
             self.metrics.fetched.labels(transport.kind).inc(len(data))
             return data
         if not errors:

@@ -10,12 +10,13 @@ the error names each one's failure, as an ``ExceptionGroup`` in the order tried.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from blockformat.errors import CorruptBlobError, SourceError
 
-from . import deadline
+from . import deadline, tally
 from .errors import P2PError, RefusedError, UpstreamsFailedError
 from .peerclient import PeerError
 from .peerwire import BlobRef
@@ -123,25 +124,32 @@ class TreeSource:
         route = self.route()
         for transport in route:
             deadline.check(f"{self.name}: {offset}+{length}")
+            started = time.monotonic()
             try:
                 data = transport.fetch(self.ref, offset, length)
                 if len(data) != length:
                     raise P2PError(f"{transport.name}: {len(data)} of {length} bytes")
             except PeerError as e:
                 errors.append(e)
+                self.node.fetch_failed(transport.kind, self.ref.digest, e)
                 self.node.peer_failed(e)
                 continue
             except P2PError as e:
                 errors.append(e)
+                self.node.fetch_failed(transport.kind, self.ref.digest, e)
                 continue
+            seconds = time.monotonic() - started
             try:
                 store(data)
             except CorruptBlobError as e:
                 errors.append(P2PError(f"{transport.name} sent wrong bytes: {e}"))
+                self.node.metrics.errors.add(transport.kind, self.ref.digest, str(errors[-1]))
                 if isinstance(transport, PeerTransport):
                     self._bad_bytes(transport.member, str(e))
                     continue
+                self.node.metrics.corrupt.inc(transport.kind)
                 raise SourceError(self.name, offset, length, f"the registry sent wrong bytes: {e}") from e
+            self.node.metrics.fetch_seconds.labels(transport.kind).observe(seconds)
             self._count(transport, len(data))
             if not checked:
                 member = transport.member if isinstance(transport, PeerTransport) else None
@@ -165,6 +173,7 @@ class TreeSource:
             else:
                 self.registry_bytes += n
         self.node.metrics.fetched.labels(transport.kind).inc(n)
+        tally.add(transport.kind, n)
         if self.node.serving_peer():
             self.node.metrics.for_peers.labels(transport.kind).inc(n)
 
@@ -172,4 +181,5 @@ class TreeSource:
         with self._lock:
             self.bad_peers += 1
         self.node.metrics.bad_bytes.inc()
+        self.node.metrics.corrupt.inc("peer")
         self.node.demote(member, self.node.settings.demote_seconds, f"sent wrong bytes: {why}")

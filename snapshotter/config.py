@@ -6,6 +6,7 @@ defaults", a missing file named explicitly is an error. Unknown keys and wrong t
 effective config (`to_toml`), which is itself a valid config file::
 
     log_level = "info"            # debug, info, warning, error
+    log_format = "text"           # text, or json: one object per line (serve and the device daemon)
 
     [snapshotter]
     root = "/var/lib/damselfly"                       # metadata.db and snapshots/<id>/
@@ -19,6 +20,7 @@ effective config (`to_toml`), which is itself a valid config file::
     background_rate = 0                               # bytes/s per blob for it (0: unlimited)
     cache_limit = 10737418240                         # bytes the node cache may take on disk ("10G"; 0: none)
     unit_size = 65536                                 # the node cache's fetch unit (power of two, >= 4096)
+    metrics_address = ""                              # host:port of the daemon's own /metrics (empty: off)
 
     [remote]
     enabled = true                # converted layers become remote snapshots (false: containerd unpacks)
@@ -32,7 +34,7 @@ effective config (`to_toml`), which is itself a valid config file::
     proxy = ""                    # an HTTP(S) proxy for every registry request (wins over the environment)
 
     [metrics]
-    address = ""                  # host:port for Prometheus' /metrics (empty: off)
+    address = ""                  # host:port for Prometheus' /metrics: serve's + the daemon's (empty: off)
 
     [cri]                         # the CRI image-service proxy: Kubernetes pull secrets for lazy reads
     enabled = false               # serve runtime.v1.ImageService on `listen`, forwarded to `containerd`
@@ -91,6 +93,7 @@ DEFAULT_CACHE_LIMIT = 10 << 30
 SIZE_KEYS = frozenset({"device.cache_limit", "device.unit_size", "device.background_rate"})
 #: The longest path a ``sockaddr_un`` holds (108 bytes with the terminating NUL).
 MAX_SOCKET_PATH = 107
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ class DeviceSection:
     #: Bytes the node cache (``<state_dir>/cache``) may take on disk; 0: no limit (`p2p.cache`).
     cache_limit: int = DEFAULT_CACHE_LIMIT
     unit_size: int = DEFAULT_UNIT_SIZE
+    #: ``host:port`` the daemon serves its own ``/metrics`` on (empty: off; `snapshotter.device.metrics`).
+    metrics_address: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -153,6 +158,7 @@ class CriSection:
 @dataclass(frozen=True)
 class Config:
     log_level: str = "info"
+    log_format: str = "text"
     snapshotter: SnapshotterSection = field(default_factory=SnapshotterSection)
     device: DeviceSection = field(default_factory=DeviceSection)
     remote: RemoteSection = field(default_factory=RemoteSection)
@@ -198,6 +204,8 @@ def _build(cls: type[Any], data: dict[str, Any], where: str, path: str) -> Any:
 def _check(config: Config, path: str) -> Config:
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(path, f"log_level {config.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(path, f"log_format {config.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
     for name, value in (
         ("snapshotter.root", config.snapshotter.root),
         ("snapshotter.address", config.snapshotter.address),
@@ -232,13 +240,13 @@ def _check(config: Config, path: str) -> Config:
     problems = config.p2p.problems() + config.registry.problems()
     if problems:
         raise ConfigError(path, problems[0])
-    address = config.metrics.address
-    if address:
+    for name, address in (
+        ("metrics.address", config.metrics.address),
+        ("device.metrics_address", config.device.metrics_address),
+    ):
         host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(
-                path, f"metrics.address must be host:port (like 127.0.0.1:9464), not {address!r}"
-            )
+        if address and (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ConfigError(path, f"{name} must be host:port (like 127.0.0.1:9464), not {address!r}")
     return config
 
 

@@ -11,6 +11,9 @@ it serves ``/metrics`` in the text exposition format from a daemon thread.
 | ``damselfly_chain_mounts`` | gauge | | read-only ext4 mounts of converted chains that exist now |
 | ``damselfly_chain_mount_seconds`` | histogram | | attach + loop + mount of one chain |
 | ``damselfly_chain_releases_total`` | counter | ``result`` | chain mounts released (unmounted and detached) |
+
+`damselfly serve` adds the device daemon's metrics to this endpoint, asked over its control socket at
+each scrape (`snapshotter.device.metrics.DaemonMetrics`; docs/observability.md lists them).
 """
 
 from __future__ import annotations
@@ -65,16 +68,19 @@ CHAIN_RELEASES = Counter(
 
 
 class MetricsServer:
-    """The ``/metrics`` endpoint on a TCP address; `close` stops it."""
+    """The ``/metrics`` endpoint of `registry` on a TCP address; `close` stops it. `key` names the
+    config key of the address in messages."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(
+        self, address: str, registry: CollectorRegistry = REGISTRY, key: str = "[metrics] address"
+    ) -> None:
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         try:
-            self._server, self._thread = start_http_server(int(port), host, REGISTRY)
+            self._server, self._thread = start_http_server(int(port), host, registry)
         except (OSError, ValueError) as e:
             raise SnapshotterError(
-                f"cannot serve metrics on {address}: {e}; choose a free host:port for [metrics] address"
+                f"cannot serve metrics on {address}: {e}; choose a free host:port for {key}"
             ) from None
         self.address = address
 

@@ -14,8 +14,8 @@ import click
 from p2p.hosts import RegistrySettings, Resolver
 from p2p.settings import P2PSettings
 
-from .. import config
-from ..config import DeviceSection
+from .. import config, logs
+from ..config import LOG_FORMATS, DeviceSection
 from ..device.client import DeviceClient
 from ..device.daemon import run
 from ..device.manager import DeviceSpec
@@ -108,6 +108,12 @@ STATE_DIR_OPTION = click.option(
     help="Background download bytes per second per blob (0: unlimited) [0].",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every attach, detach and fetch failure.")
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default=None,
+    help="text, or json: one object per line [the config's log_format, text].",
+)
 @reports_errors
 def device_daemon(
     state_dir: str | None,
@@ -123,15 +129,13 @@ def device_daemon(
     background_delay: float | None,
     background_rate: int | None,
     verbose: bool,
+    log_format: str | None,
 ) -> None:
     """Serve block devices through FUSE until SIGTERM (runs in the foreground).
 
     With the peer network on ([p2p] enabled), the daemon also serves its peers and fetches from them."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     cfg = config.load(config_path) if config_path is not None else config.Config()
+    logs.setup(logging.INFO if verbose else logging.WARNING, log_format or cfg.log_format)
     base = DeviceSection.from_json(settings_json) if settings_json is not None else cfg.device
     state_dir = state_dir or base.state_dir
     p2p = cfg.p2p

@@ -17,10 +17,13 @@ import grpc
 from p2p.auth import DockerConfigFile, chain_providers
 from p2p.keychain import Keychain
 
+from .. import logs
 from ..config import LOG_LEVELS, Config, load, to_toml
+from ..device.metrics import DaemonMetrics
 from ..device.supervisor import DeviceDaemon
 from ..errors import SnapshotterError
-from ..metrics import MetricsServer
+from ..host.notify import notify
+from ..metrics import REGISTRY, MetricsServer
 from ..remote.blobcheck import BlobCheck, RemoteOptions
 from ..remote.snapshots import RemoteSnapshots
 from ..service.cri import CredentialKeeper, CriProxy, build_cri_server
@@ -122,12 +125,11 @@ def serve(
     With ``[cri] enabled``, it also serves the CRI image service on ``[cri] listen`` for the kubelet,
     forwarded to containerd's, and keeps the credentials of its PullImage calls in memory for the Prepare
     checks and the block reads of those images (`snapshotter.service.cri`).
+
+    Under systemd (Type=notify) it reports READY=1 once the socket serves, and STOPPING=1 at its stop.
     """
     cfg = _effective(config_path, root, address, log_level, state_dir)
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(getattr(logging, cfg.log_level.upper()), cfg.log_format)
     root_dir = Path(cfg.snapshotter.root)
     sock = Path(cfg.snapshotter.address)
     driver = OverlayDriver(root_dir)
@@ -136,7 +138,9 @@ def serve(
     # Credentials of CRI pulls, in memory only: the Prepare checks ask them first, the daemon gets them.
     keychain = Keychain()
     # The daemon runs the node's peer network too ([p2p]); [remote] plain_http is its registries'.
-    daemon = DeviceDaemon(dev.state_dir, dev, cfg.p2p, cfg.remote.plain_http, cfg.registry, keychain)
+    daemon = DeviceDaemon(
+        dev.state_dir, dev, cfg.p2p, cfg.remote.plain_http, cfg.registry, keychain, cfg.log_format
+    )
     rc = cfg.remote
     options = RemoteOptions(
         rc.enabled, rc.plain_http, rc.check_timeout, rc.unreachable_cooldown, rc.prefetch, cfg.registry
@@ -146,6 +150,7 @@ def serve(
     metrics: MetricsServer | None = None
     cri: grpc.Server | None = None
     proxy: CriProxy | None = None
+    daemon_metrics: DaemonMetrics | None = None
     try:
         _claim_socket(sock)
         if cfg.cri.enabled:
@@ -162,6 +167,9 @@ def serve(
             starting.start()
         daemon.watch(remote.reconcile)
         if cfg.metrics.address:
+            # One scrape target: the device daemon's metrics too, asked at each scrape.
+            daemon_metrics = DaemonMetrics(daemon)
+            REGISTRY.register(daemon_metrics)
             metrics = MetricsServer(cfg.metrics.address)
             log.info("metrics on http://%s/metrics", cfg.metrics.address)
         server = build_server(Snapshots(store, driver, remote), str(sock))
@@ -186,9 +194,11 @@ def serve(
             )
         try:
             log.info("serving containerd.services.snapshots.v1 on %s (root %s)", sock, root_dir)
+            notify(f"READY=1\nSTATUS=serving on {sock}")
             while not stop.wait(1.0):
                 pass
         finally:
+            notify("STOPPING=1")
             if cri is not None:
                 cri.stop(STOP_GRACE).wait()
                 Path(cfg.cri.listen).unlink(missing_ok=True)
@@ -207,6 +217,8 @@ def serve(
         remote.close()
         if metrics is not None:
             metrics.close()
+        if daemon_metrics is not None:
+            REGISTRY.unregister(daemon_metrics)
         store.close()
     log.info("stopped")
 

@@ -106,11 +106,13 @@ class DeviceClient:
         p2p: P2PSettings | None = None,
         plain_http: bool = False,
         registry: RegistrySettings | None = None,
+        log_format: str = "text",
     ) -> None:
         self.paths = Paths(state_dir)
         self.p2p = p2p
         self.plain_http = plain_http
         self.registry = registry  # None: the daemon's defaults (containerd's /etc/containerd/certs.d)
+        self.log_format = log_format
         self.settings = settings or DeviceSection(state_dir=state_dir)
 
     # -- talking -----------------------------------------------------------------------------------
@@ -226,7 +228,11 @@ class DeviceClient:
             argv.append("--plain-http")
         if self.registry is not None:
             argv += ["--registry", self.registry.to_json()]
+        if self.log_format != "text":
+            argv += ["--log-format", self.log_format]
         log_path = os.path.join(state, "devd.log")
+        # Not systemd's to hear from: the unit's main process (`serve`) reports readiness alone.
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 argv,
@@ -235,6 +241,7 @@ class DeviceClient:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                env=env,
             )
         started = DaemonProcess(proc, self.paths, log_path)
         log.info("started the device daemon (pid %d, state %s)", proc.pid, state)

@@ -11,6 +11,10 @@ while the snapshotter restarts. Layout of its state directory::
     <state>/devd.pid      pid of the running daemon
     <state>/devd.lock     flock held by the running daemon for its whole life (one per state dir)
     <state>/start.lock    flock a client holds while it looks for a daemon and starts one
+
+With ``[device] metrics_address``, it serves its Prometheus metrics at ``http://ADDRESS/metrics``
+(`snapshotter.device.metrics`); a port it cannot bind is logged and shown by ``status``, and the
+devices are served anyway.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from p2p.hosts import RegistrySettings
 from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
-from ..errors import DeviceError
+from ..errors import DeviceError, SnapshotterError
 from ..host.syscalls import MNT_DETACH, unmount_path
+from ..metrics import MetricsServer
+from . import metrics as device_metrics
 from .control import ControlServer
 from .manager import DeviceManager, DeviceSpec
 from .paths import Paths
@@ -51,6 +57,8 @@ def run(
     private_dir(state_dir)
     lock = hold_lock(paths)  # released by the kernel when this process ends, however it ends
     manager = DeviceManager(state_dir, settings, p2p, plain_http, registry)
+    registry_metrics = device_metrics.register(manager)
+    endpoint: dict[str, Any] = {"address": settings.metrics_address or None, "error": None}
     stop = threading.Event()
 
     def handle(request: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +97,9 @@ def run(
             )
             return {"info": info}
         if op == "status":
-            return {"status": manager.status()}
+            return {"status": {**manager.status(), "pid": os.getpid(), "metrics": endpoint}}
+        if op == "metrics":
+            return {"metrics": device_metrics.dump(registry_metrics)}
         if op == "shutdown":
             stop.set()
             return {}
@@ -104,7 +114,14 @@ def run(
     private_dir(paths.mountpoint)  # hidden under the mount too: the FUSE root is 0700 as well
     manager.start(paths.mountpoint)
     server = ControlServer(paths.socket, handle)
+    http: MetricsServer | None = None
     try:
+        if settings.metrics_address:
+            try:
+                http = MetricsServer(settings.metrics_address, registry_metrics, "[device] metrics_address")
+            except SnapshotterError as e:  # the devices matter more than their metrics: serve them anyway
+                endpoint["error"] = str(e)
+                log.error("%s", e)
         server.start()
         write_file_atomic(paths.pidfile, f"{os.getpid()}\n".encode())
         log.info("device daemon %d serving %s on %s", os.getpid(), paths.mountpoint, paths.socket)
@@ -112,6 +129,8 @@ def run(
             pass
     finally:
         server.close()
+        if http is not None:
+            http.close()
         manager.stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(paths.pidfile)

@@ -37,8 +37,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prometheus_client import Histogram
+
 from blockformat.chunkfile import Part
-from p2p import deadline
+from p2p import deadline, tally
 from p2p.errors import CoolingDownError, DeadlineExceededError, UnavailableError, unavailable_cause
 
 from ..host.mountinfo import parse_mountinfo
@@ -66,6 +68,13 @@ WRITABLE_MODE = 0o600
 DEFAULT_READAHEAD_KB = 8192
 #: A read that fails this close to its deadline failed for want of time (counted as a timeout).
 LATE = 1.0
+#: A read answered (or still waiting) this many seconds after it arrived is slow: counted, and shown.
+SLOW_READ = 10.0
+#: Where a read's bytes came from: the node (no wait), or the source that delivered most of the bytes
+#: it waited for (`p2p.tally`).
+READ_SOURCES = ("cache", "registry", "peer")
+#: Seconds buckets of reads that waited for the network.
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 @dataclass
@@ -121,6 +130,16 @@ class BlockFS:
         self.errors = 0  # reads answered with EIO because the device failed
         self.fast_failures = 0  # reads answered with EIO at once: their unit or upstream is cooling down
         self.refused_opens = 0  # OPENs refused because the caller is not root (nor the daemon's uid)
+        self.read_bytes = dict.fromkeys(READ_SOURCES, 0)  # bytes of READ replies, by source
+        self.reads = dict.fromkeys(READ_SOURCES, 0)  # READ replies with data, by source
+        self.slow_reads = 0  # reads answered (data or EIO) more than SLOW_READ seconds after they arrived
+        #: Seconds the reads that waited for the network took (unregistered: `device.metrics` yields it).
+        self.wait_seconds = Histogram(
+            "damselfly_read_wait_seconds",
+            "Seconds device reads that needed the network took to answer",
+            buckets=WAIT_BUCKETS,
+            registry=None,
+        )
         self.on_error: Callable[[str, BaseException], None] | None = None
 
     @property
@@ -132,6 +151,19 @@ class BlockFS:
     def stores_skipped(self) -> int:
         """Windows not stored: every other request thread was storing."""
         return self.pages.skipped
+
+    def waiting_long(self) -> int:
+        """Reads in flight now that arrived more than `SLOW_READ` seconds ago."""
+        watchdog = self._watchdog
+        if watchdog is None:
+            return 0
+        return watchdog.waiting(time.monotonic() - SLOW_READ + self.read_timeout)
+
+    def _served(self, source: str, parts: list[Part]) -> None:
+        n = sum(len(p) for p in parts)
+        with self._stats_lock:
+            self.read_bytes[source] += n
+            self.reads[source] += 1
 
     # -- devices ---------------------------------------------------------------------------------
 
@@ -428,14 +460,16 @@ class BlockFS:
         except Exception as e:
             self._failed(offset, size, e, arrived + self.read_timeout)
             raise FuseError(errno.EIO) from None
-        return self.pages.hand_out(nodeid, lo, offset, end, parts)
+        reply = self.pages.hand_out(nodeid, lo, offset, end, parts)
+        self._served("cache", reply)
+        return reply
 
     def _read_remote(self, p: Pending, device: BlockDevice) -> None:
         """On the I/O pool: read, and answer unless the watchdog did already."""
         if p.answered:
             return  # waited in the queue past its deadline
         try:
-            with deadline.scope(p.deadline):
+            with deadline.scope(p.deadline), tally.watch() as fetched:
                 parts = device.read_parts(p.offset, p.size)
         except (ValueError, OverflowError):
             if p.claim():
@@ -443,11 +477,21 @@ class BlockFS:
             return
         except Exception as e:
             if p.claim():
+                self._waited(p)
                 self._failed(p.offset, p.size, e, p.deadline)
                 self._reply(p.unique, -errno.EIO)
             return
         if p.claim():
             self._reply(p.unique, 0, parts)
+            self._waited(p)
+            self._served(tally.dominant(fetched) or "cache", parts)
+
+    def _waited(self, p: Pending) -> None:
+        """A read that went to the I/O pool was answered: how long it took."""
+        seconds = time.monotonic() - (p.deadline - self.read_timeout)
+        self.wait_seconds.observe(seconds)
+        if seconds > SLOW_READ:
+            self._count("slow_reads")
 
     def _failed(self, offset: int, size: int, e: BaseException, deadline_at: float) -> None:
         why = _unavailable(e)
@@ -466,6 +510,7 @@ class BlockFS:
     def _expired(self, p: Pending) -> None:
         """The watchdog's answer to a read still unanswered at its deadline."""
         self._count("timeouts")
+        self._waited(p)
         log.error("read of %d bytes at %d timed out after %.1fs: EIO", p.size, p.offset, self.read_timeout)
         if self.on_error is not None:
             self.on_error("timeout", TimeoutError(f"read at {p.offset} outlasted {self.read_timeout}s"))

@@ -28,7 +28,7 @@ from blockformat.stack import Stack
 from blockformat.upper import WritableUpper
 from p2p import deadline
 from p2p.background import BackgroundDownload, Status
-from p2p.cache import CachedBlob
+from p2p.cache import CachedBlob, Progress
 from p2p.errors import CredentialsError
 from p2p.hosts import RegistrySettings
 from p2p.keychain import entry_from_json
@@ -225,6 +225,16 @@ class ImageDevice:
             self.upper.flush()
 
 
+@dataclass(frozen=True)
+class BlobState:
+    """What `DeviceManager.blob_states` says of one blob (`snapshotter.device.metrics`)."""
+
+    digest: str
+    size: int
+    progress: Progress | None  # None: a local file, not read through the node cache
+    background: Status | None  # None: no background download (a local file)
+
+
 @dataclass
 class _Blob:
     cached: CachedBlob | None
@@ -254,6 +264,7 @@ class DeviceManager:
         self.node = BlobNode(os.path.join(state_dir, "cache"), cache, p2p, plain_http, registry)
         self.cache = self.node.cache
         self.fs = BlockFS(read_timeout=s.read_timeout)
+        self.fs.on_error = self._read_failed
         self._lock = threading.Lock()
         self._blobs: dict[str, _Blob] = {}
         self._devices: dict[str, tuple[DeviceSpec, ImageDevice]] = {}
@@ -274,6 +285,10 @@ class DeviceManager:
                 log.exception("detaching %s at shutdown failed", name)
         self.fs.unmount()
         self.node.close()
+
+    def _read_failed(self, kind: str, e: BaseException) -> None:
+        """A device read failed (``timeout``: its deadline passed; ``error``): among the last errors."""
+        self.node.metrics.errors.add("read-timeout" if kind == "timeout" else "read", "", str(e))
 
     # -- blobs -----------------------------------------------------------------------------------
 
@@ -524,6 +539,21 @@ class DeviceManager:
                 log.info("credentials for %s/%s (%s) kept in memory", registry, repository, creds.kind)
         return changed
 
+    def blob_states(self) -> list[BlobState]:
+        """Every blob the attached devices read, with its cache progress and background download."""
+        out = []
+        for digest, blob in list(self._blobs.items()):
+            background = self.node.background(digest)
+            out.append(
+                BlobState(
+                    digest,
+                    blob.source.size(),
+                    None if blob.cached is None else blob.cached.progress(),
+                    None if background is None else background.status(),
+                )
+            )
+        return out
+
     def status(self) -> dict[str, Any]:
         devices = {}
         for name, (spec, device) in list(self._devices.items()):
@@ -539,12 +569,17 @@ class DeviceManager:
         for digest, blob in list(self._blobs.items()):
             background: BackgroundDownload | None = self.node.background(digest)
             st: Status | None = background.status() if background else None
-            entry: dict[str, Any] = {"refs": blob.refs, "local": blob.cached is None}
+            entry: dict[str, Any] = {
+                "refs": blob.refs,
+                "local": blob.cached is None,
+                "size": blob.source.size(),
+            }
             if blob.cached is not None:
                 p = blob.cached.progress()
                 entry.update(
                     present_units=p.present_units,
                     total_units=p.total_units,
+                    present_bytes=p.present_bytes,
                     complete=p.complete,
                     upstream_bytes=blob.cached.upstream_bytes,
                     verified=blob.cached.verified,
@@ -566,6 +601,11 @@ class DeviceManager:
             "refused_opens": self.fs.refused_opens,
             "read_stores": self.fs.stores,
             "read_stores_skipped": self.fs.stores_skipped,
+            "read_bytes": dict(self.fs.read_bytes),
+            "reads": dict(self.fs.reads),
+            "slow_reads": self.fs.slow_reads,
+            "reads_waiting_long": self.fs.waiting_long(),
+            "errors": self.node.metrics.errors.list(),
         }
 
 

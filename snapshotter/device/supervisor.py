@@ -52,8 +52,9 @@ class DeviceDaemon(DeviceClient):
         plain_http: bool = False,
         registry: RegistrySettings | None = None,
         keychain: Keychain | None = None,
+        log_format: str = "text",
     ) -> None:
-        super().__init__(state_dir, settings, p2p, plain_http, registry)
+        super().__init__(state_dir, settings, p2p, plain_http, registry, log_format)
         self.keychain = keychain
         self._credentials_lock = threading.Lock()
         self._credentials_pid: int | None = None  # the daemon that has every entry of `keychain`

@@ -61,6 +61,11 @@ class Watchdog:
             if self._heap[0][2] is p:
                 self._cond.notify()
 
+    def waiting(self, due_before: float) -> int:
+        """How many watched requests, not answered yet, have a deadline before `due_before`."""
+        with self._cond:
+            return sum(1 for due, _seq, p in self._heap if due < due_before and not p.answered)
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -287,3 +288,32 @@ def overlay_tree(
     ``ctr image pull --plain-http``, then `view_tree`. The reference result for converter tests."""
     containerd.pull(ref, snapshotter="overlayfs", namespace=namespace)
     return view_tree(containerd, ref, snapshotter="overlayfs", namespace=namespace, ignore=ignore)
+
+
+# -- tasks -----------------------------------------------------------------------------------------
+
+
+def task_status(c: Containerd) -> dict[str, str]:
+    """Task id -> status (``RUNNING``, ``STOPPED``) from ``ctr task ls``."""
+    out = {}
+    for line in c.ctr("task", "ls").stdout.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) >= 3:
+            out[cols[0]] = cols[2]
+    return out
+
+
+def wait_task(c: Containerd, cid: str, status: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while task_status(c).get(cid) != status:
+        assert time.monotonic() < deadline, f"task {cid} is not {status}: {task_status(c)}"
+        time.sleep(0.1)
+
+
+def remove_container(c: Containerd, cid: str) -> None:
+    """Kill (SIGKILL) and remove container `cid`'s task, then the container."""
+    if cid in task_status(c):
+        c.ctr("task", "kill", "--signal", "SIGKILL", cid, check=False)
+        wait_task(c, cid, "STOPPED")
+        c.ctr("task", "rm", cid)
+    c.ctr("container", "rm", cid)

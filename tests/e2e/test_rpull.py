@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result
 
 from p2p.auth import static_credentials
 from p2p.registry import RegistryClient
+from scripts.demolib.registry import free_port
 from scripts.demolib.serve import release as release_remote
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_ERROR, EXIT_OK
@@ -30,8 +31,9 @@ from tests.p2p.registry_server import RegistryServer
 from tests.snapshotter import serving
 from tests.snapshotter.remote_lab import serve_config
 
+from . import observe
 from .conftest import ContainerdFactory
-from .containerd import Containerd
+from .containerd import Containerd, remove_container, wait_task
 
 SNAPSHOTTER = "damselfly"
 NS = "rpull-test"
@@ -41,6 +43,8 @@ NS = "rpull-test"
 class Stack:
     containerd: Containerd
     served: serving.Served
+    config: Path
+    metrics: str  # host:port of the device daemon's /metrics ("" when off)
 
 
 @pytest.fixture
@@ -55,15 +59,21 @@ def serve_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def stack(make_containerd: ContainerdFactory, serve_dir: Path) -> Iterator[Stack]:
+def stack(
+    make_containerd: ContainerdFactory, serve_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
     """`damselfly serve` on a temporary root, and a containerd whose proxy plugin ``damselfly`` is it.
-    containerd is stopped first, while the snapshotter it may still call is up."""
+    containerd is stopped first, while the snapshotter it may still call is up. A test may set the
+    device daemon's background download delay (``indirect`` parameter ``{"background_delay": S}``);
+    the daemon's /metrics is served on a free loopback port."""
     state = serve_dir / "state"
-    config = serve_config(serve_dir / "config.toml", state)
+    metrics = f"127.0.0.1:{free_port()}"
+    options = getattr(request, "param", {})
+    config = serve_config(serve_dir / "config.toml", state, device_metrics=metrics, **options)
     served = serving.start(serve_dir, "--config", str(config))
     try:
         c = make_containerd(proxy_plugins={SNAPSHOTTER: str(served.socket)}, namespace=NS)
-        yield Stack(c, served)
+        yield Stack(c, served, config, metrics)
         forced = c.stop()  # before the snapshotter goes: containerd may still call it
         assert not forced, forced
     finally:
@@ -222,6 +232,7 @@ def test_index_image_is_pulled_for_this_platform(
 # -- converted images ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stack", [{"background_delay": 0.5}], indirect=True)
 def test_converted_image_layers_are_prepared_as_remote_layers(
     stack: Stack, registry: RegistryServer, tmp_path: Path, repo: str
 ) -> None:
@@ -252,10 +263,53 @@ def test_converted_image_layers_are_prepared_as_remote_layers(
 
     assert c.run(dst, ["/bin/sh", "-c", "echo hi"], snapshotter=SNAPSHOTTER).stdout == "hi\n"
 
+    # While a container runs, the background download completes the layer: status and /metrics say so.
+    c.run(
+        dst,
+        ["/bin/sh", "-c", "sleep 300"],
+        container_id="bg",
+        snapshotter=SNAPSHOTTER,
+        detach=True,
+        extra=["--null-io"],
+    )
+    try:
+        wait_task(c, "bg", "RUNNING")
+        assert_completed_in_the_background(stack, dst, layer["digest"], layer["size"])
+    finally:
+        remove_container(c, "bg")
+
     c.ctr("image", "rm", "--sync", dst)
     assert snapshot_names(c) == []
     assert serving.names(stack.served.stub, None) == []
     assert serving.mounts_under(stack.served.root) == [], "the image's device is still mounted"
+
+
+def assert_completed_in_the_background(stack: Stack, ref: str, digest: str, size: int) -> None:
+    """Once the background download of the image's one layer completes, `damselfly status --json` shows
+    it 100% local and verified, and the daemon's /metrics the same bytes."""
+
+    def complete() -> bool:
+        status = observe.status(stack.config, stack.served.root)
+        return any(b["digest"] == digest and b["complete"] for b in status["blobs"])
+
+    observe.wait_for(f"the background download of {digest}", complete)
+    status = observe.status(stack.config, stack.served.root)
+    (chain,) = [x for x in status["chains"] if ref in x["images"]]
+    assert chain["layers"] == [digest] and chain["attached"] and chain["mounted"], chain
+    b = observe.blob(status, digest)
+    assert (b["size"], b["local_bytes"], b["percent"]) == (size, size, 100.0), b
+    assert b["verified"] and b["background"] == "complete" and b["background_error"] is None, b
+    assert 0 < b["registry_bytes"] <= status["bytes"]["fetched"]["registry"], (b, status["bytes"])
+    assert status["bytes"]["read"]["registry"] + status["bytes"]["read"]["cache"] > 0, status["bytes"]
+    assert status["errors"] == [], status["errors"]
+
+    samples = observe.scrape(stack.metrics)
+    assert observe.sample(samples, "damselfly_blob_local_bytes", blob=digest) == size
+    assert observe.sample(samples, "damselfly_blob_complete", blob=digest) == 1
+    assert observe.sample(samples, "damselfly_background_download", blob=digest, state="complete") == 1
+    fetched = observe.sample(samples, "damselfly_fetched_bytes_total", source="registry")
+    assert fetched == status["bytes"]["fetched"]["registry"]  # nothing is fetched once complete
+    assert observe.sample(samples, "damselfly_fetch_failures_total", source="registry") == 0
 
 
 # -- failures --------------------------------------------------------------------------------------

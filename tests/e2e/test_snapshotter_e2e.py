@@ -27,13 +27,14 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from scripts.demolib.registry import free_port
 from scripts.demolib.serve import release as release_remote
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_OK
@@ -44,7 +45,8 @@ from tests.programs import euid_program
 from tests.snapshotter import remote_lab, serving
 from tests.snapshotter.devd import CountingProxy
 
-from .containerd import Containerd
+from . import observe
+from .containerd import Containerd, remove_container, task_status, wait_task
 
 SNAPSHOTTER = "damselfly"
 NS = "e2e-remote"
@@ -94,6 +96,7 @@ class Stack:
     served: serving.Served
     dir: Path
     config: Path
+    metrics: str  # host:port of the device daemon's /metrics
 
     @property
     def root(self) -> Path:
@@ -111,10 +114,11 @@ class Stack:
 def stack() -> Iterator[Stack]:
     """`damselfly serve` on a short temporary directory, and a containerd whose proxy plugin is it."""
     d = Path(tempfile.mkdtemp(prefix="dfly-e2e-", dir="/tmp"))
-    config = remote_lab.serve_config(d / "config.toml", d / "state")
+    metrics = f"127.0.0.1:{free_port()}"
+    config = remote_lab.serve_config(d / "config.toml", d / "state", device_metrics=metrics)
     served = serving.start(d, "--config", str(config))
     c = Containerd(proxy_plugins={SNAPSHOTTER: str(served.socket)}, namespace=NS)
-    stack = Stack(c, served, d, config)
+    stack = Stack(c, served, d, config, metrics)
     problems: list[str] = []
     try:
         c.start()
@@ -168,30 +172,6 @@ def remove_image(stack: Stack, ref: str) -> None:
     assert_nothing_left(stack)
 
 
-def task_status(c: Containerd) -> dict[str, str]:
-    out = {}
-    for line in c.ctr("task", "ls").stdout.splitlines()[1:]:
-        cols = line.split()
-        if len(cols) >= 3:
-            out[cols[0]] = cols[2]
-    return out
-
-
-def wait_task(c: Containerd, cid: str, status: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while task_status(c).get(cid) != status:
-        assert time.monotonic() < deadline, f"task {cid} is not {status}: {task_status(c)}"
-        time.sleep(0.1)
-
-
-def remove_container(c: Containerd, cid: str) -> None:
-    if cid in task_status(c):
-        c.ctr("task", "kill", "--signal", "SIGKILL", cid, check=False)
-        wait_task(c, cid, "STOPPED")
-        c.ctr("task", "rm", cid)
-    c.ctr("container", "rm", cid)
-
-
 # -- the lazy pull ---------------------------------------------------------------------------------
 
 
@@ -212,7 +192,79 @@ def test_converted_image_runs_after_fetching_only_part_of_it(
     served = proxy.served - before
     print(f"registry served {served} of {image_bytes} bytes ({served / image_bytes:.1%})")
     assert 0 < served < image_bytes * 0.25, f"the registry served {served} of {image_bytes} bytes"
+
+    # What an operator sees while a container of the image runs: `damselfly status` and /metrics.
+    c.run(
+        ref,
+        ["/bin/sh", "-c", "sleep 300"],
+        container_id="observed",
+        snapshotter=SNAPSHOTTER,
+        detach=True,
+        extra=["--null-io"],
+    )
+    try:
+        wait_task(c, "observed", "RUNNING")
+        assert_lazy_status_and_metrics(
+            stack, ref, [d.digest for d in manifest.layers], lambda: proxy.served - before
+        )
+    finally:
+        remove_container(c, "observed")
+    wait_released(stack)
     remove_image(stack, ref)
+
+
+def assert_lazy_status_and_metrics(
+    stack: Stack, ref: str, layers: list[str], proxied_now: Callable[[], int]
+) -> None:
+    """`damselfly status --json` shows the image's chain, mounted and attached, each layer's blob
+    partly local (the background download is held back), bytes from the registry; a scrape of the
+    daemon's /metrics agrees. `proxied_now()`: what the registry served the test so far."""
+    status = observe.status(stack.config, stack.root)
+    proxied = proxied_now()  # after the status: the kernel's readahead may still be fetching
+    assert status["daemon"]["running"] and status["daemon"]["metrics"] == {
+        "address": stack.metrics,
+        "error": None,
+    }
+    (chain,) = [x for x in status["chains"] if ref in x["images"]]
+    assert chain["layers"] == layers
+    # The running container (containerd's GC may not have removed the first one's snapshot yet).
+    assert chain["mounted"] and chain["attached"] and chain["users"] >= 1, chain
+    (device,) = [d for d in status["devices"] if d["name"] == chain["device"]]
+    assert device["layers"] == layers and not device["writable"]
+    blobs = [observe.blob(status, digest) for digest in layers]
+    for b in blobs:
+        assert b["devices"] == [chain["device"]]
+        assert 0 < b["local_bytes"] <= b["size"] and not b["complete"], b
+        assert b["background"] == "waiting", b  # held back: background_delay = 3600
+    big = blobs[-1]  # the 40 MiB file nobody reads
+    assert big["percent"] < 25, big
+    registry_bytes = sum(b["registry_bytes"] for b in blobs)
+    fetched = status["bytes"]["fetched"]["registry"]
+    # Every layer byte came from the registry, through the proxy (the node's counter has more: the
+    # image config, and what other tests fetched).
+    assert 0 < registry_bytes <= min(fetched, proxied), (registry_bytes, fetched, proxied)
+    assert status["bytes"]["fetched"]["peer"] == 0
+    read = status["bytes"]["read"]
+    assert read["registry"] > 0 and read["peer"] == 0, read  # reads that waited for the registry
+    assert status["reads"]["timeouts"] == 0 and status["reads"]["errors"] == 0
+
+    samples = observe.scrape(stack.metrics)  # after the status: counters can only have grown
+    assert observe.sample(samples, "damselfly_fetched_bytes_total", source="registry") >= fetched
+    assert observe.sample(samples, "damselfly_read_bytes_total", source="registry") >= read["registry"]
+    assert observe.sample(samples, "damselfly_read_bytes_total", source="cache") >= read["cache"]
+    assert observe.sample(samples, "damselfly_fetch_seconds_count", source="registry") > 0
+    assert observe.sample(samples, "damselfly_devices") >= 1
+    for b in blobs:
+        assert observe.sample(samples, "damselfly_blob_size_bytes", blob=b["digest"]) == b["size"]
+        local = observe.sample(samples, "damselfly_blob_local_bytes", blob=b["digest"])
+        assert b["local_bytes"] <= local <= b["size"]
+        assert observe.sample(samples, "damselfly_blob_complete", blob=b["digest"]) == 0
+        assert (
+            observe.sample(samples, "damselfly_background_download", blob=b["digest"], state="waiting") == 1
+        )
+    assert observe.sample(samples, "damselfly_blob_local_bytes", blob=big["digest"]) < big["size"]
+    assert observe.sample(samples, "damselfly_cache_usage_bytes") > 0
+    assert observe.sample(samples, "damselfly_corrupt_chunks_total", source="registry") == 0
 
 
 def test_unconverted_image_pulls_and_runs_through_ctr(stack: Stack, images: Images) -> None:

@@ -87,10 +87,22 @@ def attached_devices(state: Path) -> list[str]:
     return sorted(reply["status"]["devices"])
 
 
-def serve_config(path: Path, state: Path, *, metrics: str = "", background_delay: float = 3600.0) -> Path:
+def serve_config(
+    path: Path,
+    state: Path,
+    *,
+    metrics: str = "",
+    background_delay: float = 3600.0,
+    device_metrics: str = "",
+    log_format: str = "",
+) -> Path:
     """A config file for `damselfly serve` with the device daemon's state at `state` (the background
-    full download held back, so what a container reads is what the registry serves)."""
-    text = f'[device]\nstate_dir = "{state}"\nbackground_delay = {background_delay!r}\nread_timeout = 20.0\n'
+    full download held back, so what a container reads is what the registry serves); `metrics` is
+    serve's endpoint, `device_metrics` the daemon's own."""
+    text = f'log_format = "{log_format}"\n' if log_format else ""
+    text += f'[device]\nstate_dir = "{state}"\nbackground_delay = {background_delay!r}\nread_timeout = 20.0\n'
+    if device_metrics:
+        text += f'metrics_address = "{device_metrics}"\n'
     if metrics:
         text += f'\n[metrics]\naddress = "{metrics}"\n'
     path.write_text(text)

@@ -689,6 +689,9 @@ def test_containerd_snippet_and_systemd_unit_match_the_defaults() -> None:
     assert "KillMode=process" in unit
     assert "Before=containerd.service" in unit
     assert any(line.startswith("ExecStart=") and line.endswith("damselfly serve") for line in unit)
+    # Ready when the socket serves (sd_notify), and not the first thing the OOM killer takes.
+    assert "Type=notify" in unit
+    assert "OOMScoreAdjust=-999" in unit
 
 
 def test_config_checks_the_remote_device_and_metrics_keys() -> None:
