@@ -241,8 +241,10 @@ def assert_lazy_status_and_metrics(
     registry_bytes = sum(b["registry_bytes"] for b in blobs)
     fetched = status["bytes"]["fetched"]["registry"]
     # Every layer byte came from the registry, through the proxy (the node's counter has more: the
-    # image config, and what other tests fetched).
-    assert 0 < registry_bytes <= min(fetched, proxied), (registry_bytes, fetched, proxied)
+    # image config, and what other tests fetched). The blobs' own counters start at their open: once
+    # containerd's GC removed the first container's snapshot, this device was attached anew.
+    assert 0 < fetched <= proxied, (fetched, proxied)
+    assert registry_bytes <= fetched, (registry_bytes, fetched)
     assert status["bytes"]["fetched"]["peer"] == 0
     read = status["bytes"]["read"]
     assert read["registry"] > 0 and read["peer"] == 0, read  # reads that waited for the registry

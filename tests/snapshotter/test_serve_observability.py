@@ -14,6 +14,7 @@ import pytest
 
 from scripts.demolib.serve import daemon_pid
 from scripts.demolib.serve import release as release_remote
+from snapshotter.config import DEFAULT_CACHE_LIMIT
 from tests.e2e import observe
 from tests.p2p.peerlab import free_ports
 from tests.snapshotter import serving
@@ -70,7 +71,7 @@ def test_serve_notifies_readiness_logs_json_and_exposes_the_daemons_metrics(
         assert observe.sample(both, "damselfly_device_daemon_up") == 1
         assert observe.sample(both, "damselfly_remote_layers_total") == 0  # serve's own
         assert observe.sample(both, "damselfly_read_bytes_total", source="cache") == 0  # the daemon's
-        assert observe.sample(both, "damselfly_cache_limit_bytes") == 0
+        assert observe.sample(both, "damselfly_cache_limit_bytes") == DEFAULT_CACHE_LIMIT  # [device] default
         assert observe.sample(both, "damselfly_device_daemon_process_cpu_seconds_total") > 0
         assert observe.sample(both, "process_cpu_seconds_total") > 0  # serve's process, not the daemon's
 
