@@ -12,10 +12,14 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from scripts.demolib.procs import attached_loops, mount_points
+
+if TYPE_CHECKING:
+    from .devd import DeviceLab
 
 
 class KernelResources:
@@ -84,3 +88,18 @@ def kernel_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelRe
     res = KernelResources(tmp_path_factory.mktemp("kernel"))
     yield res
     res.cleanup()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[DeviceLab]:
+    """A `DeviceLab` (device daemons, registries, mounts) under the test's directory; its teardown
+    fails the test if anything it made was left behind. Modules with a lab of another kind define
+    their own `lab`."""
+    if os.geteuid() != 0:
+        pytest.fail("the device tests need root: FUSE, loop devices and mounts")
+    from .devd import DeviceLab  # noqa: PLC0415  # devd imports KernelResources from here
+
+    lab = DeviceLab(tmp_path)
+    yield lab
+    problems = lab.close()
+    assert not problems, problems

@@ -13,11 +13,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from p2p.registry import RegistryClient
 from tests.p2p.registry_server import RegistryServer
@@ -36,16 +33,6 @@ from .test_blockimage import assert_same_tree
 
 LIMIT = 8 * MiB
 UNIT = 64 << 10
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[DeviceLab]:
-    if os.geteuid() != 0:
-        pytest.fail("the device tests need root: FUSE, loop devices and mounts")
-    lab = DeviceLab(tmp_path)
-    yield lab
-    problems = lab.close()
-    assert not problems, problems
 
 
 def du(path: str) -> int:

@@ -66,16 +66,6 @@ def restartable_registry() -> Iterator[RestartableRegistry]:
         yield server
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[DeviceLab]:
-    if os.geteuid() != 0:
-        pytest.fail("the device tests need root: FUSE, loop devices and mounts")
-    lab = DeviceLab(tmp_path)
-    yield lab
-    problems = lab.close()
-    assert not problems, problems
-
-
 def _ref(host: str, repo: str) -> str:
     return f"{host}/{repo}:v1"
 

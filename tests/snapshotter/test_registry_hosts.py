@@ -43,16 +43,6 @@ def tls_registry(tls: LoopbackTLS) -> Iterator[RegistryServer]:
         yield server
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[DeviceLab]:
-    if os.geteuid() != 0:
-        pytest.fail("the device tests need root: FUSE, loop devices and mounts")
-    lab = DeviceLab(tmp_path)
-    yield lab
-    problems = lab.close()
-    assert not problems, problems
-
-
 def hosts_config(root: Path, host: str, hosts_toml: str, files: dict[str, bytes] | None = None) -> Path:
     """A damselfly config whose ``[registry] config_path`` is a new hosts tree under `root` holding
     `host`'s hosts.toml (and `files` next to it); returns the config file."""
