@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # chroot shell may leave off PATH; the tests and the demo call them by name.
 export PATH := $(PATH)$(if $(filter /usr/sbin,$(subst :, ,$(PATH))),,:/usr/sbin:/sbin)
 
-.PHONY: install test lint bench demo clean proto
+.PHONY: install install-system test lint bench demo clean proto
 
 install: $(STAMP)
 
@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# damselfly on this machine, for systemd (docs/operations.md): a release virtualenv under $(PREFIX), the
+# `damselfly` link the unit's ExecStart names, the unit, a sample config if none. Again = an upgrade.
+# PREFIX, BINDIR, UNITDIR, CONFDIR move it (a test installs into a temporary directory).
+install-system:
+	$(PY) scripts/install_system.py
 
 # Both `test` and `demo` first install what they need from Debian (scripts/system_deps.sh, as root;
 # nothing, and no network, when all is there), then the venv (`install` needs python3-venv).
