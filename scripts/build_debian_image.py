@@ -144,6 +144,7 @@ class ImageSpec:
     gzip: str = "zlib"  # "zlib" (level 6) or "isal" (level 3)
     seed: int = 1
     arch: str = field(default_factory=host_arch)
+    small_files: int = 0  # > 0: the payload is this many small text files instead (`fill_small_files`)
 
     def check(self) -> None:
         if self.variant not in ("debian", "busybox"):
@@ -796,6 +797,36 @@ def fill_payload(tf: tarfile.TarFile, total_bytes: int, seed: int) -> int:
     return entries
 
 
+def fill_small_files(tf: tarfile.TarFile, total_bytes: int, count: int, seed: int) -> int:
+    """`count` text files (source-code-like, ~4x under gzip) of `total_bytes` in all, sizes spread
+    around the mean (log-normal), `FILES_PER_DIR` to a directory under ``opt/payload/``: the shape of
+    a node_modules or site-packages layer, where the cost per file, not per byte, dominates."""
+    gen = PayloadGenerator(seed)
+    rng = gen.rng
+    sizes = [math.exp(rng.gauss(0, 0.8)) for _ in range(count)]
+    scale = total_bytes / sum(sizes)
+    entries = 0
+    for d in ("opt", "opt/payload"):
+        tf.addfile(_new_tarinfo(d, tarfile.DIRTYPE, 0o755))
+        entries += 1
+    written = 0
+    for i, rel in enumerate(sizes):
+        if i % FILES_PER_DIR == 0:
+            tf.addfile(_new_tarinfo(f"opt/payload/d{i // FILES_PER_DIR:04d}", tarfile.DIRTYPE, 0o755))
+            entries += 1
+        size = max(1, int(rel * scale)) if i < count - 1 else max(1, total_bytes - written)
+        ti = _new_tarinfo(
+            f"opt/payload/d{i // FILES_PER_DIR:04d}/f{i:05d}.{('py', 'txt', 'js')[i % 3]}",
+            tarfile.REGTYPE,
+            0o644,
+        )
+        ti.size = size
+        tf.addfile(ti, cast(IO[bytes], _PieceReader(gen.content("text", size))))
+        written += size
+        entries += 1
+    return entries
+
+
 # -- the top layer --------------------------------------------------------------------------------
 
 
@@ -842,7 +873,26 @@ def build_image(
             need = spec.target_mb * MB - base.uncompressed_size
             spec = replace(spec, payload_mb=max(0, math.ceil(need / MB)), target_mb=None)
         layers = [base]
-        if spec.payload_mb > 0:
+        if spec.payload_mb > 0 and spec.small_files > 0:
+            name = f"smallfiles-{_key('small', spec.small_files, spec.payload_mb, spec.seed, spec.gzip)}"
+            info = cache.get(name)
+            if info is None:
+                created_by = (
+                    f"payload: {spec.small_files} text files, {spec.payload_mb} MB, under /opt/payload "
+                    f"(seed {spec.seed})"
+                )
+                ui.step(f"generating the small-files layer ({spec.small_files} files, {spec.payload_mb} MB)")
+                size, count = spec.payload_mb * MB, spec.small_files
+                info = cache.build(
+                    name,
+                    "payload",
+                    created_by,
+                    spec.gzip,
+                    size,
+                    lambda tf: fill_small_files(tf, size, count, spec.seed),
+                )
+            layers.append(info)
+        elif spec.payload_mb > 0:
             name = f"payload-{_key('payload', spec.payload_mb, spec.seed, spec.gzip)}"
             info = cache.get(name)
             if info is None:
@@ -866,6 +916,8 @@ def build_image(
             layers.append(info)
         spec_doc = asdict(spec)
         spec_doc.pop("mirror")  # not part of the identity: any mirror serves the same suite
+        if not spec.small_files:
+            spec_doc.pop("small_files")  # images from before the field keep their keys
         key = _key("image", spec_doc, ref, [layer.name for layer in layers])
         layout = cache_path / f"{image_name(spec)}-{key[:12]}"
         summary = layout / "image.json"
@@ -884,7 +936,8 @@ def build_image(
 
 def image_name(spec: ImageSpec) -> str:
     base = f"debian-{spec.suite}-python3" if spec.variant == "debian" else "busybox"
-    return f"{base}-p{spec.payload_mb}{'-top' if spec.top_layer else ''}-{spec.gzip}"
+    small = f"-s{spec.small_files}" if spec.small_files else ""
+    return f"{base}-p{spec.payload_mb}{small}{'-top' if spec.top_layer else ''}-{spec.gzip}"
 
 
 def image_config(spec: ImageSpec, layers: list[LayerInfo]) -> dict[str, Any]:
@@ -983,12 +1036,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", default=DEFAULT_SUITE, help=f"Debian suite (default: {DEFAULT_SUITE})")
     parser.add_argument("--mirror", default=DEFAULT_MIRROR, help=f"Debian mirror (default: {DEFAULT_MIRROR})")
     parser.add_argument("--seed", type=int, default=1, help="payload generator seed (default: 1)")
+    parser.add_argument(
+        "--small-files",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the payload as N small text files (default: off)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the layout path")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     spec = ImageSpec(
         variant=args.variant, payload_mb=args.payload_mb, target_mb=args.target_mb,
         top_layer=not args.no_top_layer, suite=args.suite, mirror=args.mirror, gzip=args.gzip, seed=args.seed,
+        small_files=args.small_files,
     )  # fmt: skip
     try:
         image = build_image(spec, args.cache_dir, ref=args.ref, quiet=args.quiet)

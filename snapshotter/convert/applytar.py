@@ -89,7 +89,6 @@ class _Applier:
     def __init__(self, tree: RootTree) -> None:
         self.tree = tree
         self.stats = ApplyStats()
-        self._buf = bytearray(CHUNK)
 
     def apply(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         self.tree.entry = m.name
@@ -162,7 +161,7 @@ class _Applier:
                     self.stats.bytes += write_sparse(tf, m, fd, self.tree)
                     self.stats.sparse_files += 1
                 else:
-                    self.stats.bytes += write_data(tf, m, fd, self._buf, self.tree)
+                    self.stats.bytes += write_data(tf, m, fd, self.tree)
                 os.fchown(fd, m.uid, m.gid)
                 self._set_xattrs(m, fd, "file")
                 os.fchmod(fd, m.mode & 0o7777)

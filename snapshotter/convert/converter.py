@@ -63,7 +63,7 @@ DEFAULT_VSIZE = 64 * GiB
 DEFAULT_CACHE_DIR = "/var/cache/damselfly/convert"
 DEFAULT_CACHE_LIMIT = DEFAULT_LIMIT
 #: Bumped when the converter's output for the same input changes (the layer cache key includes it).
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 
 NEEDS_ROOT = (
     "damselfly convert needs root: it builds every layer by mounting ext4 on a loop device over a FUSE "
@@ -239,15 +239,14 @@ class Converter:
                 "convert to a registry reference, or leave --prefetch-files out",
             )
         built: list[tuple[Descriptor | None, PlatformResult, bytes, bytes]] = []
-        with private_daemon(os.path.join(work, "devd")) as daemon:
-            builder = Ext4LayerBuilder(
-                daemon,
-                work,
-                self.options.vsize or DEFAULT_VSIZE,
-                self.options.codec,
-                self.options.chunk_size,
-                self.options.level,
-            )
+        builder = Ext4LayerBuilder(
+            work,
+            self.options.vsize or DEFAULT_VSIZE,
+            self.options.codec,
+            self.options.chunk_size,
+            self.options.level,
+        )
+        try:
             for p in plans:
                 layers = self._convert_layers(source, builder, p)
                 new_config, new_manifest = converted_documents(
@@ -257,17 +256,20 @@ class Converter:
                     self.options.vsize or DEFAULT_VSIZE,
                     sink.repository,
                 )
-                result = PlatformResult(p.label, "", layers)
-                if self.options.prefetch_files:
+                built.append((p.desc, PlatformResult(p.label, "", layers), new_config, new_manifest))
+        finally:
+            builder.close()
+        if self.options.prefetch_files:
+            # The chain is mounted read-only through a device daemon of its own: FIEMAP of its files.
+            with private_daemon(os.path.join(work, "devd")) as daemon:
+                for n, (_, result, _, _) in enumerate(built):
                     lowers = [
                         LowerBlob(self.cache_path(x.blob_digest), x.blob_digest, x.blob_size, x.index_digest)
-                        for x in layers
+                        for x in result.layers
                     ]
-                    name = f"prefetch-{os.getpid()}-{len(built)}"
                     result.trace = prefetchfiles.resolve(
-                        daemon, work, name, lowers, self.options.prefetch_files
+                        daemon, work, f"prefetch-{os.getpid()}-{n}", lowers, self.options.prefetch_files
                     )
-                built.append((p.desc, result, new_config, new_manifest))
 
         # Publish: only now does the destination see anything.
         for _, result, new_config, _ in built:

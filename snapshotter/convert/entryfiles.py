@@ -1,7 +1,7 @@
 """Writing one tar entry's bytes and extended attributes under the root (for `applytar`).
 
-- `write_data`: a regular file's content, streamed from the tar in `CHUNK` pieces through one reused
-  buffer; a stream that ends inside the data is a `LayerError`, never a short file.
+- `write_data`: a regular file's content, streamed from the tar in `CHUNK` pieces; a stream that ends
+  inside the data is a `LayerError`, never a short file.
 - `write_sparse`: a GNU/PAX sparse file: its data regions are read in archive order straight from the
   stream and written at their offsets, so what is not written stays a hole (``tarfile``'s own reader
   would write the holes as zeros, and cannot seek a stream). The map is checked first: regions in
@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import errno
-import io
 import logging
 import os
 import tarfile
@@ -29,18 +28,19 @@ from .roottree import RootTree
 log = logging.getLogger(__name__)
 
 
-def write_data(tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int, buf: bytearray, tree: RootTree) -> int:
+def write_data(tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int, tree: RootTree) -> int:
     """Copy a regular entry's content into `fd`; return the bytes written."""
-    src = tf.extractfile(m)
-    assert src is not None  # regular files always have a reader
-    view = memoryview(buf)
+    src = tf.fileobj
+    assert src is not None
+    if src.tell() != m.offset_data:
+        raise tree.err("file data does not follow its header")
     left = m.size
     while left > 0:
-        n = cast(io.BufferedReader, src).readinto(view[: min(left, CHUNK)])
-        if not n:
+        data = src.read(min(left, CHUNK))
+        if not data:
             raise tree.err("truncated: the stream ends inside this file's data")
-        _write_all(fd, view[:n])
-        left -= n
+        _write_all(fd, memoryview(data))
+        left -= len(data)
     return m.size
 
 

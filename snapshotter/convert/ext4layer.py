@@ -47,7 +47,6 @@ import contextlib
 import logging
 import os
 import resource
-import shutil
 import subprocess
 import threading
 import time
@@ -57,17 +56,19 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from blockformat.chunkfile import BlobInfo
-from blockformat.digest import Digest
+from blockformat.layer import LayerReader
+from blockformat.source import FileSource
+from blockformat.stack import Stack
 
 from ..config import DeviceSection
 from ..device import client
 from ..device.client import DeviceClient
-from ..device.manager import DeviceSpec, LayerSpec, SourceSpec
-from ..errors import ConvertError, LayerError, MountError, SnapshotterError
+from ..errors import ConvertError, LayerError, MountError
 from ..host.loop import loop_detach, loop_devices
 from ..host.mkfs import mkfs_ext4
 from ..host.mountinfo import mountinfo
 from ..host.mounts import mount_loop, umount, umount_loop
+from . import imagefile
 from .applytar import ApplyStats, apply_layer
 from .layerstream import Readable
 
@@ -86,6 +87,7 @@ MOUNT_OPTIONS = (
     "nodev",
     "noatime",
     "nodelalloc",
+    "nobarrier",
     "noinit_itable",
     "nombcache",
     "no_prefetch_block_bitmaps",
@@ -348,23 +350,52 @@ def run_debugfs(device: str, commands: list[str], script_path: str) -> None:
 
 
 class Ext4LayerBuilder:
-    """Builds converted layers one after another in `work_dir`, through a private device daemon."""
+    """Builds converted layers one after another in `work_dir`, each on a local image file (`imagefile`).
+
+    It keeps the image of the last layer it built (or expanded) and which layers that image holds, so
+    the next layer starts from a copy of it; any other stack of lowers is expanded from their blobs.
+    """
 
     def __init__(
         self,
-        daemon: DeviceClient,
         work_dir: str,
         vsize: int,
         codec: str,
         chunk_size: int,
         level: int | None = None,
     ) -> None:
-        self.daemon = daemon
         self.work_dir = work_dir
         self.vsize = vsize
         self.codec = codec
         self.chunk_size = chunk_size
         self.level = level
+        self._image: str | None = None  # the current image file
+        self._holds: list[str] = []  # the digests of the layers it holds, bottom first
+
+    def close(self) -> None:
+        """Remove the current image file."""
+        if self._image is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._image)
+        self._image, self._holds = None, []
+
+    def _base(self, index: int, lowers: list[LowerBlob]) -> str | None:
+        """The image of `lowers` (None for none): the current one, or one expanded from their blobs."""
+        if not lowers:
+            return None
+        if self._image is not None and self._holds == [b.digest for b in lowers]:
+            return self._image
+        self.close()
+        path = os.path.join(self.work_dir, f"image-{index - 1}")
+        sources = [FileSource(b.path) for b in lowers]
+        try:
+            readers = [LayerReader(src, b.index_digest) for src, b in zip(sources, lowers, strict=True)]
+            imagefile.expand(Stack(readers), path)
+        finally:
+            for src in sources:
+                src.close()
+        self._image, self._holds = path, [b.digest for b in lowers]
+        return path
 
     def build(
         self,
@@ -376,19 +407,11 @@ class Ext4LayerBuilder:
         identity: FsIdentity,
     ) -> LayerBuild:
         """Apply the tar `stream` (layer `layer`) on `lowers`; write the new layer blob to `out_path`."""
-        name = f"convert-{os.getpid()}-{index}"
-        upper = os.path.join(self.work_dir, f"upper-{index}")
         mnt = os.path.join(self.work_dir, f"mnt-{index}")
-        shutil.rmtree(upper, ignore_errors=True)
-        os.makedirs(upper)
+        image = os.path.join(self.work_dir, f"image-{index}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(image)
         os.makedirs(mnt, exist_ok=True)
-        spec = DeviceSpec(
-            name,
-            [LayerSpec(Digest(b.digest), b.size, b.index_digest, SourceSpec(path=b.path)) for b in lowers],
-            self.vsize if not lowers else None,
-            upper,
-        )
-        device = self.daemon.attach(spec)
         phases: dict[str, float] = {}
         mark = time.monotonic()
 
@@ -398,10 +421,13 @@ class Ext4LayerBuilder:
             phases[name] = now - mark
             mark = now
 
+        done = False
         try:
-            if not lowers:
+            base = self._base(index, lowers)
+            if base is None:
                 mkfs_ext4(
-                    device,
+                    image,
+                    self.vsize,
                     uuid=identity.uuid,
                     hash_seed=identity.hash_seed,
                     fake_time=FAKE_TIME,
@@ -409,7 +435,10 @@ class Ext4LayerBuilder:
                     metadata_csum=False,
                 )
                 phase("mkfs")
-            loop = mount_loop(device, mnt, "ext4", MOUNT_OPTIONS)
+            else:
+                imagefile.sparse_copy(base, image)
+                phase("copy")
+            loop = mount_loop(image, mnt, "ext4", MOUNT_OPTIONS)
             try:
                 before = _inodes(mnt)
                 _load_every_group(loop)
@@ -430,20 +459,27 @@ class Ext4LayerBuilder:
                 umount_loop(mnt)
             phase("umount")
             commands = canonical_commands(before, after)
-            run_debugfs(device, commands, os.path.join(self.work_dir, f"debugfs-{index}.cmd"))
-            clear_last_mounted(device)
+            run_debugfs(image, commands, os.path.join(self.work_dir, f"debugfs-{index}.cmd"))
+            clear_last_mounted(image)
             phase("debugfs")
-            info = self.daemon.commit(name, out_path, self.codec, self.chunk_size, self.level)
-            phase("commit")
+            with open(out_path, "wb") as out:
+                info, _ = imagefile.write_diff(
+                    base, image, out, self.vsize, self.codec, self.chunk_size, self.level
+                )
+            phase("diff")
+            done = True
         finally:
             # Wherever an interrupt landed (even inside mount_loop, before the inner finally): the
-            # filesystem and its loop device go before the device does.
+            # filesystem and its loop device go before the image does.
             release_mounts(self.work_dir)
-            with contextlib.suppress(SnapshotterError):  # cleanup: the first error is reported
-                self.daemon.detach(name, timeout=60)
-            shutil.rmtree(upper, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.rmdir(mnt)
+            if done:
+                self.close()  # the base: the new image replaces it
+                self._image, self._holds = image, [*(b.digest for b in lowers), str(info.blob_digest)]
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(image)
         changed = sum(1 for c in commands if c.endswith(" generation 0"))
         freed = sum(1 for c in commands if c.startswith("clri "))
         log.info("layer %s: %s", layer, ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
