@@ -1,17 +1,19 @@
-"""One converted layer: a source layer's tar applied to ext4 on the block device, sealed into a blob.
+"""One converted layer: a source layer's tar applied to ext4 in a local image file, sealed into a blob.
 
-DESIGN §4. For source layer i, on the stack of layers 0..i-1 already converted::
+DESIGN §4, `docs/convert.md` ("How it is fast"). For source layer i, on the image of layers 0..i-1::
 
-    device daemon (private, in the work dir) ── attach: stack(0..i-1) + fresh writable upper
-        i == 0: mkfs.ext4 on the device file (fixed UUID, hash seed and time)
-    loop device (rw) ── mount ext4 (noatime, nodelalloc, noinit_itable, nombcache)
+    i == 0: a sparse image file of vsize, mkfs.ext4 on it (fixed UUID, hash seed and time)
+    else:   a copy of the image below (`imagefile.sparse_copy`: data extents only, in the kernel)
+    loop device (rw) ── mount ext4 (noatime, nodelalloc, noinit_itable, nombcache, nobarrier)
         apply the layer tar (`applytar.apply_layer`), from one pinned CPU
-        record which inodes the layer changed, created or freed
     umount, detach loop
-    debugfs: canonical times, generations and superblock fields   (see "Reproducible bytes")
-    commit the upper ── layer blob (lz4/zstd/snappy chunk container), detach
+    canonical times, generations and superblock fields, in the file (`ext4meta`; "Reproducible bytes")
+    the blocks that differ from the image below ── layer blob (`imagefile.write_diff`)
 
-Only what this layer wrote reaches its blob: the upper holds exactly the blocks the kernel wrote.
+The kernel's writes go through the page cache into a plain file: nothing in user space is on the write
+path. Only blocks whose bytes changed reach the blob (a block ext4 rewrote with the same bytes does not:
+it reads the same through the lower layers). ``nobarrier``: the image is scratch, read back through the
+page cache; a cache flush to the disk at every unmount would only cost time.
 
 Reproducible bytes. The same input must give byte-identical blobs, but ext4 stamps the wall clock and
 randomness into what it writes. What we pin, and how:
@@ -33,9 +35,10 @@ randomness into what it writes. What we pin, and how:
 - Inode fields no tar controls: ``ctime`` and ``crtime`` (set to the inode's mtime), ``i_generation``
   (random per new inode; set to 0) and the change counter ``i_version`` (0) of every inode the layer
   touched — found as the inodes whose ctime differs from their mtime, which after this step holds only
-  for inodes changed since. A freed inode keeps its deletion and change times: it is zeroed.
-- Superblock: mount/write times, mount count, bytes written, last mount path (zeroed in place: the
-  converted filesystem has no superblock checksum).
+  for inodes changed since. A freed inode keeps its deletion and change times: it is zeroed. Both are
+  found from the inode bitmaps and tables of the unmounted image (`ext4meta.canonicalize`).
+- Superblock: mount/write times, mount count, bytes written, last mount path (the converted
+  filesystem has no superblock checksum).
 
 What a tar does control — owners, modes, xattrs, mtimes and atimes with nanoseconds — `apply_layer`
 sets itself; the mount is ``noatime`` so reading never changes an atime.
@@ -47,7 +50,6 @@ import contextlib
 import logging
 import os
 import resource
-import subprocess
 import threading
 import time
 import uuid
@@ -68,17 +70,14 @@ from ..host.loop import loop_detach, loop_devices
 from ..host.mkfs import mkfs_ext4
 from ..host.mountinfo import mountinfo
 from ..host.mounts import mount_loop, umount, umount_loop
-from . import imagefile
+from . import ext4meta, imagefile
 from .applytar import ApplyStats, apply_layer
+from .ext4meta import FAKE_TIME
 from .layerstream import Readable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEBUGFS = "debugfs"
-#: mkfs and debugfs time: ext4's superblock and the first inodes carry it. 1, not 0: libext2fs reads a
-#: zero E2FSPROGS_FAKE_TIME as "not set".
-FAKE_TIME = 1
 #: The layer being built is mounted where only root can reach it (a 0700 work directory), and still
 #: ``nosuid,nodev``: its setuid binaries and device nodes are the image's, not this host's.
 MOUNT_OPTIONS = (
@@ -92,15 +91,8 @@ MOUNT_OPTIONS = (
     "nombcache",
     "no_prefetch_block_bitmaps",
 )
-#: ext4's reserved inodes below this are not files (bad blocks, quota, resize, journal...).
-_FIRST_INO = 11
-#: The primary superblock, and its ``s_last_mounted`` field (ext4 disk layout: 0x88, char[64]).
-_SUPERBLOCK = 1024
-_LAST_MOUNTED = 0x88
-_LAST_MOUNTED_LEN = 64
 #: The conversion's daemon reads local files only: a long bound spares a slow disk a spurious EIO.
 CONVERT_READ_TIMEOUT = 600.0
-DEBUGFS_TIMEOUT = 1800.0
 
 
 @dataclass(frozen=True)
@@ -203,22 +195,6 @@ class _Cancellable:
         return self._raw.read(n)
 
 
-def _inodes(root: str) -> dict[int, tuple[int, int]]:
-    """inode → (mtime ns, ctime ns) of everything reachable under `root` (symlinks not followed)."""
-    out: dict[int, tuple[int, int]] = {}
-    st = os.lstat(root)
-    out[st.st_ino] = (st.st_mtime_ns, st.st_ctime_ns)
-    stack = [root]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for entry in it:
-                est = entry.stat(follow_symlinks=False)
-                out[est.st_ino] = (est.st_mtime_ns, est.st_ctime_ns)
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-    return out
-
-
 def _remove_lost_found(root: str) -> int | None:
     """mkfs's ``lost+found`` is no part of the image: containers would see a directory the image lacks.
 
@@ -273,80 +249,6 @@ def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _ext4_time(ns: int) -> tuple[int, int]:
-    """(seconds for debugfs, the ``*_extra`` field): ext4 keeps 2 epoch bits and 30 bits of nanoseconds."""
-    sec, nsec = divmod(ns, 1_000_000_000)
-    low = ((sec + (1 << 31)) % (1 << 32)) - (1 << 31)  # what the 32-bit seconds field holds
-    epoch = ((sec - low) >> 32) & 3
-    return sec, (nsec << 2) | epoch
-
-
-def canonical_commands(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> list[str]:
-    """The debugfs commands that erase the wall clock and randomness from what a layer changed."""
-    cmds: list[str] = []
-    for ino in sorted(after):
-        mtime, ctime = after[ino]
-        if (ino < _FIRST_INO and ino != 2) or ctime == mtime:
-            continue
-        sec, extra = _ext4_time(mtime)
-        cmds += [
-            f"sif <{ino}> ctime @{sec}",
-            f"sif <{ino}> ctime_extra {extra}",
-            f"sif <{ino}> crtime @{sec}",
-            f"sif <{ino}> crtime_extra {extra}",
-            f"sif <{ino}> generation 0",
-            f"sif <{ino}> version 0",
-        ]
-    for ino in sorted(set(before) - set(after)):
-        # clri zeroes only the 128-byte base inode; the times' extra fields follow it.
-        cmds.append(f"clri <{ino}>")
-        cmds += [f"sif <{ino}> {f} 0" for f in ("ctime_extra", "mtime_extra", "atime_extra", "crtime_extra")]
-        cmds.append(f"sif <{ino}> crtime @0")
-    cmds += [
-        f"ssv mtime @{FAKE_TIME}",
-        f"ssv wtime @{FAKE_TIME}",
-        "ssv mnt_count 0",
-        "ssv kbytes_written 0",
-    ]
-    return cmds
-
-
-def clear_last_mounted(device: str) -> None:
-    """Zero ``s_last_mounted`` (the kernel writes the mount path there; debugfs can only shorten it)."""
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, bytes(_LAST_MOUNTED_LEN), _SUPERBLOCK + _LAST_MOUNTED)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def run_debugfs(device: str, commands: list[str], script_path: str) -> None:
-    """Run `commands` with ``debugfs -w``; any command it refuses is an error (it still exits 0)."""
-    with open(script_path, "w") as f:
-        f.write("\n".join(commands) + "\n")
-    argv = [DEBUGFS, "-w", "-f", script_path, device]
-    what = f"fix the timestamps of {device}"
-    env = {**os.environ, "LC_ALL": "C", "E2FSPROGS_FAKE_TIME": str(FAKE_TIME)}
-    try:
-        proc = subprocess.run(
-            argv,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=DEBUGFS_TIMEOUT,
-        )
-    except FileNotFoundError:
-        raise MountError(what, argv, None, "debugfs: command not found", "install e2fsprogs") from None
-    except subprocess.TimeoutExpired:
-        raise MountError(what, argv, None, f"timed out after {DEBUGFS_TIMEOUT:g} s") from None
-    bad = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("debugfs ")]
-    if proc.returncode != 0 or bad:
-        raise MountError(what, argv, proc.returncode, "\n".join(bad[:5]) or proc.stderr)
 
 
 class Ext4LayerBuilder:
@@ -438,9 +340,9 @@ class Ext4LayerBuilder:
             else:
                 imagefile.sparse_copy(base, image)
                 phase("copy")
+            before = ext4meta.used_inodes(image)
             loop = mount_loop(image, mnt, "ext4", MOUNT_OPTIONS)
             try:
-                before = _inodes(mnt)
                 _load_every_group(loop)
                 held = _remove_lost_found(mnt) if not lowers else None
                 phase("mount")
@@ -454,14 +356,11 @@ class Ext4LayerBuilder:
                     if held is not None:
                         os.close(held)
                 phase("apply")
-                after = _inodes(mnt)
             finally:
                 umount_loop(mnt)
             phase("umount")
-            commands = canonical_commands(before, after)
-            run_debugfs(image, commands, os.path.join(self.work_dir, f"debugfs-{index}.cmd"))
-            clear_last_mounted(image)
-            phase("debugfs")
+            changed, freed = ext4meta.canonicalize(image, before)
+            phase("canonical")
             with open(out_path, "wb") as out:
                 info, _ = imagefile.write_diff(
                     base, image, out, self.vsize, self.codec, self.chunk_size, self.level
@@ -480,7 +379,5 @@ class Ext4LayerBuilder:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(image)
-        changed = sum(1 for c in commands if c.endswith(" generation 0"))
-        freed = sum(1 for c in commands if c.startswith("clri "))
         log.info("layer %s: %s", layer, ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
         return LayerBuild(info, stats, changed, freed)
