@@ -50,7 +50,7 @@ from .ext4layer import (
     release_mounts,
 )
 from .layercache import DEFAULT_LIMIT, CachedLayer, LayerCache
-from .layerstream import open_layer_stream
+from .layerstream import ReadAhead, open_layer_stream
 from .plan import PlatformPlan, converted_documents, plan
 from .sinks import RegistrySink, Sink, open_sink
 from .sources import ImageSource, open_source
@@ -366,7 +366,9 @@ class Converter:
         with source.open_layer(desc, layer) as blob:
             counted_in = _Counting(blob, lambda k: self.progress("advance", name, k))
             tar = _Counting(open_layer_stream(counted_in, desc.media_type, layer=layer))
-            build = builder.build(i, lowers, tar, layer, out, identity)
+            # Reading, checking, inflating and hashing run beside the applier (which is pinned to one CPU).
+            with ReadAhead(tar) as ahead:
+                build = builder.build(i, lowers, ahead, layer, out, identity)
             blob.drain()
             if not blob.verified:
                 raise LayerError(layer, None, "the blob was not read to its end", "report this as a bug")

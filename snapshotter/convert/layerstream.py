@@ -17,9 +17,11 @@ from __future__ import annotations
 import importlib
 import io
 import logging
+import queue
+import threading
 import zlib
 from types import ModuleType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import zstandard
 
@@ -265,3 +267,87 @@ def open_layer_stream(fileobj: Readable, media_type: str | None = None, *, layer
     if declared != codec:
         log.warning("layer %s: media type %s says %s, the blob is %s", layer, media_type, declared, codec)
     return LayerStream(fileobj, codec, layer=layer, head=head)
+
+
+class ReadAhead:
+    """Reads `source` in a thread of its own, up to `depth` chunks ahead of the reader.
+
+    What the source costs per byte — reading the blob, checking its digest, inflating it, hashing the
+    tar — then runs on another CPU than whoever consumes the stream (the converter's applier, pinned to
+    one). A source error reaches the reader at the position it happened, after every byte before it.
+    `close` stops the thread (and is safe to call at any time); use it as a context manager.
+    """
+
+    _EOF = object()
+
+    def __init__(self, source: Readable, depth: int = 8, chunk: int = CHUNK) -> None:
+        self._source = source
+        self._chunk = chunk
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._buf = memoryview(b"")
+        self._done = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="damselfly-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._source.read(self._chunk)
+                if not data:
+                    self._put(self._EOF)
+                    return
+                if not self._put(bytes(data)):
+                    return
+        except BaseException as e:  # handed to the reader, raised where the stream failed
+            self._put(e)
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        out: list[bytes] = []
+        want = n if n >= 0 else None
+        while want is None or want > 0:
+            if not self._buf:
+                if self._done:
+                    break
+                item = self._queue.get()
+                if item is self._EOF:
+                    self._done = True
+                    break
+                if isinstance(item, BaseException):
+                    self._done = True
+                    if out:  # what came before the error first; the error on the next read
+                        self._error = item
+                        break
+                    raise item
+                self._buf = memoryview(cast(bytes, item))
+            take = len(self._buf) if want is None else min(want, len(self._buf))
+            out.append(bytes(self._buf[:take]))
+            self._buf = self._buf[take:]
+            if want is not None:
+                want -= take
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
