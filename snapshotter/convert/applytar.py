@@ -192,9 +192,11 @@ class _Applier:
 
     def _directory(self, m: tarfile.TarInfo, rel: str) -> None:
         path = self.tree.path(rel)
+        made = False
         try:
             if rel and not self.tree.make_room(rel, for_dir=True):
                 os.mkdir(path, 0o700)
+                made = True
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.fchown(fd, m.uid, m.gid)
@@ -205,7 +207,7 @@ class _Applier:
                 os.close(fd)
         except OSError as e:
             raise self.tree.os_error(e, f"cannot create directory {rel or '.'!r}") from None
-        self.tree.add_dir(rel, entry_times(m))
+        self.tree.add_dir(rel, entry_times(m), made=made)
         self.stats.dirs += 1
 
     def _hardlink(self, m: tarfile.TarInfo, rel: str, atime: int, mtime: int) -> None:

@@ -56,6 +56,9 @@ class RootTree:
         for path in preserve:
             self.mark_mine(path.strip("/"))
         self._dirs: set[str] = set()  # directories already checked to be real directories
+        # Directories this layer made (empty then): a path in one exists only if this layer made it,
+        # so `make_room` needs no lstat for the other names there (most of a layer's entries).
+        self._fresh: set[str] = set()
         self._dir_times: dict[str, tuple[int, int]] = {}  # (atime, mtime) ns to set at the end
 
     # -- errors --
@@ -117,6 +120,7 @@ class RootTree:
                 os.chmod(path, 0o755)  # whatever the umask
                 self._dir_times[prefix] = (mtime_ns, mtime_ns)
                 self._dirs.add(prefix)
+                self._fresh.add(prefix)
                 continue
             if stat.S_ISLNK(st.st_mode):
                 raise self.err(
@@ -150,6 +154,7 @@ class RootTree:
             shutil.rmtree(path)  # fd-based: never follows a symlink inside the tree
             inside = rel + "/"
             self._dirs = {d for d in self._dirs if d != rel and not d.startswith(inside)}
+            self._fresh = {d for d in self._fresh if d != rel and not d.startswith(inside)}
             gone = [d for d in self._dir_times if d == rel or d.startswith(inside)]
             for d in gone:
                 del self._dir_times[d]
@@ -158,6 +163,10 @@ class RootTree:
 
     def make_room(self, rel: str, *, for_dir: bool) -> bool:
         """Clear `rel` for a new entry; True when it is a directory that a directory entry keeps."""
+        parent = rel.rpartition("/")[0]
+        if parent in self._fresh and rel not in self._mine:
+            self.touch(parent)  # (recorded when it was made: no lstat)
+            return False
         try:
             st = os.lstat(self.path(rel))
         except FileNotFoundError:
@@ -186,9 +195,12 @@ class RootTree:
 
     # -- directories and times --
 
-    def add_dir(self, rel: str, times: tuple[int, int]) -> None:
-        """A directory this layer's entry made or kept: checked, mine, its times set at the end."""
+    def add_dir(self, rel: str, times: tuple[int, int], *, made: bool = False) -> None:
+        """A directory this layer's entry made (`made`: it was created empty) or kept: checked, mine,
+        its times set at the end."""
         self._dirs.add(rel)
+        if made:
+            self._fresh.add(rel)
         self._dir_times[rel] = times
         self.mark_mine(rel)
 
