@@ -7,7 +7,9 @@ Layout: `chunklayout` (normative spec: docs/format.md, "Chunk container"). Write
 Each chunk is compressed alone as it fills; an all-zero chunk is not stored, one that does not shrink
 is stored raw. The writer keeps one chunk of buffer plus the index arrays (37 bytes per chunk), never
 the blob, and hashes everything it emits, so it may write to a pipe and still report the blob's OCI
-digest. A crash mid-way leaves a file without a valid trailer, which no reader accepts; callers that
+digest. With ``workers`` > 1, whole chunks are compressed and hashed by a pool of threads (the codecs
+and SHA-256 release the GIL) in batches, and written in order: the same bytes as with one. A crash
+mid-way leaves a file without a valid trailer, which no reader accepts; callers that
 write files write to a temporary name and rename it when `close` returned (`durable.atomic_write`).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from .chunklayout import (
@@ -46,6 +49,8 @@ from .errors import InvalidArgumentError
 
 #: The digest field of a zero chunk (it has no stored bytes).
 NO_DIGEST = bytes(32)
+#: Chunks handed to the pool at a time (with `workers` > 1).
+_BATCH = 32
 
 
 class ChunkWriter:
@@ -61,6 +66,7 @@ class ChunkWriter:
         codec: str | CodecId = "lz4",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         level: int | None = None,
+        workers: int = 1,
     ) -> None:
         self._shift = check_chunk_size(chunk_size)
         self._chunk_size = chunk_size
@@ -74,6 +80,8 @@ class ChunkWriter:
         self._offset = 0
         self._blob_hash = hashlib.sha256()
         self._closed = False
+        self._pool = ThreadPoolExecutor(workers, "damselfly-chunks") if workers > 1 else None
+        self._pending: list[bytes] = []
         header = HEADER.pack(HEADER_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, self._codec.id, self._shift)
         self._emit(header + CRC.pack(crc32(header)))
 
@@ -113,25 +121,46 @@ class ChunkWriter:
             mv.release()
             self._buf = bytearray(rest)
 
+    def _encode(self, chunk: bytes) -> tuple[int, bytes]:
+        """(kind, stored bytes) of one chunk."""
+        if chunk == ZERO_CHUNK[: len(chunk)]:
+            return KIND_ZERO, b""
+        if self._codec.id == CodecId.NONE:
+            return KIND_RAW, chunk
+        stored = self._codec.compress(chunk)
+        if len(stored) >= len(chunk):
+            return KIND_RAW, chunk
+        return KIND_COMPRESSED, stored
+
+    def _encode_hashed(self, chunk: bytes) -> tuple[int, bytes, bytes]:
+        kind, stored = self._encode(chunk)
+        return kind, stored, (hashlib.sha256(stored).digest() if kind != KIND_ZERO else NO_DIGEST)
+
     def _put_chunk(self, chunk: bytes) -> None:
-        if len(self._lengths) >= MAX_CHUNKS:
+        if len(self._lengths) + len(self._pending) >= MAX_CHUNKS:
             raise InvalidArgumentError(
                 f"more than {MAX_CHUNKS} chunks of {self._chunk_size} bytes do not fit in an index of at "
                 f"most {MAX_INDEX_SIZE} bytes; use a larger chunk size"
             )
-        if chunk == ZERO_CHUNK[: len(chunk)]:
-            self._lengths.append(0)
-            self._kinds.append(KIND_ZERO)
-            self._digests += NO_DIGEST
+        if self._pool is not None:
+            self._pending.append(chunk)
+            if len(self._pending) >= _BATCH:
+                self._drain()
             return
-        stored = self._codec.compress(chunk) if self._codec.id != CodecId.NONE else chunk
-        kind = KIND_COMPRESSED
-        if self._codec.id == CodecId.NONE or len(stored) >= len(chunk):
-            stored, kind = chunk, KIND_RAW
+        self._record(*self._encode_hashed(chunk))
+
+    def _drain(self) -> None:
+        assert self._pool is not None
+        pending, self._pending = self._pending, []
+        for encoded in self._pool.map(self._encode_hashed, pending):
+            self._record(*encoded)
+
+    def _record(self, kind: int, stored: bytes, digest: bytes) -> None:
         self._lengths.append(len(stored))
         self._kinds.append(kind)
-        self._digests += hashlib.sha256(stored).digest()
-        self._emit(stored)
+        self._digests += digest
+        if stored:
+            self._emit(stored)
 
     def close(self, metadata: bytes = b"") -> BlobInfo:
         """Flush the last chunk, write index and trailer; return what was written."""
@@ -140,6 +169,9 @@ class ChunkWriter:
         if self._buf:
             self._put_chunk(bytes(self._buf))
             self._buf = bytearray()
+        if self._pool is not None:
+            self._drain()
+            self._pool.shutdown()
         self._closed = True
         n = len(self._lengths)
         if INDEX_HEADER.size + INDEX_ENTRY_SIZE * n + len(metadata) > MAX_INDEX_SIZE:

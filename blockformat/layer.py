@@ -90,10 +90,11 @@ class LayerWriter:
         codec: str = "lz4",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         level: int | None = None,
+        workers: int = 1,
     ) -> None:
         check_vsize(vsize)
         self.vsize = vsize
-        self._w = ChunkWriter(out, codec, chunk_size, level)
+        self._w = ChunkWriter(out, codec, chunk_size, level, workers)
         self._extents: list[Extent] = []
         self._pos = 0  # end of the last extent
         self._data = 0  # bytes of data written

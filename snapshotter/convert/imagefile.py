@@ -163,7 +163,7 @@ def write_diff(
     """Write the layer blob of what `image` changed over `base` (None: over an empty device) to `out`.
 
     Returns the blob's info and the bytes of data it holds."""
-    w = LayerWriter(out, vsize, codec, chunk_size, level)
+    w = LayerWriter(out, vsize, codec, chunk_size, level, workers=min(4, os.cpu_count() or 1))
     data = 0
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     bfd = os.open(base, os.O_RDONLY | os.O_CLOEXEC) if base is not None else -1

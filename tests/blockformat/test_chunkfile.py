@@ -93,6 +93,19 @@ def test_pack_file_writes_the_same_blob_as_chunk_writer(sample_blob: SampleBlob)
     assert info == sample_blob.info
 
 
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "snappy"])
+def test_a_pool_of_workers_writes_the_same_blob(sample_blob: SampleBlob, codec: str) -> None:
+    data = sample_blob.data * 20  # more chunks than one batch, every kind among them
+    one, many = io.BytesIO(), io.BytesIO()
+    for out, workers in ((one, 1), (many, 3)):
+        w = chunkfile.ChunkWriter(out, codec, 4096, workers=workers)
+        for pos in range(0, len(data), 10_000):
+            w.write(data[pos : pos + 10_000])
+        info = w.close(b"meta")
+        assert info.chunk_count == -(-len(data) // 4096)
+    assert many.getvalue() == one.getvalue()
+
+
 def test_sample_blob_has_every_chunk_kind(sample_blob: SampleBlob) -> None:
     info = sample_blob.info
     assert (info.chunk_count, info.stored_chunks, info.raw_chunks, info.zero_chunks) == (6, 5, 1, 1)
