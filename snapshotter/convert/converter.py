@@ -66,8 +66,8 @@ DEFAULT_CACHE_LIMIT = DEFAULT_LIMIT
 CONVERTER_VERSION = 3
 
 NEEDS_ROOT = (
-    "damselfly convert needs root: it builds every layer by mounting ext4 on a loop device over a FUSE "
-    "block device (mount, losetup and /dev/fuse need CAP_SYS_ADMIN) and recreates the image's owners, "
+    "damselfly convert needs root: it builds every layer by mounting ext4 on a loop device over a local "
+    "image file (mount and losetup need CAP_SYS_ADMIN) and recreates the image's owners, "
     "device nodes and trusted.* xattrs exactly"
 )
 
@@ -170,7 +170,7 @@ def check_options(options: ConvertOptions) -> None:
 def require_root() -> None:
     if os.geteuid() != 0:
         raise ConvertError(
-            NEEDS_ROOT, "run it as root, or in a privileged CI job with /dev/fuse and loop devices"
+            NEEDS_ROOT, "run it as root, or in a privileged CI job with loop devices"
         )
 
 
