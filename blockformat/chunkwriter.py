@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 from .chunklayout import (
@@ -82,6 +82,7 @@ class ChunkWriter:
         self._closed = False
         self._pool = ThreadPoolExecutor(workers, "damselfly-chunks") if workers > 1 else None
         self._pending: list[bytes] = []
+        self._in_flight: list[Future[tuple[int, bytes, bytes]]] = []
         header = HEADER.pack(HEADER_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, self._codec.id, self._shift)
         self._emit(header + CRC.pack(crc32(header)))
 
@@ -137,7 +138,7 @@ class ChunkWriter:
         return kind, stored, (hashlib.sha256(stored).digest() if kind != KIND_ZERO else NO_DIGEST)
 
     def _put_chunk(self, chunk: bytes) -> None:
-        if len(self._lengths) + len(self._pending) >= MAX_CHUNKS:
+        if len(self._lengths) + len(self._in_flight) + len(self._pending) >= MAX_CHUNKS:
             raise InvalidArgumentError(
                 f"more than {MAX_CHUNKS} chunks of {self._chunk_size} bytes do not fit in an index of at "
                 f"most {MAX_INDEX_SIZE} bytes; use a larger chunk size"
@@ -149,11 +150,21 @@ class ChunkWriter:
             return
         self._record(*self._encode_hashed(chunk))
 
-    def _drain(self) -> None:
+    def _drain(self, final: bool = False) -> None:
+        """Hand the pending chunks to the pool, then record the previous batch (whose writing and
+        hashing overlap this batch's compression); with `final`, record everything."""
         assert self._pool is not None
         pending, self._pending = self._pending, []
-        for encoded in self._pool.map(self._encode_hashed, pending):
-            self._record(*encoded)
+        previous, self._in_flight = (
+            self._in_flight,
+            [self._pool.submit(self._encode_hashed, c) for c in pending],
+        )
+        for future in previous:
+            self._record(*future.result())
+        if final:
+            current, self._in_flight = self._in_flight, []
+            for future in current:
+                self._record(*future.result())
 
     def _record(self, kind: int, stored: bytes, digest: bytes) -> None:
         self._lengths.append(len(stored))
@@ -170,7 +181,7 @@ class ChunkWriter:
             self._put_chunk(bytes(self._buf))
             self._buf = bytearray()
         if self._pool is not None:
-            self._drain()
+            self._drain(final=True)
             self._pool.shutdown()
         self._closed = True
         n = len(self._lengths)

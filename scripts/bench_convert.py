@@ -151,7 +151,9 @@ def convert_once(
             print("would run:", f"PYTHONPATH={tree}" if tree else "", shlex.join(shown), file=sys.stderr)
             return None
         cpu0, t0 = cpu_children(), time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        # cwd: `python -c` puts it first on sys.path, so it decides which checkout's code runs.
+        cwd = str(tree) if tree is not None else str(REPO)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=cwd)
         wall, cpu = time.perf_counter() - t0, cpu_children() - cpu0
         if done.returncode != 0:
             tail = "\n".join(done.stderr.strip().splitlines()[-15:])

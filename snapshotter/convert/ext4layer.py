@@ -47,6 +47,7 @@ sets itself; the mount is ``noatime`` so reading never changes an atime.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import resource
@@ -138,6 +139,39 @@ class LayerBuild:
 _COLOUR = 0
 _COLOURS = 16
 _MAX_THREADS = 4096
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Flusher:
+    """Writes the filesystem's dirty pages out (``syncfs``) every `INTERVAL` from a thread of its own
+    while the layer is applied, so that the unmount has little left to write and the loop device's
+    copying overlaps the applier instead of following it. Where ext4 puts blocks is decided at
+    ``write(2)`` (``nodelalloc``), never at writeback, so this changes no byte of the result."""
+
+    INTERVAL = 0.2
+
+    def __init__(self, mnt: str) -> None:
+        self._mnt = mnt
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="damselfly-flush", daemon=True)
+
+    def _run(self) -> None:
+        fd = os.open(self._mnt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            while not self._stop.wait(self.INTERVAL):
+                _libc.syncfs(fd)  # an error here is the unmount's to report
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> _Flusher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_like_every_time(fn: Callable[[], T], cancel: threading.Event | None = None) -> T:
@@ -349,9 +383,10 @@ class Ext4LayerBuilder:
                 try:
                     cancel = threading.Event()
                     cancellable = _Cancellable(stream, cancel, layer)
-                    stats = run_like_every_time(
-                        lambda: apply_layer(cancellable, mnt, layer=layer, hold_removed=True), cancel
-                    )
+                    with _Flusher(mnt):
+                        stats = run_like_every_time(
+                            lambda: apply_layer(cancellable, mnt, layer=layer, hold_removed=True), cancel
+                        )
                 finally:
                     if held is not None:
                         os.close(held)
