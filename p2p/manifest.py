@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockformat.annotations import IMAGE_ARTIFACT_TYPE, MEDIA_TYPES_LAYER
 from blockformat.digest import Digest, digest_of, parse_digest
 from blockformat.errors import InvalidDigestError
 
@@ -345,3 +346,13 @@ def _refer(doc: dict[str, Any], subject: Descriptor | None, artifact_type: str |
         doc["artifactType"] = artifact_type
     if subject is not None:  # a referrer names its subject by media type, digest and size only
         doc["subject"] = {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size}
+
+
+def variant_problem(manifest: Manifest) -> str:
+    """Why `manifest` is not a damselfly variant (``convert --referrer``) of its subject; "" if it is:
+    our artifact type, and every layer a damselfly block layer."""
+    if manifest.artifact_type != IMAGE_ARTIFACT_TYPE:
+        return f"its artifactType is {manifest.artifact_type!r}, not {IMAGE_ARTIFACT_TYPE!r}"
+    if not manifest.layers or any(x.media_type not in MEDIA_TYPES_LAYER for x in manifest.layers):
+        return "its layers are not all damselfly block layers"
+    return ""

@@ -173,3 +173,4 @@ def find_variant(
         assert isinstance(doc, Manifest)
         return doc
     return None
+
