@@ -173,4 +173,3 @@ def find_variant(
         assert isinstance(doc, Manifest)
         return doc
     return None
-
