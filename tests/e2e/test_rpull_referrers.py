@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -27,7 +27,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from blockformat.annotations import IMAGE_ARTIFACT_TYPE, KEY_SOURCE_DIGEST, KEY_SOURCE_REPOSITORY
-from p2p.manifest import Manifest, variant_problem
+from p2p.manifest import Index, Manifest, variant_problem
 from p2p.reference import parse_reference
 from p2p.referrers import find_referrers
 from p2p.registry import RegistryClient
@@ -35,6 +35,7 @@ from scripts.demolib.registry import free_port
 from scripts.demolib.serve import release as release_remote
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_OK
+from snapshotter.device.client import DeviceClient
 from tests import oci_images as oi
 from tests.p2p.registry_server import RegistryServer
 from tests.snapshotter import serving
@@ -53,6 +54,7 @@ class Stack:
     containerd: Containerd
     served: serving.Served
     metrics: str  # host:port of serve's /metrics
+    state: Path  # the device daemon's state directory (rpull --state-dir: lookups through it)
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ def stack(make_containerd: ContainerdFactory) -> Iterator[Stack]:
     served = serving.start(d, "--config", str(serve_config(d / "config.toml", state, metrics=metrics)))
     try:
         c = make_containerd(proxy_plugins={SNAPSHOTTER: str(served.socket)}, namespace=NS)
-        yield Stack(c, served, metrics)
+        yield Stack(c, served, metrics, state)
         forced = c.stop()
         assert not forced, forced
     finally:
@@ -107,10 +109,13 @@ def convert_with_referrer(
     return Converted(src, dst, built, manifest, r.output)
 
 
-def rpull(containerd: Containerd, ref: str) -> Result:
-    return CliRunner().invoke(
-        cli, ["rpull", ref, "--address", containerd.address, "--namespace", NS], catch_exceptions=False
-    )
+def rpull(stack: Stack, ref: str, *, via_daemon: bool = True) -> Result:
+    """``damselfly rpull REF``: through the node's device daemon (its `variant` and `resolve` ops), or
+    with `via_daemon` False as on a node without one (rpull's own registry client)."""
+    state = stack.state if via_daemon else stack.state.parent / "no-daemon"
+    c = stack.containerd
+    argv = ["rpull", ref, "--address", c.address, "--namespace", NS, "--state-dir", str(state)]
+    return CliRunner().invoke(cli, argv, catch_exceptions=False)
 
 
 def layer_lines(output: str) -> list[str]:
@@ -153,13 +158,17 @@ def test_convert_referrer_links_the_variant_to_its_source(
         assert client.get_manifest(repo, "v1").digest == conv.source.manifest_digest
 
 
+@pytest.mark.parametrize("via_daemon", [True, False], ids=["daemon", "direct"])
 def test_rpull_of_the_source_tag_runs_the_converted_variant_lazily(
-    stack: Stack, registry: RegistryServer, tmp_path: Path, repo: str, convert_cache: Path
+    stack: Stack, registry: RegistryServer, tmp_path: Path, repo: str, convert_cache: Path, via_daemon: bool
 ) -> None:
     conv = convert_with_referrer(registry, tmp_path, repo, convert_cache, "lazy variant")
     c = stack.containerd
+    # the lookup goes through serve's device daemon, or (no daemon at that state directory) direct
+    assert DeviceClient(str(stack.state)).ping() is not None
+    assert DeviceClient(str(stack.state.parent / "no-daemon")).ping() is None
 
-    r = rpull(c, conv.src)
+    r = rpull(stack, conv.src, via_daemon=via_daemon)
     assert r.exit_code == EXIT_OK, r.output
     assert f"converted variant {conv.manifest.digest}" in r.output, r.output
     assert layer_lines(r.output) == ["remote", "remote"], r.output
@@ -177,7 +186,7 @@ def test_without_the_variant_the_source_is_pulled_as_it_is(
     delete_manifest(registry, repo, conv.manifest.digest)
     c = stack.containerd
 
-    r = rpull(c, conv.src)
+    r = rpull(stack, conv.src)
     assert r.exit_code == EXIT_OK, r.output
     assert "no converted variant" in r.output, r.output
     assert layer_lines(r.output) == ["unpacked", "unpacked"], r.output
@@ -196,7 +205,7 @@ def test_a_converted_blob_gone_at_prepare_falls_back_to_the_source(
     c = stack.containerd
     before = fallbacks(stack)
 
-    r = rpull(c, conv.src)
+    r = rpull(stack, conv.src)
     assert r.exit_code == EXIT_OK, r.output
     assert f"converted variant {conv.manifest.digest}" in r.output, r.output
     fallback = [x for x in r.output.splitlines() if x.startswith("fallback:")]
@@ -219,9 +228,71 @@ def test_rpull_of_the_converted_tag_falls_back_to_the_source_its_annotations_nam
     registry.blob_data_path(conv.manifest.layers[-1].digest).unlink()
     c = stack.containerd
 
-    r = rpull(c, conv.dst)
+    r = rpull(stack, conv.dst, via_daemon=False)
     assert r.exit_code == EXIT_OK, r.output
     assert "fallback:" in r.output and conv.source.manifest_digest in r.output, r.output
     ref = parse_reference(conv.dst)
     assert c.image_target(str(ref)) == conv.source.manifest_digest
     assert c.run(conv.dst, snapshotter=SNAPSHOTTER).stdout == "by annotation\n"
+
+
+def test_each_platform_of_an_index_gets_its_own_variant_and_rpull_takes_this_hosts(
+    stack: Stack, registry: RegistryServer, tmp_path: Path, repo: str, convert_cache: Path
+) -> None:
+    here = oi.host_arch()
+    other = "arm64" if here != "arm64" else "amd64"
+    built: dict[str, oi.BuiltImage] = {}
+    for arch in (here, other):
+        motd = oi.Layer((oi.file("etc/motd", f"built for {arch}\n".encode()),), created_by="ADD motd")
+        image = replace(oi.busybox_image(motd, cmd=("/bin/cat", "/etc/motd")), architecture=arch)
+        built[arch] = oi.write_layout(image, tmp_path / "src", arch)
+    index_digest = oi.write_index_layout(list(built.values()), tmp_path / "src", "multi")
+    with RegistryClient(registry.host) as client:
+        for b in built.values():
+            oi.push_layout(client, repo, b, None)
+        index_raw = (tmp_path / "src" / "blobs" / "sha256" / index_digest[7:]).read_bytes()
+        client.push_manifest(repo, index_raw, oi.MT_INDEX, "multi")
+    src, dst = f"{registry.host}/{repo}:multi", f"{registry.host}/{repo}:multi-damselfly"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            "--quiet",
+            "--referrer",
+            "--platform",
+            "all",
+            src,
+            dst,
+            "--cache-dir",
+            str(convert_cache),
+        ],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == EXIT_OK, r.output
+
+    with RegistryClient(registry.host) as client:
+        top = client.get_manifest(repo, "multi-damselfly")
+        assert isinstance(top, Index)
+        doc = json.loads(top.raw)
+        assert doc["subject"]["digest"] == index_digest and doc["artifactType"] == IMAGE_ARTIFACT_TYPE
+        (listed_index,) = find_referrers(client, repo, index_digest, IMAGE_ARTIFACT_TYPE)
+        assert listed_index.digest == top.digest
+        variants = {}
+        for entry in top.manifests:
+            assert entry.platform is not None
+            source = built[entry.platform.architecture]
+            m = client.get_manifest(repo, entry.digest)
+            assert isinstance(m, Manifest)
+            # each platform's variant refers to (and records) that platform's source manifest
+            assert m.subject is not None and m.subject.digest == source.manifest_digest
+            assert m.annotations[KEY_SOURCE_DIGEST] == source.manifest_digest
+            (listed,) = find_referrers(client, repo, source.manifest_digest, IMAGE_ARTIFACT_TYPE)
+            assert listed.digest == m.digest
+            variants[entry.platform.architecture] = m.digest
+    assert sorted(variants) == sorted((here, other))
+
+    r = rpull(stack, src)
+    assert r.exit_code == EXIT_OK, r.output
+    assert f"converted variant {variants[here]} (linux/{here})" in r.output, r.output
+    assert stack.containerd.image_target(src) == variants[here]
+    assert stack.containerd.run(src, snapshotter=SNAPSHOTTER).stdout == f"built for {here}\n"
