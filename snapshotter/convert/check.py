@@ -300,6 +300,12 @@ class Checker:
     def _pairs(self, source: ImageSource, target: ImageSource) -> list[tuple[PlatformPlan, Manifest, str]]:
         """Each chosen platform of the source, with the converted image's manifest for it."""
         top = source.top()
+        if isinstance(top.doc, Manifest) and any(d.media_type in MEDIA_TYPES_LAYER for d in top.doc.layers):
+            raise ImageError(
+                top.where,
+                "is a damselfly image (its layers are block layers), not a source image",
+                "the arguments are SRC CONVERTED: the image given to `damselfly convert`, then its output",
+            )
         plans = plan(source, top.doc, self.options.platforms, top.where)
         ttop = target.top()
         out = []

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,14 @@ def test_the_semantics_image_checks_equal(kernel: KernelResources, tmp_path: Pat
     entries = int(summary.split("; ")[1].split()[0])
     assert entries > 100
     assert "MB hashed" in summary
+    # the converted image as an OCI archive (its blobs copied out and checked, not read in place)
+    archive = tmp_path / "out.tar"
+    with tarfile.open(archive, "w") as tf:
+        for path in sorted((tmp_path / "out").rglob("*")):
+            tf.add(path, str(path.relative_to(tmp_path / "out")), recursive=False)
+    r = check(kernel, str(src.layout), str(archive))
+    assert r.exit_code == EXIT_OK, r.output
+    assert f"{archive} vs {src.layout} (linux/amd64): equal; {entries} entries compared" in r.output
 
 
 def test_a_multi_layer_image_in_a_registry_checks_equal(
@@ -187,6 +196,10 @@ def test_a_converted_image_whose_one_file_was_altered_fails_naming_it(
     # the hardlink is the same inode: both names differ, nothing else does
     assert lines[:2] == [f"etc/hello: content {want} != {got}", f"etc/hello-link: content {want} != {got}"]
     assert ": 2 differences; " in lines[2] and len(lines) == 3
+    # the arguments swapped
+    r = check(kernel, str(tmp_path / "out"), str(a.layout))
+    assert r.exit_code == EXIT_ERROR, r.output
+    assert "is a damselfly image" in r.output and "SRC CONVERTED" in r.output
 
 
 def test_missing_files_modes_owners_and_xattrs_are_named_up_to_the_limit(
