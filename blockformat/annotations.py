@@ -13,6 +13,17 @@ mount a layer lazily travels under that prefix (DESIGN §3; normative: docs/form
     containerd.io/snapshot/damselfly/blob-digest    "sha256:..."   the layer blob's own digest (optional):
                                                                    containerd passes annotations, not the
                                                                    descriptor's digest, to Prepare
+
+and on the converted image's manifest (image level; containerd passes these to no one, rpull reads
+them)::
+
+    containerd.io/snapshot/damselfly/source-digest      "sha256:..."  the source manifest it was
+                                                                      converted from (the platform's)
+    containerd.io/snapshot/damselfly/source-repository  "host/repo"   where that manifest is (registry
+                                                                      sources only)
+
+A converted manifest pushed as a referrer of its source (``convert --referrer``) also carries
+``subject`` = the source manifest and ``artifactType`` = `IMAGE_ARTIFACT_TYPE`.
 """
 
 from __future__ import annotations
@@ -32,6 +43,16 @@ KEY_VSIZE = PREFIX + "vsize"
 KEY_FSTYPE = PREFIX + "fstype"
 KEY_REPOSITORY = PREFIX + "repository"
 KEY_BLOB_DIGEST = PREFIX + "blob-digest"
+KEY_SOURCE_DIGEST = PREFIX + "source-digest"
+KEY_SOURCE_REPOSITORY = PREFIX + "source-repository"
+
+#: ``artifactType`` of a converted manifest (and index) pushed as a referrer of its source image:
+#: how a lookup of the source's referrers tells a damselfly variant from signatures, SBOMs or traces
+#: (overlaybd's converter marks its referrer variants ``application/vnd.containerd.overlaybd.native.v1+json``,
+#: nydusify an artifact type of its own, the same way). Only written with ``--referrer``.
+IMAGE_ARTIFACT_TYPE = "application/vnd.damselfly.image.v1+json"
+#: Longest repository annotation accepted (a reference is at most 255 + host).
+MAX_REPOSITORY = 512
 
 #: Media type of a layer blob. It must start with ``application/vnd.oci.image.layer.``: containerd 1.6's
 #: unpacker (``unpacker.go``, ``images.IsLayerType``) and the CRI plugin's label wrapper treat only such
@@ -120,3 +141,40 @@ def _number(d: Mapping[str, str], key: str, default: str | None = None) -> int:
             + f", not a decimal number of at most {_MAX_DIGITS} digits"
         )
     return int(text)
+
+
+@dataclass(frozen=True)
+class SourceLink:
+    """Where a converted image came from: its source manifest (the platform's, not an index) and, for a
+    registry source, the repository holding it (``host[:port]/path``). rpull falls back to it."""
+
+    digest: Digest
+    repository: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        d = {KEY_SOURCE_DIGEST: str(self.digest)}
+        if self.repository:
+            d[KEY_SOURCE_REPOSITORY] = self.repository
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, str]) -> SourceLink | None:
+        """The link in a manifest's annotations; None without a source digest (not converted, or by an
+        older damselfly). A malformed value is an `InvalidArgumentError` / `InvalidDigestError`."""
+        if KEY_SOURCE_DIGEST not in d:
+            return None
+        try:
+            digest = parse_digest(d[KEY_SOURCE_DIGEST])
+        except InvalidDigestError as e:
+            raise InvalidDigestError(e.text, f"{e.why} (damselfly annotation {KEY_SOURCE_DIGEST})") from None
+        repository = d.get(KEY_SOURCE_REPOSITORY)
+        if repository is not None and (
+            not 0 < len(repository) <= MAX_REPOSITORY
+            or not repository.isascii()
+            or "/" not in repository
+            or any(c.isspace() or c == "@" for c in repository)
+        ):
+            raise InvalidArgumentError(
+                f"damselfly annotation {KEY_SOURCE_REPOSITORY} is {repository[:40]!r}, not host/repository"
+            )
+        return cls(digest, repository)

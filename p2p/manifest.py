@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockformat.annotations import IMAGE_ARTIFACT_TYPE, MEDIA_TYPES_LAYER
 from blockformat.digest import Digest, digest_of, parse_digest
 from blockformat.errors import InvalidDigestError
 
@@ -121,6 +122,9 @@ class Manifest:
     config: Descriptor
     layers: tuple[Descriptor, ...]
     annotations: Mapping[str, str] = field(default_factory=dict)
+    #: OCI 1.1: the manifest this one refers to (a referrer), and what kind of artifact it is.
+    subject: Descriptor | None = None
+    artifact_type: str | None = None
 
     @property
     def size(self) -> int:
@@ -293,7 +297,13 @@ def parse_manifest(
         if not isinstance(raw_layers, list):
             raise InvalidManifestError(where, "manifest has no layers list")
         layers = tuple(parse_descriptor(where, e, f"layers[{i}]") for i, e in enumerate(raw_layers))
-        return Manifest(media_type, digest, raw, config, layers, annotations)
+        subject = None
+        if doc.get("subject") is not None:
+            subject = parse_descriptor(where, doc["subject"], "subject")
+        artifact_type = doc.get("artifactType")
+        if artifact_type is not None and not isinstance(artifact_type, str):
+            raise InvalidManifestError(where, "artifactType is not a string")
+        return Manifest(media_type, digest, raw, config, layers, annotations, subject, artifact_type)
     raise UnsupportedMediaTypeError(where, media_type)
 
 
@@ -302,8 +312,11 @@ def build_manifest(
     layers: list[Descriptor],
     media_type: str = OCI_MANIFEST,
     annotations: Mapping[str, str] | None = None,
+    subject: Descriptor | None = None,
+    artifact_type: str | None = None,
 ) -> bytes:
-    """Serialise an image manifest (canonical-ish JSON: sorted keys, no spaces) — for push and tests."""
+    """Serialise an image manifest (canonical-ish JSON: sorted keys, no spaces) — for push and tests.
+    `subject` and `artifact_type` (OCI 1.1) are written only when given."""
     doc: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": media_type,
@@ -312,10 +325,34 @@ def build_manifest(
     }
     if annotations:
         doc["annotations"] = dict(annotations)
+    _refer(doc, subject, artifact_type)
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def build_index(manifests: list[Descriptor], media_type: str = OCI_INDEX) -> bytes:
+def build_index(
+    manifests: list[Descriptor],
+    media_type: str = OCI_INDEX,
+    subject: Descriptor | None = None,
+    artifact_type: str | None = None,
+) -> bytes:
     """Serialise an image index whose entries carry their platforms."""
     doc = {"schemaVersion": 2, "mediaType": media_type, "manifests": [d.to_json() for d in manifests]}
+    _refer(doc, subject, artifact_type)
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _refer(doc: dict[str, Any], subject: Descriptor | None, artifact_type: str | None) -> None:
+    if artifact_type:
+        doc["artifactType"] = artifact_type
+    if subject is not None:  # a referrer names its subject by media type, digest and size only
+        doc["subject"] = {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size}
+
+
+def variant_problem(manifest: Manifest) -> str:
+    """Why `manifest` is not a damselfly variant (``convert --referrer``) of its subject; "" if it is:
+    our artifact type, and every layer a damselfly block layer."""
+    if manifest.artifact_type != IMAGE_ARTIFACT_TYPE:
+        return f"its artifactType is {manifest.artifact_type!r}, not {IMAGE_ARTIFACT_TYPE!r}"
+    if not manifest.layers or any(x.media_type not in MEDIA_TYPES_LAYER for x in manifest.layers):
+        return "its layers are not all damselfly block layers"
+    return ""

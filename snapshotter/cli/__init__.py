@@ -1,7 +1,8 @@
 """The `damselfly` command line.
 
 Exit codes (one table for every subcommand; see `snapshotter.cli.errors`):
-0 success, 1 error (I/O, bad input), 2 usage, 3 corrupt data, 4 unsupported format version.
+0 success, 1 error (I/O, bad input), 2 usage, 3 corrupt data, 4 unsupported format version, 5 a
+difference found (`damselfly check`: the converted image differs from its source).
 
 Subcommands are imported when they run (`LazyGroup`): `damselfly rpull` is on the path of every cold
 start, and importing the converter, the device daemon and the peer network with it cost a second of
@@ -19,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "blob": ("blob", "blob"),
     "fetch": ("fetch", "fetch"),
     "convert": ("convert", "convert_cmd"),
+    "check": ("check", "check_cmd"),
     "serve": ("serve", "serve"),
     "config": ("serve", "config_cmd"),
     "rpull": ("rpull", "rpull"),

@@ -138,6 +138,12 @@ def _reporter(quiet: bool) -> Iterator[Any]:
     help="Paths or globs in the image (comma-separated or repeated; a directory means all below it) "
     "whose blocks nodes fetch first when they mount the image: stored as a trace referrer (registry DST).",
 )
+@click.option(
+    "--referrer",
+    is_flag=True,
+    help="Push each converted manifest as an OCI 1.1 referrer of its source manifest (subject), so "
+    "`damselfly rpull SRC` finds it; DST must be a tag in SRC's repository (docs/convert.md).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the result.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what every layer did.")
 @registry_options
@@ -155,6 +161,7 @@ def convert_cmd(
     cache_dir: str,
     cache_limit: int,
     prefetch_files: tuple[str, ...],
+    referrer: bool,
     quiet: bool,
     verbose: bool,
     config_path: Path | None,
@@ -183,6 +190,7 @@ def convert_cmd(
         oci_layout=oci_layout,
         prefetch_files=tuple(p for item in prefetch_files for p in item.split(",") if p.strip()),
         registry=settings_from(config_path, hosts_dir),
+        referrer=referrer,
     )
     # SIGTERM (a CI job cancelled, `timeout`) unwinds like Ctrl-C, so the private device daemon, the
     # loop devices and the mounts of the layer being built are all undone.
@@ -201,6 +209,9 @@ def convert_cmd(
         + (f" ({_human(tar / secs)}/s of tar)" if converted and secs > 0 else "")
     )
     for p in result.platforms:
+        if p.listed:
+            how = "referrers API" if p.listed == "api" else "referrers tag"
+            click.echo(f"{p.platform}: {p.manifest_digest} is a referrer of {p.source_digest} ({how})")
         if p.trace is not None:
             click.echo(
                 f"{p.platform}: prefetch list of {len(p.trace.ranges)} ranges ({_human(p.trace.total)}) "

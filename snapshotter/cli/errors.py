@@ -26,6 +26,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CORRUPT = 3
 EXIT_UNSUPPORTED = 4
+#: `damselfly check`: the converted image's tree differs from the source's (not an error of the check).
+EXIT_DIFFERENT = 5
 
 #: Most specific class first.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (

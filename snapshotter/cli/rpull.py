@@ -4,19 +4,23 @@ lazily (`snapshotter.remote.rpull`)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import click
 
+from blockformat.annotations import IMAGE_ARTIFACT_TYPE
 from blockformat.digest import Digest
 from p2p.errors import InvalidReferenceError
 from p2p.hosts import RegistrySettings, Resolver
-from p2p.manifest import Manifest, Platform, Resolved
+from p2p.manifest import Manifest, Platform, Resolved, variant_problem
 from p2p.reference import Reference, parse_reference
 
 from ..config import DeviceSection
 from ..device.client import DeviceClient
+from ..errors import DeviceError
 from ..remote.containerd import DEFAULT_ADDRESS, ContainerdClient
 from ..remote.rpull import Puller, Registry, host_platform
 from .errors import reports_errors
@@ -60,9 +64,29 @@ class NodeRegistry:
             self._client = registry_client(self.registry, self.plain_http, self.settings)
         return self._client.download_blob(repository, digest, out, size)
 
+    def find_variant(self, ref: Reference, manifest: Manifest) -> Manifest | None:
+        """The converted variant of `manifest`, looked up by the daemon (its client, its connections);
+        by this command's own client if the daemon predates the lookup."""
+        where = f"{ref.registry}/{ref.repository}"
+        try:
+            return self.node.variant(where, manifest.digest, self.plain_http)
+        except DeviceError as e:
+            if "unknown operation" not in str(e):
+                raise
+        if self._client is None:
+            self._client = registry_client(self.registry, self.plain_http, self.settings)
+        return find_variant(self._client, ref, manifest)
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def find_variant(client: RegistryClient, ref: Reference, manifest: Manifest) -> Manifest | None:
+    """The converted variant of `manifest` among its referrers (`convert --referrer`), or None."""
+    from p2p.referrers import find_variant as find  # noqa: PLC0415  # imports httpx: only when needed
+
+    return find(client, ref.repository, manifest.digest, IMAGE_ARTIFACT_TYPE, variant_problem)
 
 
 def _platform(ctx: click.Context, param: click.Parameter, value: str | None) -> Platform:
@@ -115,6 +139,12 @@ def _platform(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     help="The device daemon's state directory: when its daemon runs the peer network, the image "
     "config comes through it (from peers that have it, else the registry).",
 )
+@click.option(
+    "--no-referrers",
+    "no_referrers",
+    is_flag=True,
+    help="Pull REF as it is: do not look for a converted variant among its referrers (convert --referrer).",
+)
 @registry_options
 @reports_errors
 def rpull(
@@ -125,6 +155,7 @@ def rpull(
     platform: Platform,
     plain_http: bool,
     state_dir: str,
+    no_referrers: bool,
     config_path: Path | None,
     hosts_dir: str | None,
 ) -> None:
@@ -144,13 +175,27 @@ def rpull(
         containerd = stack.enter_context(ContainerdClient(address, namespace))
         node = DeviceClient(state_dir)
         registry: Registry
-        documents = None
+        variants: Callable[[Reference, Manifest], Manifest | None]
         if node.ping() is not None:
             via_node = NodeRegistry(node, ref.registry, plain, settings)
             stack.callback(via_node.close)
-            registry = via_node
+            registry, variants = via_node, via_node.find_variant
         else:  # no device daemon here (no `damselfly serve`?): the registry directly
-            registry = stack.enter_context(registry_client(ref.registry, plain, settings))
-        Puller(containerd, registry, snapshotter=snapshotter, report=click.echo, documents=documents).pull(
-            ref, platform
-        )
+            client = stack.enter_context(registry_client(ref.registry, plain, settings))
+            registry, variants = client, functools.partial(find_variant, client)
+        others: dict[str, RegistryClient] = {}
+
+        def registry_for(host: str) -> Registry:
+            """Another registry (a converted image's source's), with this command's client."""
+            if host not in others:
+                others[host] = stack.enter_context(registry_client(host, plain, settings))
+            return others[host]
+
+        Puller(
+            containerd,
+            registry,
+            snapshotter=snapshotter,
+            report=click.echo,
+            variants=None if no_referrers else variants,
+            registry_for=registry_for,
+        ).pull(ref, platform)

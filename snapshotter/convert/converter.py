@@ -31,12 +31,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockformat.annotations import IMAGE_ARTIFACT_TYPE
 from blockformat.chunkfile import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT
 from blockformat.digest import Digest
 from blockformat.layer import LAYER_MAJOR
 from blockformat.trace import TRACE_MEDIA_TYPE, Trace
 from p2p.hosts import RegistrySettings, Resolver
-from p2p.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Index, build_index
+from p2p.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Index, Manifest, build_index, parse_manifest
 from p2p.referrers import push_referrer
 
 from ..errors import ConvertError, LayerError
@@ -52,6 +53,7 @@ from .ext4layer import (
 from .layercache import DEFAULT_LIMIT, CachedLayer, LayerCache
 from .layerstream import ReadAhead, open_layer_stream
 from .plan import PlatformPlan, converted_documents, plan
+from .referrer import check_referrer, list_variants, source_link, subject_of
 from .sinks import RegistrySink, Sink, open_sink
 from .sources import ImageSource, open_source
 
@@ -87,6 +89,8 @@ class ConvertOptions:
     oci_layout: bool = False
     #: Paths and globs in the image whose blocks nodes fetch first (`prefetchfiles`).
     prefetch_files: tuple[str, ...] = ()
+    #: Push each converted manifest as an OCI 1.1 referrer of its source manifest (`referrer`).
+    referrer: bool = False
     #: How registries are reached (hosts.toml mirrors, TLS, proxies); not part of the output's key.
     registry: RegistrySettings = field(default_factory=RegistrySettings)
 
@@ -122,6 +126,8 @@ class PlatformResult:
     layers: list[LayerResult] = field(default_factory=list)
     trace: Trace | None = None  # --prefetch-files, resolved
     trace_digest: str = ""  # the referrer that carries it
+    source_digest: str = ""  # the source manifest it was converted from (its annotations say so)
+    listed: str = ""  # --referrer: how the registry lists it among the source's referrers ("api", "tag")
 
 
 @dataclass
@@ -238,6 +244,7 @@ class Converter:
                 "a registry",
                 "convert to a registry reference, or leave --prefetch-files out",
             )
+        referrer = check_referrer(source, sink) if self.options.referrer else None
         built: list[tuple[Descriptor | None, PlatformResult, bytes, bytes]] = []
         builder = Ext4LayerBuilder(
             work,
@@ -255,8 +262,11 @@ class Converter:
                     [(x.blob_digest, x.blob_size, x.index_digest, x.data_size) for x in layers],
                     self.options.vsize or DEFAULT_VSIZE,
                     sink.repository,
+                    source_link(source, p.manifest),
+                    subject_of(p.manifest) if referrer is not None else None,
                 )
-                built.append((p.desc, PlatformResult(p.label, "", layers), new_config, new_manifest))
+                result = PlatformResult(p.label, "", layers, source_digest=p.manifest.digest)
+                built.append((p.desc, result, new_config, new_manifest))
         finally:
             builder.close()
         if self.options.prefetch_files:
@@ -286,14 +296,46 @@ class Converter:
                         OCI_MANIFEST, Digest(result.manifest_digest), len(new_manifest), {}, desc.platform
                     )
                 )
-            raw = build_index(children, OCI_INDEX)
+            if referrer is None:
+                raw = build_index(children, OCI_INDEX)
+            else:
+                raw = build_index(children, OCI_INDEX, subject_of(top.doc), IMAGE_ARTIFACT_TYPE)
             digest = sink.publish(raw, OCI_INDEX)
+            self._list_variants(referrer, built, plans, (Descriptor(OCI_INDEX, digest, len(raw)), top.doc))
             self._push_traces(sink, built)
             return ConvertResult(digest, OCI_INDEX, [b[1] for b in built], sink.name)
         _, result, _, new_manifest = built[0]
         result.manifest_digest = sink.publish(new_manifest, OCI_MANIFEST)
+        self._list_variants(referrer, built, plans, None)
         self._push_traces(sink, built)
         return ConvertResult(result.manifest_digest, OCI_MANIFEST, [result], sink.name)
+
+    @staticmethod
+    def _list_variants(
+        referrer: RegistrySink | None,
+        built: list[tuple[Descriptor | None, PlatformResult, bytes, bytes]],
+        plans: list[PlatformPlan],
+        index: tuple[Descriptor, Manifest | Index] | None,
+    ) -> None:
+        """--referrer: each converted manifest (and index) listed among its source's referrers."""
+        if referrer is None:
+            return
+        pairs = [
+            (
+                Descriptor(
+                    OCI_MANIFEST,
+                    Digest(result.manifest_digest),
+                    len(raw),
+                    parse_manifest(raw, OCI_MANIFEST, result.platform).annotations,
+                ),
+                subject_of(p.manifest),
+            )
+            for (_, result, _, raw), p in zip(built, plans, strict=True)
+        ]
+        if index is not None:
+            pairs.append((index[0], subject_of(index[1])))
+        for (_, result, _, _), how in zip(built, list_variants(referrer, pairs), strict=False):
+            result.listed = how
 
     @staticmethod
     def _push_traces(sink: Sink, built: list[tuple[Descriptor | None, PlatformResult, bytes, bytes]]) -> None:

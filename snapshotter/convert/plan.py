@@ -8,8 +8,10 @@ damselfly layer), with one ``diff_id`` per layer.
 After (`converted_documents`): the source config with ``rootfs.diff_ids`` = the new blobs' digests (a
 block layer is not a tar, it is its own uncompressed diff; history and runtime config are kept) and
 an OCI manifest whose layers are typed `MEDIA_TYPE_LAYER` and carry the
-``containerd.io/snapshot/damselfly/`` annotations. JSON is written with sorted keys and no spaces, so
-the same layers give the same digests.
+``containerd.io/snapshot/damselfly/`` annotations, and whose own annotations link it to its source
+manifest (`SourceLink`); with ``--referrer`` it also names that manifest as its ``subject`` (OCI 1.1)
+with ``artifactType`` `IMAGE_ARTIFACT_TYPE`. JSON is written with sorted keys and no spaces, so the
+same layers give the same digests.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from blockformat.annotations import MEDIA_TYPE_LAYER, MEDIA_TYPES_LAYER, LayerAnnotations
+from blockformat.annotations import (
+    IMAGE_ARTIFACT_TYPE,
+    MEDIA_TYPE_LAYER,
+    MEDIA_TYPES_LAYER,
+    LayerAnnotations,
+    SourceLink,
+)
 from blockformat.digest import Digest, digest_of
 from p2p.manifest import (
     DEFAULT_PLATFORM,
@@ -126,9 +134,13 @@ def converted_documents(
     layers: Sequence[tuple[str, int, str, int]],
     vsize: int,
     repository: str | None,
+    source: SourceLink | None = None,
+    subject: Descriptor | None = None,
 ) -> tuple[bytes, bytes]:
     """(config, manifest) of the converted image; `layers` are (blob digest, blob size, index digest,
-    data size) bottom first, `repository` where the blobs will be (an annotation, or None)."""
+    data size) bottom first, `repository` where the blobs will be (an annotation, or None), `source`
+    the source manifest it records (annotations), `subject` the manifest it refers to (``--referrer``:
+    the source's, with our ``artifactType``; None writes neither field)."""
     new_config = dict(config)
     new_config["rootfs"] = {"type": "layers", "diff_ids": [digest for digest, *_ in layers]}
     raw_config = json.dumps(new_config, sort_keys=True, separators=(",", ":")).encode()
@@ -144,5 +156,13 @@ def converted_documents(
         )
         for digest, size, index_digest, data_size in layers
     ]
-    raw_manifest = build_manifest(config_desc, descs, OCI_MANIFEST, manifest.annotations or None)
+    annotations = {**manifest.annotations, **(source.to_dict() if source is not None else {})}
+    raw_manifest = build_manifest(
+        config_desc,
+        descs,
+        OCI_MANIFEST,
+        annotations or None,
+        subject,
+        IMAGE_ARTIFACT_TYPE if subject is not None else None,
+    )
     return raw_config, raw_manifest

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from blockformat.chunkfile import BlobInfo
 from blockformat.durable import private_dir
 from p2p.hosts import RegistrySettings
-from p2p.manifest import Platform, Resolved
+from p2p.manifest import Manifest, Platform, Resolved, parse_manifest, variant_problem
 from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
@@ -165,6 +165,26 @@ class DeviceClient:
         request = {"op": "resolve", "reference": reference, "platform": str(platform)}
         reply = self.call({**request, "plain_http": plain_http}, timeout=LONG_CALL)["resolved"]
         return Resolved.from_json(reply, platform, reference)
+
+    def variant(self, reference: str, subject: str, plain_http: bool | None) -> Manifest | None:
+        """The converted variant of manifest `subject` in `reference`'s repository, found by the daemon
+        among the subject's referrers; parsed and checked again here (its digest is its bytes', its
+        subject and kind). None: there is none."""
+        request = {"op": "variant", "reference": reference, "subject": subject, "plain_http": plain_http}
+        reply = self.call(request, timeout=LONG_CALL)["variant"]
+        if reply is None:
+            return None
+        where = f"variant of {reference}@{subject}"
+        try:
+            doc = parse_manifest(str(reply["manifest"]).encode(), str(reply["media_type"]), where)
+        except (KeyError, TypeError, UnicodeError) as e:
+            raise DeviceError(f"the device daemon sent a malformed {where}: {e}") from None
+        if not isinstance(doc, Manifest) or doc.subject is None or doc.subject.digest != subject:
+            raise DeviceError(f"the device daemon's {where} does not refer to {subject}")
+        why = variant_problem(doc)
+        if why:
+            raise DeviceError(f"the device daemon's {where} is not a damselfly image: {why}")
+        return doc
 
     def attach(self, spec: DeviceSpec, prefetch: PrefetchRequest | None = None) -> str:
         """Attach (idempotent for the same spec); the path of the device file. With `prefetch`, the

@@ -69,6 +69,8 @@ def run(
             return {"path": manager.document(request)}
         if op == "resolve":
             return {"resolved": manager.resolve(request)}
+        if op == "variant":
+            return {"variant": manager.variant(request)}
         if op == "credentials":
             return {"changed": manager.credentials(request)}
         if op == "attach":

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from blockformat.annotations import IMAGE_ARTIFACT_TYPE
 from blockformat.chunkfile import Part, join_parts
 from blockformat.digest import Digest, parse_digest
 from blockformat.durable import atomic_write
@@ -32,9 +33,10 @@ from p2p.cache import CachedBlob, Progress
 from p2p.errors import CredentialsError
 from p2p.hosts import RegistrySettings
 from p2p.keychain import entry_from_json
-from p2p.manifest import MAX_DOCUMENT_SIZE, Platform
+from p2p.manifest import MAX_DOCUMENT_SIZE, Platform, variant_problem
 from p2p.node import BlobNode, BlobRef, CacheSettings
 from p2p.reference import parse_reference
+from p2p.referrers import find_variant
 from p2p.settings import P2PSettings
 
 from ..config import DeviceSection
@@ -518,6 +520,23 @@ class DeviceManager:
         client, _ = self.node.registry_client(ref.registry, plain_http)
         with deadline.scope(time.monotonic() + self.settings.read_timeout):
             return client.resolve(ref, platform).to_json()
+
+    def variant(self, request: dict[str, Any]) -> dict[str, str] | None:
+        """The converted variant (``convert --referrer``) of an image manifest, found among its
+        referrers with the node's client (`p2p.referrers.find_variant`): ``{"manifest": text,
+        "media_type": ...}``, or None when it has none (`damselfly rpull`)."""
+        try:
+            ref = parse_reference(str(request["reference"]))
+            subject = parse_digest(str(request["subject"]))
+            plain_http = None if request.get("plain_http") is None else bool(request["plain_http"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeviceError(f"malformed variant request: {e}") from None
+        client, _ = self.node.registry_client(ref.registry, plain_http)
+        with deadline.scope(time.monotonic() + self.settings.read_timeout):
+            found = find_variant(client, ref.repository, subject, IMAGE_ARTIFACT_TYPE, variant_problem)
+        if found is None:
+            return None
+        return {"manifest": found.raw.decode(), "media_type": found.media_type}
 
     def credentials(self, request: dict[str, Any]) -> int:
         """Keep the credentials of the request's entries (`p2p.keychain.entry_to_json`) in the node's

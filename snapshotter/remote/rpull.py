@@ -42,10 +42,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal, Protocol
 
-from blockformat.annotations import MEDIA_TYPES_LAYER, PREFIX
+from blockformat.annotations import MEDIA_TYPES_LAYER, PREFIX, SourceLink
 from blockformat.digest import Digest, digest_of
-from p2p.manifest import Descriptor, Manifest, Platform, Resolved
-from p2p.reference import Reference
+from blockformat.errors import InvalidArgumentError, InvalidDigestError
+from p2p.manifest import Descriptor, Index, Manifest, Platform, Resolved
+from p2p.reference import Reference, parse_reference
 
 from ..api.containerd.types import descriptor_pb2
 from ..errors import ContainerdError, ImageError
@@ -168,6 +169,38 @@ class PullResult:
     image: str = ""  # "created" or "updated"
     layers: list[LayerResult] = field(default_factory=list)
     seconds: float = 0.0
+    variant: str = ""  # the converted variant pulled instead of the reference's manifest (referrers)
+    fallback: str = ""  # why the converted image was given up for its source (empty: it was not)
+
+
+class ConvertedLayerRefusedError(ImageError):
+    """The snapshotter answered Prepare of a converted layer with an active snapshot: it fell back (the
+    blob is unreachable or gone, the labels unusable...), and containerd cannot unpack a block layer.
+    The pull then takes the image's source instead (`Puller`), or fails with this error."""
+
+    def __init__(self, ref: Reference, layer: Descriptor, snapshotter: str) -> None:
+        super().__init__(
+            f"{ref} layer {layer.digest}",
+            f"snapshotter {snapshotter!r} answered Prepare with an active snapshot, so the layer would "
+            f"have to be unpacked, but its media type {layer.media_type!r} is not a tar containerd can "
+            "apply",
+            "the snapshotter did not take the converted layer (see `damselfly serve`'s log for why it "
+            "fell back) or is not damselfly; pull the unconverted image instead",
+        )
+        self.layer = layer
+        self.layer_text = f"layer {_short(layer.digest)}"
+
+
+def is_converted_image(manifest: Manifest) -> bool:
+    """Whether a manifest is a converted (damselfly) image: any of its layers is a block layer."""
+    return any(x.media_type in MEDIA_TYPES_LAYER for x in manifest.layers)
+
+
+def _top(manifest: Manifest, index: Index | None) -> Descriptor:
+    """What the image record names: the index a manifest was chosen from, else the manifest."""
+    if index is not None:
+        return Descriptor(index.media_type, index.digest, len(index.raw))
+    return Descriptor(manifest.media_type, manifest.digest, manifest.size)
 
 
 class Registry(Protocol):
@@ -196,9 +229,17 @@ class Puller:
         report: Callable[[str], None] = lambda line: None,
         clock: Callable[[], float] = time.monotonic,
         documents: Callable[[str, Descriptor], bytes] | None = None,
+        variants: Callable[[Reference, Manifest], Manifest | None] | None = None,
+        registry_for: Callable[[str], Registry] | None = None,
     ) -> None:
         self.containerd = containerd
         self.registry = registry
+        #: The converted variant of a plain manifest, found among its referrers (`convert --referrer`),
+        #: or None; None here: variants are not looked for.
+        self.variants = variants
+        #: A client for another registry (where a converted image's source is); None: only `registry`.
+        self.registry_for = registry_for
+        self.home = ""  # the registry `registry` talks to (the pulled reference's)
         #: Where the image config comes from when not the registry: (repository, descriptor) -> its
         #: verified bytes (the node's peer network: `DeviceClient.document`).
         self.documents = documents
@@ -224,19 +265,96 @@ class Puller:
 
     def _pull(self, ref: Reference, platform: Platform) -> PullResult:
         self._check_snapshotter()
+        self.home = ref.registry
         resolved = self.registry.resolve(ref, platform)
         manifest, index = resolved.manifest, resolved.index
-        top = (
-            Descriptor(index.media_type, index.digest, len(index.raw))
-            if index is not None
-            else Descriptor(manifest.media_type, manifest.digest, manifest.size)
-        )
         name = image_name(ref)
-        self.report(f"{name}: resolved {top.digest} ({platform})")
+        self.report(f"{name}: resolved {_top(manifest, index).digest} ({platform})")
+        if is_converted_image(manifest):
+            try:
+                return self._pull_image(ref, name, manifest, index)
+            except ConvertedLayerRefusedError as e:
+                source = self._source_of(ref, manifest, platform, e)
+                return self._fall_back(e, name, *source)
+        variant = None
+        if self.variants is not None:
+            variant = self.variants(ref, manifest)
+            if variant is None:
+                self.report(f"{name}: no converted variant of {_short(manifest.digest)} for {platform}")
+            else:
+                self.report(
+                    f"{name}: converted variant {variant.digest} ({platform}), a referrer of "
+                    f"{manifest.digest}"
+                )
+        if variant is None:
+            return self._pull_image(ref, name, manifest, index)
+        try:
+            result = self._pull_image(ref, name, variant, None)
+        except ConvertedLayerRefusedError as e:
+            return self._fall_back(e, name, ref, manifest, index)
+        result.variant = variant.digest
+        return result
+
+    def _source_of(
+        self, ref: Reference, converted: Manifest, platform: Platform, refused: ConvertedLayerRefusedError
+    ) -> tuple[Reference, Manifest, None]:
+        """The source image a converted manifest names in its annotations (`SourceLink`), resolved by
+        digest; the refusal itself when it names none (an image converted by an older damselfly)."""
+        try:
+            link = SourceLink.from_dict(converted.annotations)
+        except (InvalidArgumentError, InvalidDigestError) as e:
+            refused.add_note(f"its source annotation is unusable: {e}")
+            raise refused from None
+        if link is None:
+            refused.add_note(
+                "the image names no source to fall back to (converted before damselfly recorded it)"
+            )
+            raise refused
+        where = ref if link.repository is None else parse_reference(link.repository)
+        source_ref = Reference(where.registry, where.repository, None, link.digest)
+        if source_ref.registry != ref.registry and self.registry_for is None:
+            refused.add_note(f"its source {source_ref} is in another registry, which this pull cannot reach")
+            raise refused
+        resolved = self._registry(source_ref).resolve(source_ref, platform)
+        if resolved.manifest.digest != link.digest:  # a digest names one manifest, not an index
+            refused.add_note(f"its source {source_ref} is an index, not the platform manifest recorded")
+            raise refused
+        return source_ref, resolved.manifest, None
+
+    def _fall_back(
+        self,
+        refused: ConvertedLayerRefusedError,
+        name: str,
+        where: Reference,
+        manifest: Manifest,
+        index: Index | None,
+    ) -> PullResult:
+        """Pull the source image instead of the converted one the snapshotter refused a layer of; the
+        image record `name` then names the source (its config has the source's diff_ids, which is the
+        chain that is unpacked)."""
+        self.report(
+            f"fallback: {refused.layer_text}: the snapshotter did not take the converted layer (its "
+            f"blob is unreachable or unusable; `damselfly serve`'s log says why, "
+            f"damselfly_remote_fallbacks_total counts it); pulling the source "
+            f"{where.registry}/{where.repository}@{manifest.digest} instead"
+        )
+        result = self._pull_image(where, name, manifest, index)
+        result.fallback = f"{refused.layer_text}: refused; pulled the source {manifest.digest}"
+        return result
+
+    def _registry(self, ref: Reference) -> Registry:
+        if self.registry_for is None or ref.registry == self.home:
+            return self.registry
+        return self.registry_for(ref.registry)
+
+    def _pull_image(self, ref: Reference, name: str, manifest: Manifest, index: Index | None) -> PullResult:
+        """Unpack `manifest` (from `ref`'s repository) and name it `name` in containerd."""
+        registry = self._registry(ref)
+        top = _top(manifest, index)
         if self.documents is not None:
             config = self.documents(ref.repository, manifest.config)
         else:
-            config = self.registry.get_config(ref.repository, manifest)
+            config = registry.get_config(ref.repository, manifest)
         diff_ids = diff_ids_of(config, f"{ref} config {manifest.config.digest}", len(manifest.layers))
         chains = chain_ids(diff_ids)
         result = PullResult(name, top)
@@ -246,7 +364,11 @@ class Puller:
             t0 = self.clock()
             labels = snapshot_labels(manifest.layers, i, chains[i], name, manifest.digest)
             parent = chains[i - 1] if i else ""
-            res = self._unpack(ref, layer, diff_ids[i], chains[i], parent, labels, source)
+            try:
+                res = self._unpack(ref, layer, diff_ids[i], chains[i], parent, labels, source)
+            except ConvertedLayerRefusedError as e:
+                e.layer_text = f"layer {i + 1}/{len(manifest.layers)} {_short(layer.digest)}"
+                raise
             result.layers.append(res)
             extra = f", {binary_size(res.fetched)} fetched" if res.fetched else ""
             self.report(
@@ -357,18 +479,15 @@ class Puller:
     ) -> int:
         """Apply a plain layer onto the active snapshot's `mounts` through containerd's Diff service;
         returns the bytes fetched from the registry (0 if the blob was already in the content store)."""
+        if layer.media_type in MEDIA_TYPES_LAYER:
+            raise ConvertedLayerRefusedError(ref, layer, self.snapshotter)
         if not is_tar_layer(layer.media_type):
             raise ImageError(
                 f"{ref} layer {layer.digest}",
                 f"snapshotter {self.snapshotter!r} answered Prepare with an active snapshot, so the layer "
                 f"would have to be unpacked, but its media type {layer.media_type!r} is not a tar "
                 "containerd can apply",
-                (
-                    "the snapshotter did not take the converted layer (see `damselfly serve`'s log for "
-                    "why it fell back) or is not damselfly; pull the unconverted image instead"
-                    if layer.media_type in MEDIA_TYPES_LAYER
-                    else "convert the image, or pull one with OCI/Docker tar layers"
-                ),
+                "convert the image, or pull one with OCI/Docker tar layers",
             )
         fetched = self._ensure_blob(ref, layer, source)
         applied = self.containerd.apply(to_pb(layer), mounts)
@@ -389,7 +508,7 @@ class Puller:
             c.lease_resource(desc.digest, "content")
             return 0
         with tempfile.TemporaryFile(prefix="damselfly-rpull-") as spool:
-            size = self.registry.download_blob(ref.repository, Digest(desc.digest), spool, desc.size)
+            size = self._registry(ref).download_blob(ref.repository, Digest(desc.digest), spool, desc.size)
             written = c.write_content(self._ingest_ref(desc), desc.digest, size, _chunks(spool), labels)
         if not written:
             c.lease_resource(desc.digest, "content")

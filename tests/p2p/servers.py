@@ -171,16 +171,17 @@ class RawServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
+        self.sock.settimeout(0.1)  # before the thread starts: __exit__ may close the socket at once
         self.connections = 0
         self._stop = threading.Event()
         self._conns: list[socket.socket] = []
+        self._thread: threading.Thread | None = None
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.sock.getsockname()[1]}"
 
     def _serve(self) -> None:
-        self.sock.settimeout(0.1)
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -195,11 +196,14 @@ class RawServer:
             self.handler(conn)
 
     def __enter__(self) -> RawServer:
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join()  # it notices the stop within its accept timeout
         for c in self._conns:
             with contextlib.suppress(OSError):
                 c.close()

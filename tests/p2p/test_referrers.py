@@ -9,12 +9,14 @@ from typing import cast
 import httpx
 import pytest
 
+from blockformat.digest import digest_of
 from p2p.errors import InvalidManifestError
 from p2p.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Manifest
-from p2p.referrers import EMPTY_MEDIA_TYPE, find_referrers, push_referrer
+from p2p.referrers import EMPTY_MEDIA_TYPE, find_referrers, find_variant, list_referrer, push_referrer
 from p2p.registry import RegistryClient, referrers_tag
 
 from .images import make_image, push_image
+from .registry_server import RegistryServer
 
 TRACE = "application/vnd.damselfly.trace.v1+json"
 OTHER = "application/vnd.example.sbom+json"
@@ -109,3 +111,59 @@ def test_the_registry_has_no_referrers_api(client: RegistryClient, repo: str) ->
     s = subject(client, repo)
     url = client.origin.url(f"/v2/{repo}/referrers/{s.digest}")
     assert httpx.get(url, timeout=10).status_code == 404
+
+
+# -- converted variants: whole images listed as referrers (`list_referrer`, `find_variant`) --------
+
+VARIANT = "application/vnd.damselfly.image.v1+json"
+
+
+def variant_of(
+    client: RegistryClient, repo: str, s: Descriptor, payload: bytes, subject_digest: str = ""
+) -> Descriptor:
+    """An image manifest referring to `s` (pushed by digest) and listed among its referrers."""
+    image = make_image([payload])
+    raw = json.loads(image.manifest)
+    raw["subject"] = {"mediaType": s.media_type, "digest": subject_digest or s.digest, "size": s.size}
+    raw["artifactType"] = VARIANT
+    raw["annotations"] = {"x.source": s.digest}
+    body = json.dumps(raw).encode()
+    client.push_blob(repo, image.config)
+    client.push_blob(repo, payload)
+    digest = client.push_manifest(repo, body, OCI_MANIFEST)
+    entry = Descriptor(OCI_MANIFEST, digest, len(body), raw["annotations"])
+    assert list_referrer(client, repo, s.digest, entry, VARIANT) == "tag"  # docker-registry 2.8
+    return entry
+
+
+def test_a_listed_variant_is_found_with_its_annotations_and_checked(
+    client: RegistryClient, repo: str
+) -> None:
+    s = subject(client, repo)
+    push_referrer(client, repo, s, TRACE, b"a trace of the source")  # other kinds stay listed
+    v = variant_of(client, repo, s, b"variant layer")
+    (listed,) = find_referrers(client, repo, s.digest, VARIANT)
+    assert listed.digest == v.digest and listed.annotations == {"x.source": s.digest}
+    assert len(find_referrers(client, repo, s.digest, TRACE)) == 1
+
+    found = find_variant(client, repo, s.digest, VARIANT, lambda m: "")
+    assert found is not None and found.digest == v.digest
+    assert found.subject is not None and found.subject.digest == s.digest and found.artifact_type == VARIANT
+    # what the caller refuses is not returned
+    assert find_variant(client, repo, s.digest, VARIANT, lambda m: "not ours") is None
+
+
+def test_a_variant_deleted_from_the_registry_is_skipped(
+    client: RegistryClient, repo: str, registry: RegistryServer
+) -> None:
+    s = subject(client, repo)
+    v = variant_of(client, repo, s, b"gone")
+    assert httpx.delete(f"{registry.url}/v2/{repo}/manifests/{v.digest}", timeout=10).status_code == 202
+    assert [d.digest for d in find_referrers(client, repo, s.digest, VARIANT)] == [v.digest]  # still listed
+    assert find_variant(client, repo, s.digest, VARIANT, lambda m: "") is None
+
+
+def test_a_listed_manifest_with_another_subject_is_not_a_variant(client: RegistryClient, repo: str) -> None:
+    s = subject(client, repo)
+    variant_of(client, repo, s, b"lying", subject_digest=digest_of(b"another manifest"))
+    assert find_variant(client, repo, s.digest, VARIANT, lambda m: "") is None
