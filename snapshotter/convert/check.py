@@ -56,7 +56,8 @@ from ..image.blockimage import layer_annotations
 from ..image.documents import DirectoryFiles
 from ..image.ocilayout import blob_name
 from .applytar import apply_layer
-from .ext4layer import FAKE_TIME, private_daemon, release_mounts
+from .ext4layer import private_daemon, release_mounts
+from .ext4meta import FAKE_TIME
 from .layerstream import CHUNK, open_layer_stream
 from .plan import PlatformPlan, plan
 from .sources import ImageSource, LayoutSource, VerifiedReader, open_source

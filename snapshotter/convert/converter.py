@@ -38,10 +38,8 @@ from blockformat.layer import LAYER_MAJOR
 from blockformat.trace import TRACE_MEDIA_TYPE, Trace
 from p2p.hosts import RegistrySettings, Resolver
 from p2p.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Index, Manifest, build_index, parse_manifest
-from p2p.referrers import push_referrer
 
 from ..errors import ConvertError, LayerError
-from . import prefetchfiles
 from .ext4layer import (
     Ext4LayerBuilder,
     FsIdentity,
@@ -175,9 +173,7 @@ def check_options(options: ConvertOptions) -> None:
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        raise ConvertError(
-            NEEDS_ROOT, "run it as root, or in a privileged CI job with loop devices"
-        )
+        raise ConvertError(NEEDS_ROOT, "run it as root, or in a privileged CI job with loop devices")
 
 
 class _Counting:
@@ -271,6 +267,8 @@ class Converter:
             builder.close()
         if self.options.prefetch_files:
             # The chain is mounted read-only through a device daemon of its own: FIEMAP of its files.
+            from . import prefetchfiles  # noqa: PLC0415  # its device imports cost 0.3 s: only when asked
+
             with private_daemon(os.path.join(work, "devd")) as daemon:
                 for n, (_, result, _, _) in enumerate(built):
                     lowers = [
@@ -340,6 +338,8 @@ class Converter:
     @staticmethod
     def _push_traces(sink: Sink, built: list[tuple[Descriptor | None, PlatformResult, bytes, bytes]]) -> None:
         """Each platform's --prefetch-files trace, as a referrer of its manifest (after the image)."""
+        from p2p.referrers import push_referrer  # noqa: PLC0415  # httpx: only for a registry
+
         for _, result, _, new_manifest in built:
             if result.trace is None:
                 continue

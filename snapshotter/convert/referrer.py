@@ -19,7 +19,6 @@ from __future__ import annotations
 from blockformat.annotations import IMAGE_ARTIFACT_TYPE, SourceLink
 from blockformat.digest import Digest
 from p2p.manifest import Descriptor, Index, Manifest
-from p2p.referrers import list_referrer
 
 from ..errors import ConvertError
 from .sinks import RegistrySink, Sink
@@ -61,6 +60,8 @@ def check_referrer(source: ImageSource, sink: Sink) -> RegistrySink:
 def list_variants(sink: RegistrySink, pairs: list[tuple[Descriptor, Descriptor]]) -> list[str]:
     """Make each pushed (converted, source) pair findable from the source: per pair, ``api`` or
     ``tag`` (how the registry lists it). The converted entry carries its manifest's annotations."""
+    from p2p.referrers import list_referrer  # noqa: PLC0415  # httpx: only for a registry
+
     repository = sink.ref.repository
     return [
         list_referrer(sink.client, repository, Digest(subject.digest), converted, IMAGE_ARTIFACT_TYPE)

@@ -9,17 +9,20 @@ middle leaves only unreferenced, content-addressed blobs.
 from __future__ import annotations
 
 import abc
+from typing import TYPE_CHECKING
 
 from blockformat.digest import Digest, digest_of, parse_digest
 from p2p.errors import P2PError
 from p2p.hosts import Resolver
 from p2p.manifest import Descriptor
 from p2p.reference import Reference, parse_reference
-from p2p.registry import RegistryClient
 
 from ..errors import ImageError
 from ..image.ocilayout import REF_NAME, LayoutWriter, split_ref
 from .sources import is_local
+
+if TYPE_CHECKING:  # httpx: imported when a registry client is made (`Resolver.client`)
+    from p2p.registry import RegistryClient
 
 
 class Sink(abc.ABC):

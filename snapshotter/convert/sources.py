@@ -28,6 +28,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blockformat.digest import Digest, parse_digest
 from p2p.errors import P2PError
@@ -43,7 +44,6 @@ from p2p.manifest import (
     build_manifest,
 )
 from p2p.reference import Reference, parse_reference
-from p2p.registry import RegistryClient
 
 from ..errors import ImageError, LayerError
 from ..image.documents import (
@@ -57,6 +57,9 @@ from ..image.documents import (
 )
 from ..image.ocilayout import INDEX_FILE, OCI_LAYOUT_FILE, LayoutReader, blob_name, split_ref
 from .archive import open_files
+
+if TYPE_CHECKING:  # httpx: imported when a registry client is made (`Resolver.client`)
+    from p2p.registry import RegistryClient
 
 _PIECE = 1 << 20
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
