@@ -285,6 +285,11 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 class Ext4LayerBuilder:
     """Builds converted layers one after another in `work_dir`, each on a local image file (`imagefile`).
 
@@ -307,13 +312,31 @@ class Ext4LayerBuilder:
         self.level = level
         self._image: str | None = None  # the current image file
         self._holds: list[str] = []  # the digests of the layers it holds, bottom first
+        self._removing: list[threading.Thread] = []
+        self._gone = 0
+
+    def _forget(self) -> None:
+        """Drop the current image. Freeing its extents takes ext4 a while (0.1 s per few hundred MB), so
+        the file is renamed out of the way at once and unlinked by a thread of its own."""
+        if self._image is not None:
+            self._gone += 1
+            doomed = f"{self._image}.gone-{self._gone}"
+            try:
+                os.rename(self._image, doomed)
+            except FileNotFoundError:
+                pass
+            else:
+                t = threading.Thread(target=_unlink, args=(doomed,), name="damselfly-unlink", daemon=True)
+                t.start()
+                self._removing.append(t)
+        self._image, self._holds = None, []
 
     def close(self) -> None:
-        """Remove the current image file."""
-        if self._image is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._image)
-        self._image, self._holds = None, []
+        """Remove the current image file, and wait for every removal."""
+        self._forget()
+        for t in self._removing:
+            t.join()
+        self._removing = []
 
     def _base(self, index: int, lowers: list[LowerBlob]) -> str | None:
         """The image of `lowers` (None for none): the current one, or one expanded from their blobs."""
@@ -321,7 +344,7 @@ class Ext4LayerBuilder:
             return None
         if self._image is not None and self._holds == [b.digest for b in lowers]:
             return self._image
-        self.close()
+        self._forget()
         path = os.path.join(self.work_dir, f"image-{index - 1}")
         sources = [FileSource(b.path) for b in lowers]
         try:
@@ -409,7 +432,7 @@ class Ext4LayerBuilder:
             with contextlib.suppress(OSError):
                 os.rmdir(mnt)
             if done:
-                self.close()  # the base: the new image replaces it
+                self._forget()  # the base: the new image replaces it
                 self._image, self._holds = image, [*(b.digest for b in lowers), str(info.blob_digest)]
             else:
                 with contextlib.suppress(FileNotFoundError):
