@@ -20,6 +20,7 @@ layer converts, and what the result's config and manifest say: `plan`. Layer reu
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -358,38 +359,63 @@ class Converter:
         builder: Ext4LayerBuilder,
         p: PlatformPlan,
     ) -> list[LayerResult]:
+        """Every layer of one platform, bottom to top. A built layer's blob is sealed while the next
+        layer is applied (`Ext4LayerBuilder`); its result is collected when it is needed, or at the end."""
         manifest, diff_ids, label = p.manifest, p.diff_ids, p.label
-        results: list[LayerResult] = []
-        lowers: list[LowerBlob] = []
+        results: list[Callable[[], LayerResult]] = []
+        below: list[str] = []
+        layers: list[Callable[[], CachedLayer]] = []
         identity = FsIdentity.derive(
             json.dumps({"bottom": diff_ids[:1], **self.options.key()}, sort_keys=True)
         )
         n = len(manifest.layers)
+
+        def lowers(upto: int) -> Callable[[], list[LowerBlob]]:
+            def blobs() -> list[LowerBlob]:
+                return [
+                    LowerBlob(c.path, c.digest, c.size, c.index_digest)
+                    for c in (get() for get in layers[:upto])
+                ]
+
+            return blobs
+
         for i, desc in enumerate(manifest.layers):
             started = time.monotonic()
             key = LayerCache.key(diff_ids[: i + 1], self.options.key())
             name = f"{label} layer {i + 1}/{n} {desc.digest[:19]}"
-            cached = self.cache.get(key)
-            reused = cached is not None
-            if cached is None:
+            hit = self.cache.get(key)
+            if hit is None:
                 self.progress("start", name, desc.size)
-                cached = self._build(source, builder, desc, diff_ids[i], i, lowers, identity, key, name)
-            results.append(
-                LayerResult(
-                    desc.digest,
-                    desc.size,
-                    cached.uncompressed_size,
-                    cached.digest,
-                    cached.size,
-                    cached.index_digest,
-                    cached.data_size,
-                    reused,
-                    time.monotonic() - started,
+                get = self._build(
+                    source, builder, desc, diff_ids[i], i, key, below, lowers(i), identity, name
                 )
+            else:
+                get = _constant(hit)
+            layers.append(get)
+            results.append(self._result(desc, get, hit is not None, started, name))
+            below = [*below, key]
+        return [r() for r in results]
+
+    def _result(
+        self, desc: Descriptor, get: Callable[[], CachedLayer], reused: bool, started: float, name: str
+    ) -> Callable[[], LayerResult]:
+        def result() -> LayerResult:
+            c = get()
+            r = LayerResult(
+                desc.digest,
+                desc.size,
+                c.uncompressed_size,
+                c.digest,
+                c.size,
+                c.index_digest,
+                c.data_size,
+                reused,
+                time.monotonic() - started,
             )
-            self.progress("done", name, results[-1])
-            lowers.append(LowerBlob(cached.path, cached.digest, cached.size, cached.index_digest))
-        return results
+            self.progress("done", name, r)
+            return r
+
+        return functools.cache(result)
 
     def _build(
         self,
@@ -398,11 +424,13 @@ class Converter:
         desc: Descriptor,
         diff_id: str,
         i: int,
-        lowers: list[LowerBlob],
-        identity: FsIdentity,
         key: str,
+        below: list[str],
+        lowers: Callable[[], list[LowerBlob]],
+        identity: FsIdentity,
         name: str,
-    ) -> CachedLayer:
+    ) -> Callable[[], CachedLayer]:
+        """Apply layer `i` now; the returned function waits for its blob and puts it in the cache."""
         layer = f"{i} ({desc.digest})"
         out = os.path.join(builder.work_dir, f"layer-{i}.blob")
         with source.open_layer(desc, layer) as blob:
@@ -410,7 +438,7 @@ class Converter:
             tar = _Counting(open_layer_stream(counted_in, desc.media_type, layer=layer))
             # Reading, checking, inflating and hashing run beside the applier (which is pinned to one CPU).
             with ReadAhead(tar) as ahead:
-                build = builder.build(i, lowers, ahead, layer, out, identity)
+                build = builder.build(i, key, below, lowers, ahead, layer, out, identity)
             blob.drain()
             if not blob.verified:
                 raise LayerError(layer, None, "the blob was not read to its end", "report this as a bug")
@@ -422,17 +450,26 @@ class Converter:
                 f"its uncompressed digest is {got}, the config's diff_id says {diff_id}",
                 "the image config does not describe this layer; rebuild the image",
             )
-        info = build.info
-        log.info(
-            "layer %s: %d entries, %d bytes of tar -> %d byte blob (%d inodes changed, %d freed)",
-            layer,
-            build.stats.entries,
-            tar.count,
-            info.blob_size,
-            build.changed_inodes,
-            build.freed_inodes,
-        )
-        return self.cache.put(key, out, info, tar.count)
+        tar_bytes = tar.count
+
+        def sealed() -> CachedLayer:
+            info = build.blob.result()
+            log.info(
+                "layer %s: %d entries, %d bytes of tar -> %d byte blob (%d inodes changed, %d freed)",
+                layer,
+                build.stats.entries,
+                tar_bytes,
+                info.blob_size,
+                build.changed_inodes,
+                build.freed_inodes,
+            )
+            return self.cache.put(key, out, info, tar_bytes)
+
+        return functools.cache(sealed)
+
+
+def _constant(c: CachedLayer) -> Callable[[], CachedLayer]:
+    return lambda: c
 
 
 def convert(src: str, dst: str, options: ConvertOptions, progress: Progress | None = None) -> ConvertResult:

@@ -55,6 +55,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -127,7 +128,7 @@ def private_daemon(state_dir: str) -> contextlib.AbstractContextManager[DeviceCl
 
 @dataclass
 class LayerBuild:
-    info: BlobInfo
+    blob: Future[BlobInfo]  # the layer blob, sealed by the builder's sealing thread
     stats: ApplyStats
     changed_inodes: int
     freed_inodes: int
@@ -293,8 +294,14 @@ def _unlink(path: str) -> None:
 class Ext4LayerBuilder:
     """Builds converted layers one after another in `work_dir`, each on a local image file (`imagefile`).
 
-    It keeps the image of the last layer it built (or expanded) and which layers that image holds, so
-    the next layer starts from a copy of it; any other stack of lowers is expanded from their blobs.
+    It keeps the image of the last layer it built (or expanded) and which layers that image holds (by
+    the keys the caller gives them), so the next layer starts from a copy of it; any other stack of
+    lowers is expanded from their blobs.
+
+    Sealing — the block diff against the image below, compressed into the layer blob — runs on a thread
+    of its own (`build` returns a future of the blob), so it overlaps the next layer's copy, mount and
+    apply. That thread also removes images no longer needed, in order: an image is unlinked only after
+    every seal that reads it.
     """
 
     def __init__(
@@ -311,65 +318,75 @@ class Ext4LayerBuilder:
         self.chunk_size = chunk_size
         self.level = level
         self._image: str | None = None  # the current image file
-        self._holds: list[str] = []  # the digests of the layers it holds, bottom first
-        self._removing: list[threading.Thread] = []
-        self._gone = 0
+        self._holds: list[str] = []  # the keys of the layers it holds, bottom first
+        self._made = 0  # image files made: each gets a name of its own
+        self._tail = ThreadPoolExecutor(1, "damselfly-seal")
 
-    def _forget(self) -> None:
-        """Drop the current image. Freeing its extents takes ext4 a while (0.1 s per few hundred MB), so
-        the file is renamed out of the way at once and unlinked by a thread of its own."""
-        if self._image is not None:
-            self._gone += 1
-            doomed = f"{self._image}.gone-{self._gone}"
-            try:
-                os.rename(self._image, doomed)
-            except FileNotFoundError:
-                pass
-            else:
-                t = threading.Thread(target=_unlink, args=(doomed,), name="damselfly-unlink", daemon=True)
-                t.start()
-                self._removing.append(t)
-        self._image, self._holds = None, []
+    def _new_image(self) -> str:
+        self._made += 1
+        return os.path.join(self.work_dir, f"image-{self._made}")
+
+    def _drop(self, path: str) -> None:
+        """Unlink `path` once every seal queued so far is done (freeing a big file's extents takes ext4
+        a while: off the path too)."""
+        self._tail.submit(_unlink, path)
 
     def close(self) -> None:
-        """Remove the current image file, and wait for every removal."""
-        self._forget()
-        for t in self._removing:
-            t.join()
-        self._removing = []
+        """Remove the current image, and wait for every seal and removal."""
+        if self._image is not None:
+            self._drop(self._image)
+        self._image, self._holds = None, []
+        self._tail.shutdown(wait=True)
 
-    def _base(self, index: int, lowers: list[LowerBlob]) -> str | None:
-        """The image of `lowers` (None for none): the current one, or one expanded from their blobs."""
-        if not lowers:
+    def _base(self, below: list[str], lowers: Callable[[], list[LowerBlob]]) -> str | None:
+        """The image of the layers `below` (None for none): the current one, or one expanded from their
+        blobs (`lowers`)."""
+        if not below:
             return None
-        if self._image is not None and self._holds == [b.digest for b in lowers]:
+        if self._image is not None and self._holds == below:
             return self._image
-        self._forget()
-        path = os.path.join(self.work_dir, f"image-{index - 1}")
-        sources = [FileSource(b.path) for b in lowers]
+        if self._image is not None:
+            self._drop(self._image)
+            self._image, self._holds = None, []
+        path = self._new_image()
+        blobs = lowers()
+        sources = [FileSource(b.path) for b in blobs]
         try:
-            readers = [LayerReader(src, b.index_digest) for src, b in zip(sources, lowers, strict=True)]
+            readers = [LayerReader(src, b.index_digest) for src, b in zip(sources, blobs, strict=True)]
             imagefile.expand(Stack(readers), path)
         finally:
             for src in sources:
                 src.close()
-        self._image, self._holds = path, [b.digest for b in lowers]
+        self._image, self._holds = path, list(below)
         return path
+
+    def _seal(self, base: str | None, image: str, out_path: str) -> BlobInfo:
+        try:
+            with open(out_path, "wb") as out:
+                info, _ = imagefile.write_diff(
+                    base, image, out, self.vsize, self.codec, self.chunk_size, self.level
+                )
+        finally:
+            if base is not None:
+                _unlink(base)  # the new image replaced it; this was the last reader
+        return info
 
     def build(
         self,
         index: int,
-        lowers: list[LowerBlob],
+        key: str,
+        below: list[str],
+        lowers: Callable[[], list[LowerBlob]],
         stream: Readable,
         layer: str,
         out_path: str,
         identity: FsIdentity,
     ) -> LayerBuild:
-        """Apply the tar `stream` (layer `layer`) on `lowers`; write the new layer blob to `out_path`."""
+        """Apply the tar `stream` (layer `layer`, known to the caller as `key`) on the layers `below`
+        (their keys; `lowers` gives their blobs if the image must be rebuilt from them); the new layer
+        blob is written to `out_path` by the sealing thread (`LayerBuild.blob`)."""
         mnt = os.path.join(self.work_dir, f"mnt-{index}")
-        image = os.path.join(self.work_dir, f"image-{index}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(image)
+        image = self._new_image()
         os.makedirs(mnt, exist_ok=True)
         phases: dict[str, float] = {}
         mark = time.monotonic()
@@ -382,7 +399,7 @@ class Ext4LayerBuilder:
 
         done = False
         try:
-            base = self._base(index, lowers)
+            base = self._base(below, lowers)
             if base is None:
                 mkfs_ext4(
                     image,
@@ -401,7 +418,7 @@ class Ext4LayerBuilder:
             loop = mount_loop(image, mnt, "ext4", MOUNT_OPTIONS)
             try:
                 _load_every_group(loop)
-                held = _remove_lost_found(mnt) if not lowers else None
+                held = _remove_lost_found(mnt) if not below else None
                 phase("mount")
                 try:
                     cancel = threading.Event()
@@ -419,11 +436,10 @@ class Ext4LayerBuilder:
             phase("umount")
             changed, freed = ext4meta.canonicalize(image, before)
             phase("canonical")
-            with open(out_path, "wb") as out:
-                info, _ = imagefile.write_diff(
-                    base, image, out, self.vsize, self.codec, self.chunk_size, self.level
-                )
-            phase("diff")
+            blob = self._tail.submit(self._seal, base, image, out_path)
+            if self._image is not None and self._image != base:
+                self._drop(self._image)  # (the seal removes the base itself, after reading it)
+            self._image, self._holds = image, [*below, key]
             done = True
         finally:
             # Wherever an interrupt landed (even inside mount_loop, before the inner finally): the
@@ -431,11 +447,7 @@ class Ext4LayerBuilder:
             release_mounts(self.work_dir)
             with contextlib.suppress(OSError):
                 os.rmdir(mnt)
-            if done:
-                self._forget()  # the base: the new image replaces it
-                self._image, self._holds = image, [*(b.digest for b in lowers), str(info.blob_digest)]
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(image)
+            if not done:
+                _unlink(image)
         log.info("layer %s: %s", layer, ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
-        return LayerBuild(info, stats, changed, freed)
+        return LayerBuild(blob, stats, changed, freed)
