@@ -89,6 +89,7 @@ class _Applier:
     def __init__(self, tree: RootTree) -> None:
         self.tree = tree
         self.stats = ApplyStats()
+        self.umask = _umask()
 
     def apply(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         self.tree.entry = m.name
@@ -155,7 +156,12 @@ class _Applier:
         self.tree.make_room(rel, for_dir=False)
         path = self.tree.path(rel)
         if m.type in REGULAR_TYPES:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            mode = m.mode & 0o7777
+            # Made with its final permissions when the umask leaves them be and there are no
+            # setuid/setgid/sticky bits (which chown(2) would clear): one fchmod less per file.
+            plain = not mode & (0o7000 | self.umask)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(path, flags, mode if plain else 0o600)
             try:
                 if m.sparse is not None:
                     self.stats.bytes += write_sparse(tf, m, fd, self.tree)
@@ -164,7 +170,8 @@ class _Applier:
                     self.stats.bytes += write_data(tf, m, fd, self.tree)
                 os.fchown(fd, m.uid, m.gid)
                 self._set_xattrs(m, fd, "file")
-                os.fchmod(fd, m.mode & 0o7777)
+                if not plain:
+                    os.fchmod(fd, mode)
                 os.utime(fd, ns=(atime, mtime))
             finally:
                 os.close(fd)
@@ -252,6 +259,18 @@ class _Applier:
         done, skipped = set_xattrs(entry_xattrs(m), target, kind, self.tree)
         self.stats.xattrs += done
         self.stats.xattrs_skipped += skipped
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it, for every thread)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o777  # unknown: every mode is set explicitly
 
 
 def apply_layer(
