@@ -451,18 +451,18 @@ class Converter:
                 "the image config does not describe this layer; rebuild the image",
             )
         tar_bytes = tar.count
+        log.info(
+            "layer %s: %d entries, %d bytes of tar applied (%d inodes changed, %d freed)",
+            layer,
+            build.stats.entries,
+            tar_bytes,
+            build.changed_inodes,
+            build.freed_inodes,
+        )
 
         def sealed() -> CachedLayer:
             info = build.blob.result()
-            log.info(
-                "layer %s: %d entries, %d bytes of tar -> %d byte blob (%d inodes changed, %d freed)",
-                layer,
-                build.stats.entries,
-                tar_bytes,
-                info.blob_size,
-                build.changed_inodes,
-                build.freed_inodes,
-            )
+            log.info("layer %s: sealed into a %d byte blob %s", layer, info.blob_size, info.blob_digest)
             return self.cache.put(key, out, info, tar_bytes)
 
         return functools.cache(sealed)
