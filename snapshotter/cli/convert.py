@@ -32,6 +32,7 @@ from ..convert.converter import (
     LayerResult,
     convert,
 )
+from ..convert.ext4layer import interrupt
 from .blob import SizeType, chunk_size_option
 from .errors import reports_errors
 from .registryopts import registry_options, settings_from
@@ -192,9 +193,11 @@ def convert_cmd(
         registry=settings_from(config_path, hosts_dir),
         referrer=referrer,
     )
-    # SIGTERM (a CI job cancelled, `timeout`) unwinds like Ctrl-C, so the private device daemon, the
-    # loop devices and the mounts of the layer being built are all undone.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM (a CI job cancelled, `timeout`) unwinds like Ctrl-C, so the loop devices, the mounts and
+    # image files of the layer being built (and a private device daemon) are all undone; `interrupt`
+    # also flags it, in case the KeyboardInterrupt lands where Python ignores it.
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     started = time.monotonic()
     with _reporter(quiet) as progress:
         result = convert(src, dst, options, progress)

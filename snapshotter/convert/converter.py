@@ -45,6 +45,7 @@ from .ext4layer import (
     Ext4LayerBuilder,
     FsIdentity,
     LowerBlob,
+    check_interrupted,
     private_daemon,
     raise_fd_limit,
     release_mounts,
@@ -280,6 +281,7 @@ class Converter:
                         daemon, work, f"prefetch-{os.getpid()}-{n}", lowers, self.options.prefetch_files
                     )
 
+        check_interrupted()
         # Publish: only now does the destination see anything.
         for _, result, new_config, _ in built:
             for layer in result.layers:
@@ -364,7 +366,7 @@ class Converter:
         manifest, diff_ids, label = p.manifest, p.diff_ids, p.label
         results: list[Callable[[], LayerResult]] = []
         below: list[str] = []
-        layers: list[Callable[[], CachedLayer]] = []
+        layers: list[Callable[[], tuple[CachedLayer, float]]] = []
         identity = FsIdentity.derive(
             json.dumps({"bottom": diff_ids[:1], **self.options.key()}, sort_keys=True)
         )
@@ -374,12 +376,13 @@ class Converter:
             def blobs() -> list[LowerBlob]:
                 return [
                     LowerBlob(c.path, c.digest, c.size, c.index_digest)
-                    for c in (get() for get in layers[:upto])
+                    for c, _ in (get() for get in layers[:upto])
                 ]
 
             return blobs
 
         for i, desc in enumerate(manifest.layers):
+            check_interrupted()
             started = time.monotonic()
             key = LayerCache.key(diff_ids[: i + 1], self.options.key())
             name = f"{label} layer {i + 1}/{n} {desc.digest[:19]}"
@@ -390,17 +393,24 @@ class Converter:
                     source, builder, desc, diff_ids[i], i, key, below, lowers(i), identity, name
                 )
             else:
-                get = _constant(hit)
+                get = _constant((hit, time.monotonic()))
             layers.append(get)
             results.append(self._result(desc, get, hit is not None, started, name))
             below = [*below, key]
-        return [r() for r in results]
+        done = [r() for r in results]
+        check_interrupted()
+        return done
 
     def _result(
-        self, desc: Descriptor, get: Callable[[], CachedLayer], reused: bool, started: float, name: str
+        self,
+        desc: Descriptor,
+        get: Callable[[], tuple[CachedLayer, float]],
+        reused: bool,
+        started: float,
+        name: str,
     ) -> Callable[[], LayerResult]:
         def result() -> LayerResult:
-            c = get()
+            c, finished = get()
             r = LayerResult(
                 desc.digest,
                 desc.size,
@@ -410,7 +420,7 @@ class Converter:
                 c.index_digest,
                 c.data_size,
                 reused,
-                time.monotonic() - started,
+                finished - started,  # to the end of its seal, not to when the result was collected
             )
             self.progress("done", name, r)
             return r
@@ -429,8 +439,9 @@ class Converter:
         lowers: Callable[[], list[LowerBlob]],
         identity: FsIdentity,
         name: str,
-    ) -> Callable[[], CachedLayer]:
-        """Apply layer `i` now; the returned function waits for its blob and puts it in the cache."""
+    ) -> Callable[[], tuple[CachedLayer, float]]:
+        """Apply layer `i` now; the returned function waits for its blob, puts it in the cache and says
+        when the seal ended."""
         layer = f"{i} ({desc.digest})"
         out = os.path.join(builder.work_dir, f"layer-{i}.blob")
         with source.open_layer(desc, layer) as blob:
@@ -460,15 +471,20 @@ class Converter:
             build.freed_inodes,
         )
 
-        def sealed() -> CachedLayer:
+        finished: list[float] = []
+        build.blob.add_done_callback(lambda _: finished.append(time.monotonic()))
+
+        def sealed() -> tuple[CachedLayer, float]:
             info = build.blob.result()
             log.info("layer %s: sealed into a %d byte blob %s", layer, info.blob_size, info.blob_digest)
-            return self.cache.put(key, out, info, tar_bytes)
+            # (the callback runs just after result() can return: then this is within microseconds of it)
+            end = finished[0] if finished else time.monotonic()
+            return self.cache.put(key, out, info, tar_bytes), end
 
         return functools.cache(sealed)
 
 
-def _constant(c: CachedLayer) -> Callable[[], CachedLayer]:
+def _constant(c: tuple[CachedLayer, float]) -> Callable[[], tuple[CachedLayer, float]]:
     return lambda: c
 
 

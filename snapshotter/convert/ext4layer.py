@@ -216,8 +216,25 @@ def run_like_every_time(fn: Callable[[], T], cancel: threading.Event | None = No
     )
 
 
+#: Set by `interrupt` (the CLI's SIGINT/SIGTERM handler). The KeyboardInterrupt that handler raises can
+#: land where Python swallows it (a weakref callback, a ``__del__``: "Exception ignored in ..."), so the
+#: converter also looks at this at every tar read and between layers (`check_interrupted`).
+INTERRUPTED = threading.Event()
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """A signal handler: unwind like Ctrl-C, and make sure the conversion notices."""
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
 class _Cancellable:
-    """A tar stream that stops with a `LayerError` once `cancel` is set."""
+    """A tar stream that stops with a `LayerError` once `cancel` (or `INTERRUPTED`) is set."""
 
     def __init__(self, raw: Readable, cancel: threading.Event, layer: str) -> None:
         self._raw = raw
@@ -225,7 +242,7 @@ class _Cancellable:
         self._layer = layer
 
     def read(self, n: int, /) -> bytes | None:
-        if self._cancel.is_set():
+        if self._cancel.is_set() or INTERRUPTED.is_set():
             raise LayerError(self._layer, None, "the conversion was interrupted", "run it again")
         return self._raw.read(n)
 
