@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -164,8 +165,12 @@ def test_rpull_of_the_source_tag_runs_the_converted_variant_lazily(
 ) -> None:
     conv = convert_with_referrer(registry, tmp_path, repo, convert_cache, "lazy variant")
     c = stack.containerd
-    # the lookup goes through serve's device daemon, or (no daemon at that state directory) direct
-    assert DeviceClient(str(stack.state)).ping() is not None
+    # the lookup goes through serve's device daemon, or (no daemon at that state directory) direct;
+    # serve starts its daemon in the background, and a conversion may end before it is up
+    deadline = time.monotonic() + 60
+    while DeviceClient(str(stack.state)).ping() is None:
+        assert time.monotonic() < deadline, "serve's device daemon did not come up within 60 s"
+        time.sleep(0.1)
     assert DeviceClient(str(stack.state.parent / "no-daemon")).ping() is None
 
     r = rpull(stack, conv.src, via_daemon=via_daemon)
