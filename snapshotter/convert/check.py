@@ -58,7 +58,7 @@ from ..image.ocilayout import blob_name
 from .applytar import apply_layer
 from .ext4layer import private_daemon, release_mounts
 from .ext4meta import FAKE_TIME
-from .layerstream import CHUNK, open_layer_stream
+from .layerstream import CHUNK, check_diff_id, open_layer_stream
 from .plan import PlatformPlan, plan
 from .sources import ImageSource, LayoutSource, VerifiedReader, open_source
 from .treewalk import ROOT, PathDifference, Tree, WalkStats, differences, hardlink_differences, snapshot
@@ -389,13 +389,8 @@ class Checker:
             if not blob.verified:
                 raise LayerError(layer, None, "the blob was not read to its end", "report this as a bug")
         got = "sha256:" + tar.hash.hexdigest()
-        if got != diff_id:
-            raise LayerError(
-                layer,
-                None,
-                f"its uncompressed digest is {got}, the config's diff_id says {diff_id}",
-                "the source image's config does not describe this layer; rebuild the image",
-            )
+        remedy = "the source image's config does not describe this layer; rebuild the image"
+        check_diff_id(layer, got, diff_id, remedy)
 
     def _converted_layers(
         self, target: ImageSource, manifest: Manifest, where: str, work: str, label: str

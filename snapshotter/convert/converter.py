@@ -51,7 +51,7 @@ from .ext4layer import (
     release_mounts,
 )
 from .layercache import DEFAULT_LIMIT, CachedLayer, LayerCache
-from .layerstream import ReadAhead, open_layer_stream
+from .layerstream import ReadAhead, check_diff_id, open_layer_stream
 from .plan import PlatformPlan, converted_documents, plan
 from .referrer import check_referrer, list_variants, source_link, subject_of
 from .sinks import RegistrySink, Sink, open_sink
@@ -454,13 +454,7 @@ class Converter:
             if not blob.verified:
                 raise LayerError(layer, None, "the blob was not read to its end", "report this as a bug")
         got = "sha256:" + tar.hash.hexdigest()
-        if got != diff_id:
-            raise LayerError(
-                layer,
-                None,
-                f"its uncompressed digest is {got}, the config's diff_id says {diff_id}",
-                "the image config does not describe this layer; rebuild the image",
-            )
+        check_diff_id(layer, got, diff_id, "the image config does not describe this layer; rebuild the image")
         tar_bytes = tar.count
         log.info(
             "layer %s: %d entries, %d bytes of tar applied (%d inodes changed, %d freed)",

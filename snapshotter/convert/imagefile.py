@@ -30,6 +30,8 @@ from blockformat.extents import ZERO
 from blockformat.layer import LayerWriter
 from blockformat.stack import Stack
 
+from ..host.sparse import data_extents
+
 #: The unit of the diff: ext4's block (mkfs ``-b 4096``).
 BLOCK = 4096
 #: Bytes read from each file at a time.
@@ -38,24 +40,6 @@ PIECE = 1 << 20
 _SUB = 64 * 1024
 _ZERO_PIECE = bytes(PIECE)
 _ZERO_BLOCK = bytes(BLOCK)
-
-
-def data_extents(fd: int) -> list[tuple[int, int]]:
-    """(start, end) of every data extent of the file, in order (holes left out)."""
-    size = os.fstat(fd).st_size
-    out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data after pos
-                break
-            raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        out.append((start, end))
-        pos = end
-    return out
 
 
 def sparse_copy(src: str, dst: str) -> None:

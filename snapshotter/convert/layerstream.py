@@ -269,6 +269,14 @@ def open_layer_stream(fileobj: Readable, media_type: str | None = None, *, layer
     return LayerStream(fileobj, codec, layer=layer, head=head)
 
 
+def check_diff_id(layer: str, got: str, diff_id: str, remedy: str) -> None:
+    """A layer's tar must hash to the config's ``diff_id`` for it (`got`: ``sha256:<hex>``)."""
+    if got != diff_id:
+        raise LayerError(
+            layer, None, f"its uncompressed digest is {got}, the config's diff_id says {diff_id}", remedy
+        )
+
+
 class ReadAhead:
     """Reads `source` in a thread of its own, up to `depth` chunks ahead of the reader.
 

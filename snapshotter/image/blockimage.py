@@ -49,6 +49,7 @@ from p2p.manifest import (
 
 from ..errors import ImageError
 from ..host.mkfs import mkfs_ext4
+from ..host.sparse import data_extents
 from ..host.umask import shared_file_mode
 from .ocilayout import REF_NAME, LayoutReader, LayoutWriter, blob_path, file_digest
 
@@ -207,25 +208,12 @@ def copy_extents(image: str, upper: WritableUpper) -> int:
     """
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
         copied = 0
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # no data after pos
-                    break
-                raise
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            start = max(pos, start // BLOCK * BLOCK)
-            end = min(size, _round_up(end, BLOCK))
+        for start, end in data_extents(fd, BLOCK):
             for off in range(start, end, COPY_PIECE):
                 n = min(COPY_PIECE, end - off)
-                data = _pread_exact(fd, n, off, image)
-                upper.write(off, data)
+                upper.write(off, _pread_exact(fd, n, off, image))
                 copied += n
-            pos = end
         return copied
     finally:
         os.close(fd)
