@@ -48,7 +48,9 @@ def proxy(registry: RegistryServer) -> Iterator[CountingProxy]:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[DeviceLab]:
+def lab(tmp_path: Path, proxy: CountingProxy) -> Iterator[DeviceLab]:
+    """The nodes' lab; made after the proxy so that the nodes stop while it still relays (a daemon told
+    to stop while its registry vanished mid-download first waits out its registry retries)."""
     lab = DeviceLab(tmp_path / "lab")
     yield lab
     assert lab.close() == []
