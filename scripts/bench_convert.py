@@ -19,7 +19,7 @@ against an earlier revision and against gunzip alone (issue 16).
 4. writes the Markdown table and the command to ``bench/results/convert.md`` and prints it.
 
 ``--baseline REV`` (e.g. ``a0fdb1c``) checks that revision out into a git worktree under the work dir
-and converts with it too, in the same runs, right after the current code on the same image and codec
+(removed at the end unless ``--keep``) and converts with it too, in the same runs, right after the current code on the same image and codec
 (``PYTHONPATH`` = that tree; same virtualenv), so "before" and "after" share the machine's state.
 ``--small-files N`` (default 30000; 0: off) also converts a second image — the busybox base, a layer of
 N small text files (``--small-files-mb``, default 400 MB of tar, ~110 MB gzip) and the top layer —
@@ -497,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if args.dry_run:
             break
+    if tree is not None and not args.keep:  # the checkout goes; the worktree entry with it
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
     if args.dry_run:
         return 0
     gz_rate = _med([gunzip_rate(image) for _ in range(args.runs)])
