@@ -19,8 +19,9 @@ against an earlier revision and against gunzip alone (issue 16).
 4. writes the Markdown table and the command to ``bench/results/convert.md`` and prints it.
 
 ``--baseline REV`` (e.g. ``a0fdb1c``) checks that revision out into a git worktree under the work dir
-(removed at the end unless ``--keep``) and converts with it too, in the same runs, right after the current code on the same image and codec
-(``PYTHONPATH`` = that tree; same virtualenv), so "before" and "after" share the machine's state.
+(removed at the end unless ``--keep``) and converts with it too, in the same runs, right after the
+current code on the same image and codec (``PYTHONPATH`` = that tree; same virtualenv), so "before"
+and "after" share the machine's state.
 ``--small-files N`` (default 30000; 0: off) also converts a second image — the busybox base, a layer of
 N small text files (``--small-files-mb``, default 400 MB of tar, ~110 MB gzip) and the top layer —
 with lz4, and times ``gzip -dc`` (GNU gzip: what a user types) and isal over the same layer blobs in
