@@ -11,7 +11,7 @@ On B the count is made so that it does not depend on timing: a holder container 
 (the attach starts the replay); the test waits until the replay is done; only then does the workload
 run, in a second container on the same chain mount. The device's status counts the distinct cache
 units containers read and how many of those the replay fetched (`snapshotter.device.prefetch`): the
-workload's new units must be ≥ 90% replayed. Then a third container reads ``/data/unread``, which no
+workload's new units must be ≥ 80% replayed. Then a third container reads ``/data/unread``, which no
 trace holds: its units must not count as replayed (so the count can fail).
 """
 
@@ -120,13 +120,15 @@ def nodes(make_containerd: ContainerdFactory) -> Iterator[Nodes]:
 @pytest.fixture
 def image(registry: RegistryServer, tmp_path: Path, repo: str) -> Image:
     # In this order on the device. The device file's readahead (8 MiB) carries a read on into the
-    # next 8 MiB: the spacers keep the holder's reads (busybox) off the files the workload reads, and
-    # the workload's off /data/unread. Random bytes: every chunk is stored.
+    # next 8 MiB, and a sequential read that reaches a window's marker page queues one more window
+    # (16 MiB past the last byte read, when it happens): the spacers keep the holder's reads
+    # (busybox) off the files the workload reads, and the workload's off /data/unread (24 MiB, so
+    # the second window cannot reach it either). Random bytes: every chunk is stored.
     files = {
         "spacer1": oi.content(10 * MiB, seed=10),
         "a": oi.content(3 * MiB, seed=11),
         "b": oi.content(2 * MiB, seed=12),
-        "spacer2": oi.content(10 * MiB, seed=14),
+        "spacer2": oi.content(24 * MiB, seed=14),
         "unread": oi.content(3 * MiB, seed=13),
     }
     layer = oi.Layer(
@@ -201,9 +203,11 @@ def test_a_recorded_trace_serves_a_cold_nodes_reads(
         assert b.run(image.ref, WORKLOAD) == expected(image, "a", "b")
         after = b.prefetch()
         read, replayed, waited = (after[k] - before[k] for k in COUNTS)
-        # Its new units (the files' bytes not read before, by the mount or the holder): every one in
-        # the cache when read, most of them fetched by the replay.
-        assert read >= 40 and waited <= 0.1 * read and replayed >= 0.8 * read, json.dumps([before, after])
+        # Its new units (the files' bytes not read before, by the mount or the holder): nearly every
+        # one in the cache when read, most of them fetched by the replay. Not all: which metadata and
+        # busybox pages the readahead brings in, on A while recording and on B before the workload,
+        # varies from run to run (once in ~25 runs, 13 of 124 units were ones A's trace did not hold).
+        assert read >= 40 and waited <= 0.2 * read and replayed >= 0.8 * read, json.dumps([before, after])
 
         assert b.run(image.ref, UNREAD) == expected(image, "unread")
         last = b.prefetch()
