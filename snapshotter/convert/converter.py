@@ -65,7 +65,7 @@ DEFAULT_VSIZE = 64 * GiB
 DEFAULT_CACHE_DIR = "/var/cache/damselfly/convert"
 DEFAULT_CACHE_LIMIT = DEFAULT_LIMIT
 #: Bumped when the converter's output for the same input changes (the layer cache key includes it).
-CONVERTER_VERSION = 3
+CONVERTER_VERSION = 4
 
 NEEDS_ROOT = (
     "damselfly convert needs root: it builds every layer by mounting ext4 on a loop device over a local "

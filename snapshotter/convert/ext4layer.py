@@ -27,7 +27,10 @@ randomness into what it writes. What we pin, and how:
   applied, instead of whenever writeback runs; without delayed allocation ext4 starts each search at a
   "colour" taken from the writing thread's id, so the tar is applied from a thread whose id gives the
   same colour every time, pinned to one CPU because ext4's small-file preallocation ("locality
-  groups") is per CPU; and no inode is freed while the layer is applied (each removed one is held
+  groups") is per CPU; ``mb_optimize_scan=0``, because by default the allocator scans groups one
+  way on a rotational device and another on a non-rotational one, and a loop device takes that flag
+  from the disk under its image file (the same image gave other blobs with the cache on tmpfs or an
+  SSD than on a virtio disk); and no inode is freed while the layer is applied (each removed one is held
   open until the end), since a journal-less ext4 skips inodes deleted 1 to 30 seconds ago — a clock
   test that would make reuse depend on how fast the tar goes; ``nombcache`` stops xattr blocks from being
   shared through a cache whose content depends on memory pressure; ``noinit_itable`` keeps the
@@ -92,6 +95,7 @@ MOUNT_OPTIONS = (
     "noinit_itable",
     "nombcache",
     "no_prefetch_block_bitmaps",
+    "mb_optimize_scan=0",
 )
 #: The conversion's daemon reads local files only: a long bound spares a slow disk a spurious EIO.
 CONVERT_READ_TIMEOUT = 600.0
