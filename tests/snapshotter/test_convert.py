@@ -143,7 +143,9 @@ def test_converting_twice_gives_the_same_manifest_digest(kernel: KernelResources
     assert (tmp_path / "one" / "index.json").read_bytes() == (tmp_path / "two" / "index.json").read_bytes()
 
 
-def test_the_digest_does_not_depend_on_the_disk_under_the_cache(kernel: KernelResources, tmp_path: Path) -> None:
+def test_the_digest_does_not_depend_on_the_disk_under_the_cache(
+    kernel: KernelResources, tmp_path: Path
+) -> None:
     """A loop device over a file on tmpfs is non-rotational; over this machine's disk, rotational (as on
     an HDD or a virtio disk). ext4's block allocator scans groups differently on the two unless the
     converter pins it (``mb_optimize_scan=0``); the difference shows once small files (the per-CPU
