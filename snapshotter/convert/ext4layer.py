@@ -49,6 +49,7 @@ sets itself; the mount is ``noatime`` so reading never changes an atime.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -97,6 +98,9 @@ MOUNT_OPTIONS = (
     "no_prefetch_block_bitmaps",
     "mb_optimize_scan=0",
 )
+#: Layers are applied to one image file in place (`Ext4LayerBuilder`); False: each to a copy of the
+#: whole image (the same blobs, slower; the tests convert both ways and compare).
+IN_PLACE = True
 #: The conversion's daemon reads local files only: a long bound spares a slow disk a spurious EIO.
 CONVERT_READ_TIMEOUT = 600.0
 
@@ -313,16 +317,21 @@ def _unlink(path: str) -> None:
 
 
 class Ext4LayerBuilder:
-    """Builds converted layers one after another in `work_dir`, each on a local image file (`imagefile`).
+    """Builds converted layers one after another in `work_dir`, on one local image file (`imagefile`).
 
     It keeps the image of the last layer it built (or expanded) and which layers that image holds (by
-    the keys the caller gives them), so the next layer starts from a copy of it; any other stack of
-    lowers is expanded from their blobs.
+    the keys the caller gives them), so the next layer is applied to that same file — in place: before
+    it, what the layer may rewrite (everything but the regular files' data) is copied aside
+    (`imagefile.Snapshot`, a few MB), and the layer's diff is taken between two snapshots
+    (`imagefile.write_diff_in_place`), with the blob exactly what comparing two whole copies gives.
+    Any other stack of lowers is expanded from their blobs. With ``in_place=False`` each layer starts
+    from a kernel copy of the whole image instead (`imagefile.sparse_copy`; the tests compare the two).
 
     Sealing — the block diff against the image below, compressed into the layer blob — runs on a thread
-    of its own (`build` returns a future of the blob), so it overlaps the next layer's copy, mount and
-    apply. That thread also removes images no longer needed, in order: an image is unlinked only after
-    every seal that reads it.
+    of its own (`build` returns a future of the blob), so it overlaps the next layer's snapshot, mount
+    and apply. A seal reads the files its layer made from the image itself; a later layer may remove
+    them and the one after it reuse their blocks, so a layer waits for the seal two before it. The
+    thread also removes files no longer needed, in order: after every seal that reads them.
     """
 
     def __init__(
@@ -332,44 +341,54 @@ class Ext4LayerBuilder:
         codec: str,
         chunk_size: int,
         level: int | None = None,
+        in_place: bool | None = None,
     ) -> None:
         self.work_dir = work_dir
         self.vsize = vsize
         self.codec = codec
         self.chunk_size = chunk_size
         self.level = level
+        self.in_place = IN_PLACE if in_place is None else in_place
         self._image: str | None = None  # the current image file
         self._holds: list[str] = []  # the keys of the layers it holds, bottom first
-        self._made = 0  # image files made: each gets a name of its own
+        self._snap: imagefile.Snapshot | None = None  # in place: the current image's snapshot
+        self._files: ext4meta.FileExtents | None = None  # in place: its regular files' extents
+        self._made = 0  # image and snapshot files made: each gets a name of its own
         self._tail = ThreadPoolExecutor(1, "damselfly-seal")
+        self._seals: collections.deque[Future[BlobInfo]] = collections.deque()
 
-    def _new_image(self) -> str:
+    def _new_file(self, kind: str = "image") -> str:
         self._made += 1
-        return os.path.join(self.work_dir, f"image-{self._made}")
+        return os.path.join(self.work_dir, f"{kind}-{self._made}")
 
     def _drop(self, path: str) -> None:
         """Unlink `path` once every seal queued so far is done (freeing a big file's extents takes ext4
         a while: off the path too)."""
         self._tail.submit(_unlink, path)
 
-    def close(self) -> None:
-        """Remove the current image, and wait for every seal and removal."""
+    def _forget(self) -> None:
+        """Let go of the current image (and its snapshot), after the seals that read them."""
         if self._image is not None:
             self._drop(self._image)
-        self._image, self._holds = None, []
+        if self._snap is not None:
+            self._drop(self._snap.path)
+        self._image, self._holds, self._snap, self._files = None, [], None, None
+
+    def close(self) -> None:
+        """Remove the current image, and wait for every seal and removal."""
+        self._forget()
         self._tail.shutdown(wait=True)
 
     def _base(self, below: list[str], lowers: Callable[[], list[LowerBlob]]) -> str | None:
         """The image of the layers `below` (None for none): the current one, or one expanded from their
         blobs (`lowers`)."""
         if not below:
+            self._forget()
             return None
         if self._image is not None and self._holds == below:
             return self._image
-        if self._image is not None:
-            self._drop(self._image)
-            self._image, self._holds = None, []
-        path = self._new_image()
+        self._forget()
+        path = self._new_file()
         blobs = lowers()
         sources = [FileSource(b.path) for b in blobs]
         try:
@@ -392,6 +411,19 @@ class Ext4LayerBuilder:
                 _unlink(base)  # the new image replaced it; this was the last reader
         return info
 
+    def _seal_in_place(
+        self, base: imagefile.Snapshot | None, cur: imagefile.Snapshot, image: str, out_path: str
+    ) -> BlobInfo:
+        try:
+            with open(out_path, "wb") as out:
+                info, _ = imagefile.write_diff_in_place(
+                    base, cur, image, out, self.vsize, self.codec, self.chunk_size, self.level
+                )
+        finally:
+            if base is not None:
+                _unlink(base.path)  # this was its last reader
+        return info
+
     def build(
         self,
         index: int,
@@ -407,7 +439,6 @@ class Ext4LayerBuilder:
         (their keys; `lowers` gives their blobs if the image must be rebuilt from them); the new layer
         blob is written to `out_path` by the sealing thread (`LayerBuild.blob`)."""
         mnt = os.path.join(self.work_dir, f"mnt-{index}")
-        image = self._new_image()
         os.makedirs(mnt, exist_ok=True)
         phases: dict[str, float] = {}
         mark = time.monotonic()
@@ -418,23 +449,36 @@ class Ext4LayerBuilder:
             phases[name] = now - mark
             mark = now
 
+        image: str | None = None
         done = False
         try:
             base = self._base(below, lowers)
-            if base is None:
-                mkfs_ext4(
-                    image,
-                    self.vsize,
-                    uuid=identity.uuid,
-                    hash_seed=identity.hash_seed,
-                    fake_time=FAKE_TIME,
-                    prezeroed=True,
-                    metadata_csum=False,
-                )
-                phase("mkfs")
+            if base is not None and self.in_place:
+                image = base
+                if self._snap is None or self._files is None:  # expanded from blobs: look at it first
+                    self._files = ext4meta.regular_files(image)
+                    self._snap = imagefile.Snapshot.take(image, self._new_file("snap"), self._files.ranges())
+                    phase("snapshot")
+                # The seal two layers back reads files this layer may remove (their blocks are free
+                # for the next one to reuse): it must be done before anything writes to the image.
+                while len(self._seals) > 1:
+                    self._seals.popleft().result()
             else:
-                imagefile.sparse_copy(base, image)
-                phase("copy")
+                image = self._new_file()
+                if base is None:
+                    mkfs_ext4(
+                        image,
+                        self.vsize,
+                        uuid=identity.uuid,
+                        hash_seed=identity.hash_seed,
+                        fake_time=FAKE_TIME,
+                        prezeroed=True,
+                        metadata_csum=False,
+                    )
+                    phase("mkfs")
+                else:
+                    imagefile.sparse_copy(base, image)
+                    phase("copy")
             before = ext4meta.used_inodes(image)
             loop = mount_loop(image, mnt, "ext4", MOUNT_OPTIONS)
             try:
@@ -455,12 +499,24 @@ class Ext4LayerBuilder:
             finally:
                 umount_loop(mnt)
             phase("umount")
-            changed, freed = ext4meta.canonicalize(image, before)
-            phase("canonical")
-            blob = self._tail.submit(self._seal, base, image, out_path)
-            if self._image is not None and self._image != base:
-                self._drop(self._image)  # (the seal removes the base itself, after reading it)
-            self._image, self._holds = image, [*below, key]
+            if self.in_place:
+                files = self._files if base is not None and self._files is not None else None
+                files = files if files is not None else ext4meta.FileExtents()
+                changed, freed = ext4meta.canonicalize(image, before, files)
+                phase("canonical")
+                snap = imagefile.Snapshot.take(image, self._new_file("snap"), files.ranges())
+                phase("snapshot")
+                below_snap = self._snap if base is not None else None
+                blob = self._tail.submit(self._seal_in_place, below_snap, snap, image, out_path)
+                self._seals.append(blob)
+                self._image, self._holds, self._snap, self._files = image, [*below, key], snap, files
+            else:
+                changed, freed = ext4meta.canonicalize(image, before)
+                phase("canonical")
+                blob = self._tail.submit(self._seal, base, image, out_path)
+                if self._image is not None and self._image != base:
+                    self._drop(self._image)  # (the seal removes the base itself, after reading it)
+                self._image, self._holds = image, [*below, key]
             done = True
         finally:
             # Wherever an interrupt landed (even inside mount_loop, before the inner finally): the
@@ -468,7 +524,10 @@ class Ext4LayerBuilder:
             release_mounts(self.work_dir)
             with contextlib.suppress(OSError):
                 os.rmdir(mnt)
-            if not done:
-                _unlink(image)
+            if not done and image is not None:
+                if image == self._image:
+                    self._forget()  # half applied: no later layer may start from it
+                else:
+                    self._drop(image)
         log.info("layer %s: %s", layer, ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
         return LayerBuild(blob, stats, changed, freed)

@@ -169,10 +169,13 @@ def _canonical_inode(rec: bytearray) -> bool:
     return True
 
 
-def canonicalize(path: str, before: set[int]) -> tuple[int, int]:
+def canonicalize(path: str, before: set[int], files: FileExtents | None = None) -> tuple[int, int]:
     """Make the unmounted ext4 image `path` independent of when and how fast the layer was applied
     (see the module docstring); `before` are the inodes in use before the layer. Returns (inodes the
-    layer changed, inodes it freed)."""
+    layer changed, inodes it freed).
+
+    With `files` (the regular files' data extents of the image before the layer, `regular_files`),
+    it is brought up to date: every inode the layer changed is read again, every freed one dropped."""
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         geo = geometry(fd, path)
@@ -208,10 +211,14 @@ def canonicalize(path: str, before: set[int]) -> tuple[int, int]:
                     buf[i * size : (i + 1) * size] = rec
                     dirty.append(i)
                     changed += 1
+                    if files is not None:
+                        files.note(ino, rec, fd, geo.block_size)
             for i in gone:
                 buf[i * size : (i + 1) * size] = bytes(size)
                 dirty.append(i)
                 zeroed += 1
+                if files is not None:
+                    files.drop(g * geo.inodes_per_group + i + 1)
             for i in sorted(dirty):
                 os.pwrite(fd, buf[i * size : (i + 1) * size], table + i * size)
         sb = SUPERBLOCK
@@ -223,3 +230,104 @@ def canonicalize(path: str, before: set[int]) -> tuple[int, int]:
         return changed, zeroed
     finally:
         os.close(fd)
+
+
+# -- where regular files keep their data ------------------------------------------------------------
+
+_S_IFMT, _S_IFREG = 0xF000, 0x8000
+_I_MODE, _I_FLAGS, _I_BLOCK = 0x00, 0x20, 0x28
+_EXTENTS_FL, _INLINE_DATA_FL = 0x80000, 0x10000000
+_EXTENT_MAGIC = 0xF30A
+_EXTENT_HEADER = struct.Struct("<HHHHI")  # magic, entries, max, depth, generation
+_EXTENT_LEAF = struct.Struct("<IHHI")  # logical block, length, physical hi, physical lo
+_EXTENT_INDEX = struct.Struct("<IIH")  # logical block, child lo, child hi
+#: ext4 trees are at most 5 levels deep; a deeper one is not a tree we trust.
+_MAX_DEPTH = 5
+#: An extent longer than this is unwritten (allocated, reads as zeros); its length is the excess.
+_INIT_MAX_LEN = 32768
+
+
+def _extents(fd: int, node: bytes, block_size: int, depth_left: int) -> list[tuple[int, int]] | None:
+    """The physical (start, end) byte ranges of the leaves under one extent tree node, or None when it
+    does not parse (the caller then trusts nothing about the file)."""
+    if len(node) < _EXTENT_HEADER.size:
+        return None
+    magic, entries, _, depth, _ = _EXTENT_HEADER.unpack_from(node, 0)
+    if magic != _EXTENT_MAGIC or depth > depth_left or 12 + entries * 12 > len(node):
+        return None
+    out: list[tuple[int, int]] = []
+    for k in range(entries):
+        off = 12 + k * 12
+        if depth == 0:
+            _, length, hi, lo = _EXTENT_LEAF.unpack_from(node, off)
+            if length > _INIT_MAX_LEN:
+                length -= _INIT_MAX_LEN
+            start = (hi << 32 | lo) * block_size
+            out.append((start, start + length * block_size))
+        else:
+            _, lo, hi = _EXTENT_INDEX.unpack_from(node, off)
+            child = os.pread(fd, block_size, (hi << 32 | lo) * block_size)
+            below = _extents(fd, child, block_size, depth - 1)
+            if below is None:
+                return None
+            out.extend(below)
+    return out
+
+
+class FileExtents:
+    """The data extents (device byte ranges) of every regular file of an ext4 image, by inode.
+
+    What the converter's in-place build relies on (`imagefile`): a layer never writes into a file that
+    already exists (an entry replaces a path: the old inode is unlinked and held until the layer ends),
+    so these blocks keep their bytes while the next layer is applied. A file whose extents do not parse
+    (no extent tree, inline data, a malformed node) is left out: its blocks are then treated like
+    metadata, compared and copied, which is always safe."""
+
+    def __init__(self) -> None:
+        self.by_inode: dict[int, list[tuple[int, int]]] = {}
+
+    def note(self, ino: int, rec: bytes | bytearray, fd: int, block_size: int) -> None:
+        """Read inode `ino` (its record `rec`) again: its extents if it is a regular file."""
+        self.by_inode.pop(ino, None)
+        mode = struct.unpack_from("<H", rec, _I_MODE)[0]
+        flags = _U32.unpack_from(rec, _I_FLAGS)[0]
+        if mode & _S_IFMT != _S_IFREG or not flags & _EXTENTS_FL or flags & _INLINE_DATA_FL:
+            return
+        found = _extents(fd, bytes(rec[_I_BLOCK : _I_BLOCK + 60]), block_size, _MAX_DEPTH)
+        if found:
+            self.by_inode[ino] = found
+
+    def drop(self, ino: int) -> None:
+        self.by_inode.pop(ino, None)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """All of them, sorted, touching ones merged."""
+        out: list[tuple[int, int]] = []
+        for start, end in sorted(r for rs in self.by_inode.values() for r in rs):
+            if out and start <= out[-1][1]:
+                if end > out[-1][1]:
+                    out[-1] = (out[-1][0], end)
+            else:
+                out.append((start, end))
+        return out
+
+
+def regular_files(path: str) -> FileExtents:
+    """`FileExtents` of every regular file in the ext4 image `path` (a walk of all inodes in use)."""
+    files = FileExtents()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        geo = geometry(fd, path)
+        size = geo.inode_size
+        for g, used in sorted(_used(fd, geo).items()):
+            span = (used[-1] + 1) * size
+            buf = os.pread(fd, span, geo.inode_tables[g] * geo.block_size)
+            if len(buf) < span:
+                raise _fail(path, f"the inode table of group {g} is cut short")
+            for i in used:
+                ino = g * geo.inodes_per_group + i + 1
+                if ino >= FIRST_INO:
+                    files.note(ino, buf[i * size : (i + 1) * size], fd, geo.block_size)
+    finally:
+        os.close(fd)
+    return files

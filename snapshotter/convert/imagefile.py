@@ -23,6 +23,7 @@ import bisect
 import errno
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from blockformat.chunkfile import BlobInfo
@@ -190,3 +191,167 @@ def expand(stack: Stack, image: str) -> None:
                 os.pwrite(fd, layer.read_data(seg.data_offset + pos, n), seg.start + pos)
     finally:
         os.close(fd)
+
+
+# -- in place: one image for every layer, and snapshots of what a layer may rewrite -------------------
+
+Ranges = list[tuple[int, int]]
+
+
+def subtract(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> Ranges:
+    """The parts of sorted, disjoint ranges `a` outside sorted, disjoint ranges `b`."""
+    out: Ranges = []
+    j = 0
+    for start, end in a:
+        pos = start
+        while j < len(b) and b[j][1] <= pos:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > pos:
+                out.append((pos, b[k][0]))
+            pos = max(pos, b[k][1])
+            k += 1
+        if pos < end:
+            out.append((pos, end))
+    return out
+
+
+def intersect(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> Ranges:
+    """The parts of sorted, disjoint ranges `a` inside sorted, disjoint ranges `b`."""
+    out: Ranges = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append((start, end))
+        if a[i][1] <= b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+@dataclass
+class Snapshot:
+    """What a layer's image holds, kept so that the next layer can be applied to the same file.
+
+    `data`: the image's data extents. `files`: the data extents of its regular files, which no later
+    layer writes into (`ext4meta.FileExtents`): they stay in the image file. Everything else that holds
+    data — superblock, group descriptors, bitmaps, inode tables, directories, extent and xattr blocks,
+    freed blocks that still hold bytes — the next layer may rewrite in place, so it is copied into the
+    sparse file `path` at the same offsets (`data` minus `files`; a few MB where the image has GBs of
+    file data)."""
+
+    path: str
+    data: Ranges
+    files: Ranges
+
+    @classmethod
+    def take(cls, image: str, path: str, files: Ranges) -> Snapshot:
+        fin = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = data_extents(fin, BLOCK)
+            fout = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fout, os.fstat(fin).st_size)
+                for start, end in subtract(data, files):
+                    pos = start
+                    while pos < end:
+                        n = os.copy_file_range(fin, fout, end - pos, pos, pos)
+                        if n <= 0:
+                            raise OSError(errno.EIO, f"copy_file_range stopped at {pos} of {image}")
+                        pos += n
+            finally:
+                os.close(fout)
+        finally:
+            os.close(fin)
+        return cls(path, data, intersect(files, data))
+
+
+class _View:
+    """A layer's image as it was when its `Snapshot` was taken: the copied ranges from the snapshot
+    file, the regular files' ranges from the image file (unchanged since), zeros elsewhere."""
+
+    def __init__(self, snap: Snapshot, image_fd: int) -> None:
+        self.snap_fd = os.open(snap.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.copied = _Sparse(self.snap_fd)
+        self.files = snap.files
+        self._starts = [r[0] for r in snap.files]
+        self.image_fd = image_fd
+
+    def close(self) -> None:
+        os.close(self.snap_fd)
+
+    def read(self, offset: int, length: int) -> bytes | None:
+        """The bytes at offset, or None when the range holds no data."""
+        copied = self.copied.read(offset, length)
+        end = offset + length
+        i = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        parts: list[tuple[int, int]] = []
+        while i < len(self.files) and self.files[i][0] < end:
+            s, e = max(self.files[i][0], offset), min(self.files[i][1], end)
+            if s < e:
+                parts.append((s, e))
+            i += 1
+        if not parts:
+            return copied
+        if parts == [(offset, end)]:
+            return _pread_full(self.image_fd, length, offset)
+        buf = bytearray(copied if copied is not None else length)
+        for s, e in parts:
+            buf[s - offset : e - offset] = _pread_full(self.image_fd, e - s, s)
+        return bytes(buf)
+
+
+def write_diff_in_place(
+    base: Snapshot | None,
+    cur: Snapshot,
+    image: str,
+    out: BinaryIO,
+    vsize: int,
+    codec: str,
+    chunk_size: int,
+    level: int | None = None,
+) -> tuple[BlobInfo, int]:
+    """`write_diff` for a layer applied in place: the image before it is `base` (None: an empty
+    device), after it `cur`, both snapshots of the one `image` file. The same blob `write_diff` writes
+    for the two images, with less read: the files of `base` are the same bytes in both (no layer writes
+    into an existing file), so only the rest is compared.
+
+    It reads what `cur` says the layer wrote while the next layer is applied to `image`: the copied
+    ranges come from the snapshot, and the files the layer made keep their blocks until a later layer
+    removes them and one after it reuses them (the builder waits for this seal before that)."""
+    w = LayerWriter(out, vsize, codec, chunk_size, level, workers=min(4, os.cpu_count() or 1))
+    data = 0
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    views: list[_View] = []
+    try:
+        now = _View(cur, fd)
+        views.append(now)
+        before = _View(base, fd) if base is not None else None
+        if before is not None:
+            views.append(before)
+        todo = _union(cur.data, base.data if base is not None else [])
+        if base is not None:
+            todo = subtract(todo, base.files)
+        for start, end in todo:
+            for pos in range(start, end, PIECE):
+                n = min(PIECE, end - pos)
+                new = now.read(pos, n)
+                old = before.read(pos, n) if before is not None else None
+                if new is None:
+                    if old is None:
+                        continue
+                    new = bytes(n)
+                if new == (old if old is not None else _ZERO_PIECE[:n]):
+                    continue
+                view = memoryview(new)
+                for a, b in _changed_runs(new, old):
+                    w.add_data(pos + a, view[a:b])
+                    data += b - a
+    finally:
+        for v in views:
+            v.close()
+        os.close(fd)
+    return w.close(), data
