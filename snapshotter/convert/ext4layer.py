@@ -52,6 +52,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
+import fcntl
 import logging
 import os
 import resource
@@ -72,7 +74,7 @@ from ..config import DeviceSection
 from ..device import client
 from ..device.client import DeviceClient
 from ..errors import ConvertError, LayerError, MountError
-from ..host.loop import loop_detach, loop_devices
+from ..host.loop import loop_attach, loop_detach, loop_devices
 from ..host.mkfs import mkfs_ext4
 from ..host.mountinfo import mountinfo
 from ..host.mounts import mount_loop, umount, umount_loop
@@ -151,6 +153,45 @@ _MAX_THREADS = 4096
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+#: ``MOUNT_OPTIONS`` as mount(2) takes them: the generic ones as flags, ext4's as its data string.
+_MS_NOSUID, _MS_NODEV, _MS_NOATIME = 0x2, 0x4, 0x400
+_MOUNT_FLAGS = _MS_NOSUID | _MS_NODEV | _MS_NOATIME
+_MOUNT_DATA = ",".join(o for o in MOUNT_OPTIONS if o not in ("rw", "nosuid", "nodev", "noatime"))
+_BLKFLSBUF = 0x1261
+
+
+def _mount_layer(loop: str, mnt: str) -> None:
+    """Mount the layer's ext4 from its loop device, by the system call: mount(8) and losetup(8) cost a
+    process each, per layer (the loop device stays attached to the image from layer to layer).
+
+    The device's page cache is dropped first: between two mounts the image file was rewritten around
+    the device (`ext4meta`), and any opener in between (udev's blkid) may have cached old blocks."""
+    fd = os.open(loop, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _BLKFLSBUF)
+    finally:
+        os.close(fd)
+    if _libc.mount(loop.encode(), mnt.encode(), b"ext4", _MOUNT_FLAGS, _MOUNT_DATA.encode()) != 0:
+        err = ctypes.get_errno()
+        raise MountError(
+            f"mount {loop} at {mnt}",
+            [],
+            None,
+            os.strerror(err),
+            "see dmesg for the kernel's reason",
+        )
+
+
+def _umount_layer(mnt: str) -> None:
+    """Unmount the layer's filesystem (the loop device stays)."""
+    if _libc.umount2(mnt.encode(), 0) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EINVAL and not any(m.mount_point == os.path.realpath(mnt) for m in mountinfo()):
+            return  # not mounted
+        raise MountError(
+            f"unmount {mnt}", [], None, os.strerror(err), f"find what keeps it busy (`fuser -vm {mnt}`)"
+        )
 
 
 class _Flusher:
@@ -353,6 +394,7 @@ class Ext4LayerBuilder:
         self._holds: list[str] = []  # the keys of the layers it holds, bottom first
         self._snap: imagefile.Snapshot | None = None  # in place: the current image's snapshot
         self._files: ext4meta.FileExtents | None = None  # in place: its regular files' extents
+        self._loop: str | None = None  # in place: the loop device attached to the current image
         self._made = 0  # image and snapshot files made: each gets a name of its own
         self._tail = ThreadPoolExecutor(1, "damselfly-seal")
         self._seals: collections.deque[Future[BlobInfo]] = collections.deque()
@@ -368,6 +410,9 @@ class Ext4LayerBuilder:
 
     def _forget(self) -> None:
         """Let go of the current image (and its snapshot), after the seals that read them."""
+        if self._loop is not None and self._image is not None:
+            loop_detach(self._loop, backing_file=self._image)
+        self._loop = None
         if self._image is not None:
             self._drop(self._image)
         if self._snap is not None:
@@ -406,6 +451,8 @@ class Ext4LayerBuilder:
                 info, _ = imagefile.write_diff(
                     base, image, out, self.vsize, self.codec, self.chunk_size, self.level
                 )
+                out.flush()
+                os.fsync(out.fileno())  # here, beside the next layer, not when the cache takes it
         finally:
             if base is not None:
                 _unlink(base)  # the new image replaced it; this was the last reader
@@ -419,6 +466,8 @@ class Ext4LayerBuilder:
                 info, _ = imagefile.write_diff_in_place(
                     base, cur, image, out, self.vsize, self.codec, self.chunk_size, self.level
                 )
+                out.flush()
+                os.fsync(out.fileno())  # here, beside the next layer, not when the cache takes it
         finally:
             if base is not None:
                 _unlink(base.path)  # this was its last reader
@@ -480,7 +529,13 @@ class Ext4LayerBuilder:
                     imagefile.sparse_copy(base, image)
                     phase("copy")
             before = ext4meta.used_inodes(image)
-            loop = mount_loop(image, mnt, "ext4", MOUNT_OPTIONS)
+            if self.in_place:
+                if self._loop is None or base is None:
+                    self._loop = loop_attach(image, read_only=False)
+                loop = self._loop
+                _mount_layer(loop, mnt)
+            else:
+                loop = mount_loop(image, mnt, "ext4", MOUNT_OPTIONS)
             try:
                 _load_every_group(loop)
                 held = _remove_lost_found(mnt) if not below else None
@@ -497,7 +552,10 @@ class Ext4LayerBuilder:
                         os.close(held)
                 phase("apply")
             finally:
-                umount_loop(mnt)
+                if self.in_place:
+                    _umount_layer(mnt)
+                else:
+                    umount_loop(mnt)
             phase("umount")
             if self.in_place:
                 files = self._files if base is not None and self._files is not None else None
@@ -519,15 +577,17 @@ class Ext4LayerBuilder:
                 self._image, self._holds = image, [*below, key]
             done = True
         finally:
-            # Wherever an interrupt landed (even inside mount_loop, before the inner finally): the
-            # filesystem and its loop device go before the image does.
-            release_mounts(self.work_dir)
+            if not done:
+                # Wherever an interrupt landed (even inside mount_loop, before the inner finally): the
+                # filesystem and its loop device go before the image does.
+                release_mounts(self.work_dir)
+                self._loop = None
+                if image is not None:
+                    if image == self._image:
+                        self._forget()  # half applied: no later layer may start from it
+                    else:
+                        self._drop(image)
             with contextlib.suppress(OSError):
                 os.rmdir(mnt)
-            if not done and image is not None:
-                if image == self._image:
-                    self._forget()  # half applied: no later layer may start from it
-                else:
-                    self._drop(image)
         log.info("layer %s: %s", layer, ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
         return LayerBuild(blob, stats, changed, freed)
