@@ -2,13 +2,15 @@
 
 DESIGN §4, `docs/convert.md` ("How it is fast"). For source layer i, on the image of layers 0..i-1::
 
-    i == 0: a sparse image file of vsize, mkfs.ext4 on it (fixed UUID, hash seed and time)
-    else:   a copy of the image below (`imagefile.sparse_copy`: data extents only, in the kernel)
-    loop device (rw) ── mount ext4 (noatime, nodelalloc, noinit_itable, nombcache, nobarrier)
+    i == 0: a sparse image file of vsize, mkfs.ext4 on it (fixed UUID, hash seed and time),
+            a loop device (rw) attached to it for this layer and the next ones
+    else:   the same file and loop device (in place), or a copy (`imagefile.sparse_copy`)
+    mount ext4 (noatime, nodelalloc, noinit_itable, nombcache, nobarrier, mb_optimize_scan=0)
         apply the layer tar (`applytar.apply_layer`), from one pinned CPU
-    umount, detach loop
+    umount
     canonical times, generations and superblock fields, in the file (`ext4meta`; "Reproducible bytes")
-    the blocks that differ from the image below ── layer blob (`imagefile.write_diff`)
+    snapshot: all but the regular files' data copied aside (`imagefile.Snapshot`)
+    the blocks that differ from the image below ── layer blob (`imagefile.write_diff_in_place`)
 
 The kernel's writes go through the page cache into a plain file: nothing in user space is on the write
 path. Only blocks whose bytes changed reach the blob (a block ext4 rewrote with the same bytes does not:

@@ -1,20 +1,26 @@
-"""The converter's filesystem image: one sparse local file per layer, and the block diff between two.
+"""The converter's filesystem image: one sparse local file, and the block diff a layer made in it.
 
-A layer is built on a plain file (`ext4layer`): the image after the layers below, copied, then the
-layer's tar applied to it through a loop device. What the layer changed is then found by comparing the
-file with the copy it started from, block by block (`write_diff`): exactly the blocks whose bytes differ
-go into the layer blob. The kernel's I/O never leaves the page cache, and nothing in user space sits on
-the write path (the earlier converter wrote through its FUSE device, whose per-request cost dominated).
+A layer is built on a plain file (`ext4layer`): the image after the layers below, then the layer's tar
+applied to it through a loop device. What the layer changed is found by comparing the image after it
+with the image before it, block by block: exactly the blocks whose bytes differ go into the layer blob.
+The kernel's I/O never leaves the page cache, and nothing in user space sits on the write path (the
+earlier converter wrote through its FUSE device, whose per-request cost dominated).
 
-- `sparse_copy`: the file's data extents (``SEEK_DATA``/``SEEK_HOLE``) copied in the kernel
-  (``copy_file_range``); holes stay holes.
-- `write_diff`: the union of both files' data extents, read side by side in pieces, compared per
-  `BLOCK` (4 KiB, the filesystem's block); runs of differing blocks become data extents of the layer
-  blob, in device order. Without a base (the bottom layer) a block differs when it is not all zeros —
-  a block no layer holds reads as zeros. A block that became zeros over non-zero lower data is data
-  like any other (zeros compress to almost nothing).
-- `expand`: a stack of converted layers written out as one sparse image (the starting point when the
-  layers below came from the layer cache).
+Two ways to have "the image before" at hand, with the same blobs:
+
+- in place (the converter's way): every layer is applied to the same file. Before it, a `Snapshot`
+  copies aside whatever a layer may rewrite — all data but the regular files' (`ext4meta.FileExtents`),
+  which the applier never writes into — and `write_diff_in_place` compares two snapshots, skipping the
+  lower files' blocks (the same bytes on both sides);
+- whole copies: `sparse_copy` (the file's data extents, ``SEEK_DATA``/``SEEK_HOLE``, copied in the
+  kernel by ``copy_file_range``; holes stay holes), then `write_diff` between the two files.
+
+`write_diff` reads the union of both files' data extents side by side in pieces, compared per `BLOCK`
+(4 KiB, the filesystem's block); runs of differing blocks become data extents of the layer blob, in
+device order. Without a base (the bottom layer) a block differs when it is not all zeros — a block no
+layer holds reads as zeros. A block that became zeros over non-zero lower data is data like any other
+(zeros compress to almost nothing). `expand`: a stack of converted layers written out as one sparse
+image (the starting point when the layers below came from the layer cache).
 """
 
 from __future__ import annotations
