@@ -341,11 +341,11 @@ class Converter:
     @staticmethod
     def _push_traces(sink: Sink, built: list[tuple[Descriptor | None, PlatformResult, bytes, bytes]]) -> None:
         """Each platform's --prefetch-files trace, as a referrer of its manifest (after the image)."""
-        from p2p.referrers import push_referrer  # noqa: PLC0415  # httpx: only for a registry
-
         for _, result, _, new_manifest in built:
             if result.trace is None:
                 continue
+            from p2p.referrers import push_referrer  # noqa: PLC0415  # httpx: only when there is a trace
+
             assert isinstance(sink, RegistrySink)
             subject = Descriptor(OCI_MANIFEST, Digest(result.manifest_digest), len(new_manifest))
             result.trace_digest = push_referrer(

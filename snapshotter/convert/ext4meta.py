@@ -111,6 +111,10 @@ def geometry(fd: int, path: str) -> Geometry:
     )
 
 
+#: The set bits of every byte value, lowest first.
+_BITS = tuple(tuple(bit for bit in range(8) if value >> bit & 1) for value in range(256))
+
+
 def _used(fd: int, geo: Geometry) -> dict[int, list[int]]:
     """group → the indexes (0-based) of its inodes in use, by the inode bitmaps."""
     out: dict[int, list[int]] = {}
@@ -118,12 +122,12 @@ def _used(fd: int, geo: Geometry) -> dict[int, list[int]]:
     for g in range(geo.groups):
         if geo.uninit[g]:
             continue
-        bitmap = os.pread(fd, nbytes, geo.inode_bitmaps[g] * geo.block_size)
+        bitmap = os.pread(fd, nbytes, geo.inode_bitmaps[g] * geo.block_size).rstrip(b"\0")
         used: list[int] = []
-        for byte_i, byte in enumerate(bitmap):
+        for byte_i, byte in enumerate(bitmap):  # up to the last inode in use: groups fill from the start
             if byte:
                 base = byte_i * 8
-                used.extend(base + bit for bit in range(8) if byte >> bit & 1)
+                used.extend([base + bit for bit in _BITS[byte]])
         if used:
             out[g] = used
     return out
