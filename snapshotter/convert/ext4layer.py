@@ -226,6 +226,21 @@ class _Flusher:
         self._thread.join()
 
 
+#: How long a thread whose ``start`` was interrupted may take to begin before it is taken as never made.
+_START_GRACE = 5.0
+
+
+def _wait_out(event: threading.Event, timeout: float | None = None) -> bool:
+    """Wait for `event` through further interrupts: the applier was told to stop and does at its next
+    read, and the caller must not unmount the filesystem under it (SIGKILL remains)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return event.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:
+            continue
+
+
 def run_like_every_time(fn: Callable[[], T], cancel: threading.Event | None = None) -> T:
     """Run `fn` so that ext4 allocates exactly as it did the last time: from a thread whose id ext4 maps
     to the same block colour, pinned to one CPU (ext4's small-file preallocation is per CPU).
@@ -237,25 +252,37 @@ def run_like_every_time(fn: Callable[[], T], cancel: threading.Event | None = No
     cpu = min(os.sched_getaffinity(0))
     outcome: list[Any] = []
 
-    def body() -> None:
-        if threading.get_native_id() % _COLOURS != _COLOUR:
-            return
-        os.sched_setaffinity(0, {cpu})  # this thread only
+    def body(began: threading.Event, ended: threading.Event) -> None:
+        began.set()
         try:
-            outcome.append(("ok", fn()))
-        except BaseException as e:
-            outcome.append(("error", e))
+            if threading.get_native_id() % _COLOURS != _COLOUR:
+                return
+            os.sched_setaffinity(0, {cpu})  # this thread only
+            try:
+                outcome.append(("ok", fn()))
+            except BaseException as e:
+                outcome.append(("error", e))
+        finally:
+            ended.set()
 
+    # The thread's end is waited for on an event, not with ``Thread.join``: a join interrupted by
+    # KeyboardInterrupt marks the still running thread as stopped (CPython's bpo-45274 handling in
+    # ``_wait_for_tstate_lock``), so a second join would return at once, while it still writes. An
+    # interrupt inside ``start`` may come before the thread exists or after (while ``start`` waits for
+    # it to run); one that exists begins within moments.
     for _ in range(_MAX_THREADS):
-        t = threading.Thread(target=body, name="damselfly-apply")
-        t.start()
+        began, ended = threading.Event(), threading.Event()
+        t = threading.Thread(target=body, args=(began, ended), name="damselfly-apply")
         try:
-            t.join()
+            t.start()
+            ended.wait()
         except BaseException:
             if cancel is not None:
                 cancel.set()
-            t.join()
+            if _wait_out(began, _START_GRACE):
+                _wait_out(ended)
             raise
+        t.join()  # (it has ended: at once)
         if outcome:
             kind, value = outcome[0]
             if kind == "error":

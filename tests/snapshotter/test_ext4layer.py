@@ -1,0 +1,42 @@
+"""`ext4layer.run_like_every_time`: the applier's thread, and how an interrupt waits for it.
+
+Plain functions stand in for applying a tar (real layers: `test_convert`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from snapshotter.convert.ext4layer import run_like_every_time
+
+WAIT = 10.0
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in the main thread, as Python's default handler does."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_an_interrupted_applier_is_waited_for_through_a_second_interrupt(sigint_raises: None) -> None:
+    # The caller unmounts the filesystem as soon as this returns: the applier must have stopped writing.
+    cancel = threading.Event()
+    ended: list[float] = []
+
+    def apply() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the layer is applied
+        assert cancel.wait(WAIT)  # the applier notices at its next read...
+        os.kill(os.getpid(), signal.SIGINT)  # ...while a second Ctrl-C arrives
+        time.sleep(0.3)  # and finishes what it was writing
+        ended.append(time.monotonic())
+
+    with pytest.raises(KeyboardInterrupt):
+        run_like_every_time(apply, cancel)
+    assert ended, "returned while the applier was still running"
