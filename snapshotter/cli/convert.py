@@ -113,6 +113,14 @@ def _reporter(quiet: bool) -> Iterator[Any]:
     multiple=True,
     help="Platform of a multi-platform image to convert (repeat for several; 'all'). Default linux/amd64.",
 )
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Platforms converted at once (default: one per two CPUs, at most the platforms converted); "
+    "1 converts them one after another. The result is the same whatever it is.",
+)
 @click.option("--plain-http", is_flag=True, default=None, help="Talk HTTP to the registries (loopback ones).")
 @click.option("--oci-layout", is_flag=True, help="DST is an OCI layout directory (created if missing).")
 @click.option(
@@ -157,6 +165,7 @@ def convert_cmd(
     chunk_size: int,
     vsize: int,
     platforms: tuple[str, ...],
+    jobs: int | None,
     plain_http: bool | None,
     oci_layout: bool,
     cache_dir: str,
@@ -192,6 +201,7 @@ def convert_cmd(
         prefetch_files=tuple(p for item in prefetch_files for p in item.split(",") if p.strip()),
         registry=settings_from(config_path, hosts_dir),
         referrer=referrer,
+        jobs=jobs,
     )
     # SIGTERM (a CI job cancelled, `timeout`) unwinds like Ctrl-C, so the loop devices, the mounts and
     # image files of the layer being built (and a private device daemon) are all undone; `interrupt`

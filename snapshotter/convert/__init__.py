@@ -1,7 +1,8 @@
 """Image conversion (`damselfly convert`): OCI layers in, damselfly block layers out (DESIGN §4).
 
 - `converter`: the pipeline, source to destination; `plan`: what of the source converts and what the
-  result's config and manifest say; `layercache`: converted layers reused by source chain and options.
+  result's config and manifest say; `layercache`: converted layers reused by source chain and options;
+  `fanout`: platforms converted side by side (``--jobs``) with the outcome of one after another.
 - `sources` / `archive`: where the image comes from (registry, OCI layout, OCI archive, docker save);
   `sinks`: where it goes (registry, OCI layout).
 - `ext4layer`: one layer built as ext4 on a block device over the layers below it.

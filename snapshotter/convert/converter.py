@@ -1,7 +1,7 @@
 """`damselfly convert`: an OCI image in, the same image with block layers out (DESIGN §4).
 
     source (registry / layout / archive) ── top document ── platform manifests (chosen platforms)
-        for each platform, each layer bottom to top:
+        for each platform (up to --jobs side by side, `fanout`), each layer bottom to top:
             layer cache hit (same source chain, same options)?  reuse the blob
             else: stream the layer tar (digest-checked, gzip/zstd decoded) into `Ext4LayerBuilder`
                   check its uncompressed digest against the config's diff_id; cache the blob
@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from p2p.hosts import RegistrySettings, Resolver
 from p2p.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Index, Manifest, build_index, parse_manifest
 
 from ..errors import ConvertError, LayerError
+from . import fanout
 from .ext4layer import (
     Ext4LayerBuilder,
     FsIdentity,
@@ -93,6 +95,9 @@ class ConvertOptions:
     referrer: bool = False
     #: How registries are reached (hosts.toml mirrors, TLS, proxies); not part of the output's key.
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    #: Platforms converted side by side (None: `default_jobs`; 1: one after another). Not part of the
+    #: output's key: the output is the same whatever it is (`fanout`).
+    jobs: int | None = None
 
     def key(self) -> dict[str, Any]:
         """What shapes a converted layer's bytes."""
@@ -151,6 +156,30 @@ def _no_progress(event: str, label: str, value: Any) -> None:
     pass
 
 
+def _one_at_a_time(progress: Progress) -> Progress:
+    """`progress`, called by one thread at a time: every platform converting and each one's read-ahead
+    thread report, and a callback (a dict of bars, a console) need not be thread-safe itself."""
+    lock = threading.Lock()
+
+    def serialized(event: str, label: str, value: Any) -> None:
+        with lock:
+            progress(event, label, value)
+
+    return serialized
+
+
+def default_jobs(platforms: int) -> int:
+    """Platforms converted side by side when --jobs is not given: one per two CPUs this process may run
+    on, at most one per platform, at least one.
+
+    One platform's conversion keeps about two CPUs busy: its applier, pinned to one, and beside it the
+    read-ahead (digest, inflate, tar hash) and the seal's compression pool (`docs/convert.md`, "How it
+    is fast"); more platforms than half the CPUs would only queue behind each other, while each holds
+    its own images in the page cache."""
+    cpus = len(os.sched_getaffinity(0))
+    return max(1, min(platforms, cpus // 2))
+
+
 # -- checks -----------------------------------------------------------------------------------------
 
 
@@ -170,6 +199,10 @@ def check_options(options: ConvertOptions) -> None:
     if options.cache_limit < 0:
         raise ConvertError(
             f"cache limit {options.cache_limit} is negative", "give a size like 10G, or 0 for none"
+        )
+    if options.jobs is not None and options.jobs < 1:
+        raise ConvertError(
+            f"jobs {options.jobs} is under 1", "give how many platforms to convert at once (1: one by one)"
         )
 
 
@@ -205,7 +238,7 @@ class Converter:
         check_options(options)
         raise_fd_limit()
         self.options = options
-        self.progress = progress or _no_progress
+        self.progress = _one_at_a_time(progress or _no_progress)
         self.cache = LayerCache(options.cache_dir or DEFAULT_CACHE_DIR, options.cache_limit)
 
     @contextlib.contextmanager
@@ -243,30 +276,21 @@ class Converter:
                 "convert to a registry reference, or leave --prefetch-files out",
             )
         referrer = check_referrer(source, sink) if self.options.referrer else None
+        jobs = self.options.jobs or default_jobs(len(plans))
+        converted = fanout.run([self._platform_task(source, p, n, work) for n, p in enumerate(plans)], jobs)
         built: list[tuple[Descriptor | None, PlatformResult, bytes, bytes]] = []
-        builder = Ext4LayerBuilder(
-            work,
-            self.options.vsize or DEFAULT_VSIZE,
-            self.options.codec,
-            self.options.chunk_size,
-            self.options.level,
-        )
-        try:
-            for p in plans:
-                layers = self._convert_layers(source, builder, p)
-                new_config, new_manifest = converted_documents(
-                    p.manifest,
-                    p.config,
-                    [(x.blob_digest, x.blob_size, x.index_digest, x.data_size) for x in layers],
-                    self.options.vsize or DEFAULT_VSIZE,
-                    sink.repository,
-                    source_link(source, p.manifest),
-                    subject_of(p.manifest) if referrer is not None else None,
-                )
-                result = PlatformResult(p.label, "", layers, source_digest=p.manifest.digest)
-                built.append((p.desc, result, new_config, new_manifest))
-        finally:
-            builder.close()
+        for p, layers in zip(plans, converted, strict=True):
+            new_config, new_manifest = converted_documents(
+                p.manifest,
+                p.config,
+                [(x.blob_digest, x.blob_size, x.index_digest, x.data_size) for x in layers],
+                self.options.vsize or DEFAULT_VSIZE,
+                sink.repository,
+                source_link(source, p.manifest),
+                subject_of(p.manifest) if referrer is not None else None,
+            )
+            result = PlatformResult(p.label, "", layers, source_digest=p.manifest.digest)
+            built.append((p.desc, result, new_config, new_manifest))
         if self.options.prefetch_files:
             # The chain is mounted read-only through a device daemon of its own: FIEMAP of its files.
             from . import prefetchfiles  # noqa: PLC0415  # its device imports cost 0.3 s: only when asked
@@ -352,6 +376,33 @@ class Converter:
                 sink.client, sink.ref.repository, subject, TRACE_MEDIA_TYPE, result.trace.to_json()
             )
 
+    def _platform_task(
+        self, source: ImageSource, p: PlatformPlan, n: int, work: str
+    ) -> Callable[[fanout.Lane], list[LayerResult]]:
+        """Platform `n`'s layers, converted by a builder of its own in ``work/platform-<n>``, its applier
+        pinned to the CPU of its lane's slot: platforms converted side by side share no work directory,
+        loop device, mount or CPU of an applier."""
+
+        def task(lane: fanout.Lane) -> list[LayerResult]:
+            platform_work = os.path.join(work, f"platform-{n}")
+            os.mkdir(platform_work, 0o700)
+            cpus = sorted(os.sched_getaffinity(0))
+            builder = Ext4LayerBuilder(
+                platform_work,
+                self.options.vsize or DEFAULT_VSIZE,
+                self.options.codec,
+                self.options.chunk_size,
+                self.options.level,
+                cpu=cpus[lane.slot % len(cpus)],
+                stop=lane.stop,
+            )
+            try:
+                return self._convert_layers(source, builder, p)
+            finally:
+                builder.close()
+
+        return task
+
     def cache_path(self, digest: str) -> str:
         return os.path.join(self.cache.blobs, digest.partition(":")[2])
 
@@ -383,6 +434,9 @@ class Converter:
 
         for i, desc in enumerate(manifest.layers):
             check_interrupted()
+            # Stopped (`fanout`: an earlier platform failed, or an interrupt): never the error reported.
+            if builder.stop.is_set():
+                raise LayerError(f"{i} ({desc.digest})", None, "the conversion was stopped", "run it again")
             started = time.monotonic()
             key = LayerCache.key(diff_ids[: i + 1], self.options.key())
             name = f"{label} layer {i + 1}/{n} {desc.digest[:19]}"
@@ -444,7 +498,7 @@ class Converter:
         when the seal ended."""
         layer = f"{i} ({desc.digest})"
         out = os.path.join(builder.work_dir, f"layer-{i}.blob")
-        with source.open_layer(desc, layer) as blob:
+        with source.open_layer(desc, layer, builder.stop) as blob:
             counted_in = _Counting(blob, lambda k: self.progress("advance", name, k))
             tar = _Counting(open_layer_stream(counted_in, desc.media_type, layer=layer))
             # Reading, checking, inflating and hashing run beside the applier (which is pinned to one CPU).

@@ -241,15 +241,24 @@ def _wait_out(event: threading.Event, timeout: float | None = None) -> bool:
             continue
 
 
-def run_like_every_time(fn: Callable[[], T], cancel: threading.Event | None = None) -> T:
+def run_like_every_time(
+    fn: Callable[[], T], cancel: threading.Event | None = None, cpu: int | None = None
+) -> T:
     """Run `fn` so that ext4 allocates exactly as it did the last time: from a thread whose id ext4 maps
     to the same block colour, pinned to one CPU (ext4's small-file preallocation is per CPU).
+
+    `cpu`: the one to pin to (default: the lowest this process may use). Which CPU does not change a
+    byte: the preallocation groups are per CPU *and per filesystem* (``sbi->s_locality_groups``), and
+    every layer is applied on a freshly mounted one, so any single CPU starts from the same empty
+    state. What matters is that the applier never moves; two appliers of two filesystems (platforms
+    converted side by side) get two CPUs only so that they do not queue behind each other.
 
     If the waiting thread is interrupted (Ctrl-C, SIGTERM), `cancel` is set and the worker is waited
     for — `fn` must notice `cancel` soon — so that nothing writes to the filesystem while the caller
     unmounts it.
     """
-    cpu = min(os.sched_getaffinity(0))
+    if cpu is None:
+        cpu = min(os.sched_getaffinity(0))
     outcome: list[Any] = []
 
     def body(began: threading.Event, ended: threading.Event) -> None:
@@ -312,15 +321,15 @@ def check_interrupted() -> None:
 
 
 class _Cancellable:
-    """A tar stream that stops with a `LayerError` once `cancel` (or `INTERRUPTED`) is set."""
+    """A tar stream that stops with a `LayerError` once any of `cancel` (or `INTERRUPTED`) is set."""
 
-    def __init__(self, raw: Readable, cancel: threading.Event, layer: str) -> None:
+    def __init__(self, raw: Readable, cancel: tuple[threading.Event, ...], layer: str) -> None:
         self._raw = raw
         self._cancel = cancel
         self._layer = layer
 
     def read(self, n: int, /) -> bytes | None:
-        if self._cancel.is_set() or INTERRUPTED.is_set():
+        if INTERRUPTED.is_set() or any(c.is_set() for c in self._cancel):
             raise LayerError(self._layer, None, "the conversion was interrupted", "run it again")
         return self._raw.read(n)
 
@@ -397,6 +406,12 @@ class Ext4LayerBuilder:
     Any other stack of lowers is expanded from their blobs. With ``in_place=False`` each layer starts
     from a kernel copy of the whole image instead (`imagefile.sparse_copy`; the tests compare the two).
 
+    `cpu` is the CPU its applier is pinned to (`run_like_every_time`); `stop`, once set (by another
+    thread: the platform it builds for was stopped, `fanout`), stops the layer being applied at its next
+    read of the tar. Builders share nothing but the process: one per platform converted at once, each in
+    a `work_dir` of its own, with its own image, loop device and mount (a failed `build` releases every
+    mount and loop device below its `work_dir`, and nothing else).
+
     Sealing — the block diff against the image below, compressed into the layer blob — runs on a thread
     of its own (`build` returns a future of the blob), so it overlaps the next layer's snapshot, mount
     and apply. A seal reads the files its layer made from the image itself; a later layer may remove
@@ -412,6 +427,9 @@ class Ext4LayerBuilder:
         chunk_size: int,
         level: int | None = None,
         in_place: bool | None = None,
+        *,
+        cpu: int | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.work_dir = work_dir
         self.vsize = vsize
@@ -419,6 +437,8 @@ class Ext4LayerBuilder:
         self.chunk_size = chunk_size
         self.level = level
         self.in_place = IN_PLACE if in_place is None else in_place
+        self.cpu = cpu
+        self.stop = stop if stop is not None else threading.Event()
         self._image: str | None = None  # the current image file
         self._holds: list[str] = []  # the keys of the layers it holds, bottom first
         self._snap: imagefile.Snapshot | None = None  # in place: the current image's snapshot
@@ -571,10 +591,12 @@ class Ext4LayerBuilder:
                 phase("mount")
                 try:
                     cancel = threading.Event()
-                    cancellable = _Cancellable(stream, cancel, layer)
+                    cancellable = _Cancellable(stream, (cancel, self.stop), layer)
                     with _Flusher(mnt):
                         stats = run_like_every_time(
-                            lambda: apply_layer(cancellable, mnt, layer=layer, hold_removed=True), cancel
+                            lambda: apply_layer(cancellable, mnt, layer=layer, hold_removed=True),
+                            cancel,
+                            self.cpu,
                         )
                 finally:
                     if held is not None:

@@ -26,9 +26,10 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from blockformat.digest import Digest, parse_digest
 from p2p.errors import P2PError
@@ -137,8 +138,11 @@ class ImageSource(abc.ABC):
 
     @abc.abstractmethod
     def open_layer(
-        self, desc: Descriptor, layer: str
-    ) -> contextlib.AbstractContextManager[VerifiedReader]: ...
+        self, desc: Descriptor, layer: str, stop: threading.Event | None = None
+    ) -> contextlib.AbstractContextManager[VerifiedReader]:
+        """The layer blob as a verified stream. `stop`, set by another thread, abandons whatever the
+        source does before the stream is handed out (a registry's download) with a `LayerError`; the
+        stream itself is the reader's to stop."""
 
     def close(self) -> None:  # noqa: B027 - an optional hook: most have nothing to release
         """Release connections and files."""
@@ -174,7 +178,9 @@ class LayoutSource(ImageSource):
         return self.layout.read_blob(desc, what)
 
     @contextlib.contextmanager
-    def open_layer(self, desc: Descriptor, layer: str) -> Iterator[VerifiedReader]:
+    def open_layer(
+        self, desc: Descriptor, layer: str, stop: threading.Event | None = None
+    ) -> Iterator[VerifiedReader]:
         with self.layout.open_blob(desc) as f:
             yield VerifiedReader(f, desc, layer)
 
@@ -245,7 +251,9 @@ class DockerArchiveSource(ImageSource):
         return self._by_digest.get(desc.digest) or blob_name(desc.digest)
 
     @contextlib.contextmanager
-    def open_layer(self, desc: Descriptor, layer: str) -> Iterator[VerifiedReader]:
+    def open_layer(
+        self, desc: Descriptor, layer: str, stop: threading.Event | None = None
+    ) -> Iterator[VerifiedReader]:
         with self.files.open(self._name(desc)) as f:
             yield VerifiedReader(f, desc, layer)
 
@@ -279,14 +287,43 @@ class RegistrySource(ImageSource):
         return self.client.get_blob(self.ref.repository, desc.digest, desc.size, MAX_DOCUMENT_SIZE)
 
     @contextlib.contextmanager
-    def open_layer(self, desc: Descriptor, layer: str) -> Iterator[VerifiedReader]:
+    def open_layer(
+        self, desc: Descriptor, layer: str, stop: threading.Event | None = None
+    ) -> Iterator[VerifiedReader]:
         with tempfile.TemporaryFile(prefix="layer-", dir=self.spool_dir) as f:
-            self.client.download_blob(self.ref.repository, parse_digest(desc.digest), f, desc.size)
+            # (download_blob only writes, seeks, tells and truncates)
+            spool = f if stop is None else cast(BinaryIO, _StoppableSpool(f, stop, layer))
+            self.client.download_blob(self.ref.repository, parse_digest(desc.digest), spool, desc.size)
             f.seek(0)
             yield VerifiedReader(f, desc, layer)
 
     def close(self) -> None:
         self.client.close()
+
+
+class _StoppableSpool:
+    """A download's spool file whose writes fail once `stop` is set: a platform converted beside others
+    downloads in a thread no signal reaches, so a stop (another platform failed, Ctrl-C, SIGTERM) must
+    end its download at the next piece, not after the whole layer."""
+
+    def __init__(self, f: BinaryIO, stop: threading.Event, layer: str) -> None:
+        self._f = f
+        self._stop = stop
+        self._layer = layer
+
+    def write(self, data: bytes) -> int:
+        if self._stop.is_set():
+            raise LayerError(self._layer, None, "the conversion was interrupted", "run it again")
+        return self._f.write(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        return self._f.truncate(size)
 
 
 def is_local(arg: str) -> bool:

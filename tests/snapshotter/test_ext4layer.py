@@ -1,6 +1,6 @@
-"""`ext4layer.run_like_every_time`: the applier's thread, and how an interrupt waits for it.
+"""`ext4layer.run_like_every_time`: the applier's thread — its CPU, and how an interrupt waits for it.
 
-Plain functions stand in for applying a tar (real layers: `test_convert`)."""
+Plain functions stand in for applying a tar (real layers: `test_convert`, `test_convert_parallel`)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ def sigint_raises() -> Iterator[None]:
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, old)
+
+
+def test_the_applier_runs_pinned_to_the_cpu_asked_for() -> None:
+    for cpu in sorted(os.sched_getaffinity(0)):
+        assert run_like_every_time(lambda: os.sched_getaffinity(0), cpu=cpu) == {cpu}
+    assert run_like_every_time(lambda: os.sched_getaffinity(0)) == {min(os.sched_getaffinity(0))}
 
 
 def test_an_interrupted_applier_is_waited_for_through_a_second_interrupt(sigint_raises: None) -> None:

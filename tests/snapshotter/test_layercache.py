@@ -6,9 +6,11 @@ limit end to end)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -88,3 +90,36 @@ def test_no_limit_keeps_everything(tmp_path: Path) -> None:
     with cache.in_use():
         pass
     assert all(cache.get(f"k{i}") is not None for i in range(3))
+
+
+def test_puts_of_the_same_layer_at_once_leave_one_whole_blob_and_one_entry(tmp_path: Path) -> None:
+    # Two platforms converted side by side (`convert --jobs`) on the same bottom layers build the same
+    # layer, byte for byte, and put it under the same key at about the same time, each from its own
+    # work directory: either may win each rename, and any of them is the whole blob.
+    cache = LayerCache(str(tmp_path / "c"), limit_bytes=0)
+    data = random.Random(7).randbytes(1 << 20)
+    n = 8
+    blobs = []
+    for i in range(n):
+        blob = tmp_path / f"work-{i}.blob"
+        with open(blob, "wb") as out:
+            info = pack_file(io.BytesIO(data), out, "lz4", 65536)
+        blobs.append((blob, info))
+    start = threading.Barrier(n, timeout=10)
+    entries: list[CachedLayer] = []
+
+    def put(i: int) -> None:
+        start.wait()
+        entries.append(cache.put("shared", str(blobs[i][0]), blobs[i][1], len(data)))
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(entries) == n and len(set(entries)) == 1
+    assert os.listdir(cache.blobs) == [entries[0].digest.partition(":")[2]]
+    assert os.listdir(cache.layers) == ["shared.json"]  # no temp file left
+    assert cache.get("shared") == entries[0]
+    with open(entries[0].path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == entries[0].digest.partition(":")[2]
