@@ -383,6 +383,33 @@ def release_mounts(root: str) -> None:
             loop_detach(d.device, backing_file=d.backing_file)
 
 
+#: Pauses before retrying the unmount of a builder's own mount that ``umount`` found busy (seconds).
+_BUSY_RETRIES = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def _umount_private(mnt: str, in_place: bool) -> None:
+    """Unmount a layer's filesystem (`_umount_layer`; not in place, its loop device detached too),
+    retrying while it is busy.
+
+    Nothing but the builder uses the mount (a 0700 work directory), and it closed every descriptor in
+    it; yet a process started by another thread at that moment (the other platforms' losetup or mkfs,
+    `fanout`) holds a copy of every descriptor of this one from its fork until it closes them before
+    exec — and a mount with a descriptor open is busy (EBUSY; umount(8): "target is busy"). That lasts
+    microseconds, or a few milliseconds for a child descheduled on a busy machine, so the unmount is
+    tried again a few times before its error stands."""
+    unmount = _umount_layer if in_place else umount_loop
+    for pause in _BUSY_RETRIES:
+        try:
+            unmount(mnt)
+            return
+        except MountError as e:
+            if "busy" not in e.stderr:
+                raise
+            log.info("%s is busy, unmounting it again in %.2f s", mnt, pause)
+        time.sleep(pause)
+    unmount(mnt)
+
+
 def raise_fd_limit() -> None:
     """Holding removed inodes open takes a descriptor each: allow as many as the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -603,10 +630,7 @@ class Ext4LayerBuilder:
                         os.close(held)
                 phase("apply")
             finally:
-                if self.in_place:
-                    _umount_layer(mnt)
-                else:
-                    umount_loop(mnt)
+                _umount_private(mnt, self.in_place)
             phase("umount")
             if self.in_place:
                 files = self._files if base is not None and self._files is not None else None

@@ -1,8 +1,8 @@
 """`damselfly convert --jobs N`: the platforms of an index converted side by side, for real (root, loop
 devices, ext4), giving what converting them one by one gives: the same index digest and blobs, the same
 error when a platform is bad, nothing published then, and nothing left behind — after a failure or a
-SIGTERM; a registry read by both at once. The ordering rules themselves (which failure wins, who is
-stopped) are `test_fanout`'s.
+SIGTERM; a registry read by both at once; a layer's unmount undisturbed by the processes the other
+platforms start. The ordering rules themselves (which failure wins, who is stopped) are `test_fanout`'s.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from click.testing import CliRunner
@@ -214,6 +214,48 @@ def test_a_stopped_platform_gives_up_its_registry_download(
     finally:
         source.close()
     assert list(spool.iterdir()) == []
+
+
+def test_a_process_forked_while_a_layer_is_applied_does_not_fail_its_unmount(
+    kernel: KernelResources, tmp_path: Path
+) -> None:
+    # What other platforms do all the time (losetup, mount, umount): a child forked while a layer is
+    # applied holds copies of the builder's descriptors in the mounted filesystem (the writeback
+    # thread's, at least) until it closes them before exec. Here the child keeps them 0.5 s, across the
+    # layer's unmount: forked once 90% of the 32 MiB layer's blob was read (the read-ahead holds 8 MiB
+    # of tar, so the layer is being applied then, and ends well within those 0.5 s).
+    top = Layer(tuple(file(f"data/m{i:02d}", content(1 << 20, 70 + i)) for i in range(32)))
+    src = write_layout(busybox_image(top), tmp_path / "src")
+    children: list[int] = []
+    total, read = 0, 0
+
+    def fork_once(event: str, label: str, value: object) -> None:
+        nonlocal total, read
+        if "layer 2/2" not in label or children:
+            return
+        if event == "start":
+            total = cast(int, value)
+        elif event == "advance":
+            read += cast(int, value)
+            if read >= 0.9 * total:
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(0.5)
+                    os._exit(0)
+                children.append(pid)
+
+    try:
+        convert(
+            str(src.layout),
+            str(tmp_path / "out"),
+            ConvertOptions(cache_dir=str(tmp_path / "cache")),
+            fork_once,
+        )
+    finally:
+        for pid in children:
+            os.waitpid(pid, 0)
+    assert children
+    _nothing_left(tmp_path, tmp_path / "cache")
 
 
 @pytest.mark.parametrize("bad", ["amd64", "arm64"])
