@@ -36,7 +36,7 @@ def write_data(src: ForwardReader, m: tarfile.TarInfo, fd: int, tree: RootTree) 
     size = left = m.size
     while left > 0:
         # Pieces of CHUNK bytes (a small file: one piece, one write) wherever the stream's chunks
-        # end: where ext4 puts blocks depends on the writes, so they stay the same whatever the source.
+        # end: where ext4 puts blocks follows the writes, so they do not depend on the source.
         data = src.read_view(min(left, CHUNK))
         if not data:
             raise tree.err("truncated: the stream ends inside this file's data")

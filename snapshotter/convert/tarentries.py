@@ -413,7 +413,7 @@ class TarReader:
         start = offset + tarfile.BLOCKSIZE
         data = _blocks(size)
         raw = src.peek(start, data + tarfile.BLOCKSIZE) if size <= MAX_EXTENDED_HEADER else None
-        if raw is None or b"hdrcharset" in raw or b"GNU.sparse." in raw:
+        if raw is None or raw.find(b"hdrcharset", 0, data) >= 0 or raw.find(b"GNU.sparse.", 0, data) >= 0:
             return None
         pax: dict[str, str] = {}
         pos = 0
