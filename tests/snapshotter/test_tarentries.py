@@ -2,7 +2,7 @@
 `ForwardReader` with `CheckedTarInfo`. Every entry (its fields, offsets, PAX records, sparse map and
 data) and the way the archive ends (the end-of-archive block, or the same error with the same offset)
 must be the same, on generated tars — ustar, GNU and PAX, long names, global headers, hand-made PAX
-records well and badly formed, GNU sparse —, cut at every byte, with a byte flipped anywhere, and read
+records well and badly formed, GNU sparse —, cut anywhere, with a byte of a header flipped, and read
 from a stream that returns short, uneven chunks (so entries straddle the reader's buffer)."""
 
 from __future__ import annotations
@@ -46,15 +46,16 @@ class _Trickle:
         return self._f.read(min(n, self._r.randrange(1, self._most)))
 
 
-def _consume(next_entry: Callable[[], tarfile.TarInfo | None], src: ForwardReader) -> list[tuple[Any, ...]]:
-    """Every entry with its data, read as the applier reads it (a regular file's data, then on)."""
-    out = []
+def _consume(
+    next_entry: Callable[[], tarfile.TarInfo | None], src: ForwardReader, out: list[tuple[Any, ...]]
+) -> None:
+    """Every entry with its data into `out`, read as the applier reads them (a regular file's data,
+    then on), up to the end or an error."""
     while (m := next_entry()) is not None:
         data = b""
         if m.type in tarentries.REGULAR_TYPES and m.sparse is None and 0 <= m.size < (1 << 20):
             data = bytes(src.read_view(m.size))
         out.append((*(getattr(m, a) for a in ATTRS), data))
-    return out
 
 
 def _ending(e: Exception) -> str:
@@ -75,7 +76,7 @@ def _with_tarfile(stream: object) -> Outcome:
             encoding="utf-8",
             errors="surrogateescape",
         )
-        entries = _consume(tf.next, src)
+        _consume(tf.next, src, entries)
     except (TarCorruptError, tarfile.TarError, EOFError, OSError) as e:
         return entries, _ending(e)
     return entries, "end"
@@ -85,7 +86,7 @@ def _with_reader(stream: object) -> Outcome:
     entries: list[tuple[object, ...]] = []
     try:
         reader = TarReader(cast(tarentries.Readable, stream))
-        entries = _consume(reader.next, reader.src)
+        _consume(reader.next, reader.src, entries)
     except (TarCorruptError, tarfile.TarError, EOFError, OSError) as e:
         return entries, _ending(e)
     return entries, "end"
