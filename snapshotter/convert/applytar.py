@@ -49,6 +49,7 @@ from .roottree import RootTree
 from .tarentries import (
     REGULAR_TYPES,
     EntryMetadataError,
+    ForwardReader,
     TarCorruptError,
     entry_times,
     entry_type,
@@ -59,6 +60,13 @@ from .tarentries import (
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
 WHITEOUT_OPAQUE = ".wh..wh..opq"
+
+#: Entry types other than regular files and hardlinks that a layer may hold.
+_OTHER_TYPES = frozenset(
+    {tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE}
+)
+#: A regular file is created, never opened: whatever was at its path has been removed.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -91,23 +99,28 @@ class _Applier:
         self.stats = ApplyStats()
         self.umask = _umask()
 
-    def apply(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
-        self.tree.entry = m.name
+    def apply(self, src: ForwardReader, m: tarfile.TarInfo) -> None:
+        tree = self.tree
+        tree.entry = m.name
         self.stats.entries += 1
-        rel = self.tree.clean(m.name, "path")
-        parent, _, base = rel.rpartition("/")
-        if any(c.startswith(WHITEOUT_PREFIX) for c in parent.split("/")):
-            raise self.tree.err("a whiteout name is used as a directory; whiteouts are files (OCI layer.md)")
-        if rel == "" and not m.isdir():
-            raise self.tree.err(f"the root entry must be a directory, not type {entry_type(m)!r}")
+        rel = tree.clean(m.name, "path")
+        # (A name without ".wh." anywhere has no whiteout component: most entries skip the checks.)
+        whiteout = False
+        if WHITEOUT_PREFIX in rel:
+            parent, _, base = rel.rpartition("/")
+            if any(c.startswith(WHITEOUT_PREFIX) for c in parent.split("/")):
+                raise tree.err("a whiteout name is used as a directory; whiteouts are files (OCI layer.md)")
+            whiteout = base.startswith(WHITEOUT_PREFIX)
+        if rel == "" and m.type != tarfile.DIRTYPE:
+            raise tree.err(f"the root entry must be a directory, not type {entry_type(m)!r}")
         try:
-            if base.startswith(WHITEOUT_PREFIX):
+            if whiteout:
                 self._whiteout(rel, parent, base)
             elif rel == "":
                 self._directory(m, rel)
             else:
-                self._create(tf, m, rel)
-                self.tree.mark_mine(rel)
+                self._create(src, m, rel)
+                tree.mark_mine(rel)
         except OSError as e:
             raise self.tree.os_error(e, f"cannot apply {rel or '.'!r}") from None
         except EntryMetadataError as e:
@@ -137,39 +150,39 @@ class _Applier:
         if self.tree.parents(rel, create=False):
             self.tree.prune(f"{parent}/{target}" if parent else target)
 
-    def _create(self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str) -> None:
+    def _create(self, src: ForwardReader, m: tarfile.TarInfo, rel: str) -> None:
+        tree = self.tree
+        typ = m.type
         atime, mtime = entry_times(m)
-        if m.islnk():
+        if typ == tarfile.LNKTYPE:
             self._hardlink(m, rel, atime, mtime)
             return
-        if m.type not in REGULAR_TYPES and not (
-            m.isdir() or m.issym() or m.ischr() or m.isblk() or m.isfifo()
-        ):
-            raise self.tree.err(
+        if typ not in REGULAR_TYPES and typ not in _OTHER_TYPES:
+            raise tree.err(
                 f"unsupported entry type {entry_type(m)!r}",
                 "layers hold files, dirs, links, devices, fifos",
             )
-        self.tree.parents(rel, create=True, mtime_ns=mtime)
-        if m.isdir():
+        tree.parents(rel, create=True, mtime_ns=mtime)
+        if typ == tarfile.DIRTYPE:
             self._directory(m, rel)
             return
-        self.tree.make_room(rel, for_dir=False)
-        path = self.tree.path(rel)
-        if m.type in REGULAR_TYPES:
+        tree.make_room(rel, for_dir=False)
+        path = tree.path(rel)
+        if typ in REGULAR_TYPES:
             mode = m.mode & 0o7777
             # Made with its final permissions when the umask leaves them be and there are no
             # setuid/setgid/sticky bits (which chown(2) would clear): one fchmod less per file.
             plain = not mode & (0o7000 | self.umask)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(path, flags, mode if plain else 0o600)
+            fd = os.open(path, _CREATE, mode if plain else 0o600)
             try:
                 if m.sparse is not None:
-                    self.stats.bytes += write_sparse(tf, m, fd, self.tree)
+                    self.stats.bytes += write_sparse(src, m, fd, tree)
                     self.stats.sparse_files += 1
                 else:
-                    self.stats.bytes += write_data(tf, m, fd, self.tree)
+                    self.stats.bytes += write_data(src, m, fd, tree)
                 os.fchown(fd, m.uid, m.gid)
-                self._set_xattrs(m, fd, "file")
+                if m.pax_headers:  # (xattrs come from PAX records only)
+                    self._set_xattrs(m, fd, "file")
                 if not plain:
                     os.fchmod(fd, mode)
                 os.utime(fd, ns=(atime, mtime))
@@ -256,7 +269,10 @@ class _Applier:
     # -- content and metadata --
 
     def _set_xattrs(self, m: tarfile.TarInfo, target: int | str, kind: str) -> None:
-        done, skipped = set_xattrs(entry_xattrs(m), target, kind, self.tree)
+        xattrs = entry_xattrs(m)
+        if not xattrs:
+            return
+        done, skipped = set_xattrs(xattrs, target, kind, self.tree)
         self.stats.xattrs += done
         self.stats.xattrs_skipped += skipped
 
@@ -297,10 +313,9 @@ def apply_layer(
     applier = _Applier(tree)
     last: str | None = None  # the last entry read, to place a corruption between two entries
     try:
-        with open_tar(stream) as tf:
-            while (m := tf.next()) is not None:
-                tf.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every member read
-                applier.apply(tf, m)  # leaves tree.entry None when done, so errors in between
+        with open_tar(stream) as tar:
+            while (m := tar.next()) is not None:
+                applier.apply(tar.src, m)  # leaves tree.entry None when done, so errors in between
                 last = m.name  # are not pinned on it
         tree.restore_times()
         while stream.read(CHUNK):  # padding after the end-of-archive block; then the stream's trailer

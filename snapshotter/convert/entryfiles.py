@@ -24,31 +24,32 @@ from typing import cast
 
 from .layerstream import CHUNK
 from .roottree import RootTree
+from .tarentries import ForwardReader
 
 log = logging.getLogger(__name__)
 
 
-def write_data(tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int, tree: RootTree) -> int:
+def write_data(src: ForwardReader, m: tarfile.TarInfo, fd: int, tree: RootTree) -> int:
     """Copy a regular entry's content into `fd`; return the bytes written."""
-    src = tf.fileobj
-    assert src is not None
     if src.tell() != m.offset_data:
         raise tree.err("file data does not follow its header")
-    left = m.size
+    size = left = m.size
     while left > 0:
-        data = src.read(min(left, CHUNK))
+        # Pieces of CHUNK bytes (a small file: one piece, one write) wherever the stream's chunks
+        # end: where ext4 puts blocks follows the writes, so they do not depend on the source.
+        data = src.read_view(min(left, CHUNK))
         if not data:
             raise tree.err("truncated: the stream ends inside this file's data")
-        _write_all(fd, memoryview(data))
+        n = os.write(fd, data)
+        if n < len(data):
+            _write_all(fd, memoryview(data)[n:])
         left -= len(data)
-    return m.size
+    return size
 
 
-def write_sparse(tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int, tree: RootTree) -> int:
+def write_sparse(src: ForwardReader, m: tarfile.TarInfo, fd: int, tree: RootTree) -> int:
     """Write a sparse entry's data regions at their offsets (holes stay holes); return the bytes written."""
-    src = tf.fileobj
     sparse = cast("list[tuple[int, int]]", m.sparse)  # typeshed does not know its type
-    assert src is not None
     # GNU tar pads the map with (0, 0) and ends it with (size, 0) for a file ending in a hole.
     sparse = [(offset, size) for offset, size in sparse if size]
     end = 0

@@ -293,7 +293,8 @@ class ReadAhead:
         self._chunk = chunk
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._buf = memoryview(b"")
+        self._item = b""  # the chunk being read from, and the position in it
+        self._pos = 0
         self._done = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="damselfly-read-ahead", daemon=True)
@@ -327,7 +328,7 @@ class ReadAhead:
         out: list[bytes] = []
         want = n if n >= 0 else None
         while want is None or want > 0:
-            if not self._buf:
+            if self._pos == len(self._item):
                 if self._done:
                     break
                 item = self._queue.get()
@@ -340,10 +341,13 @@ class ReadAhead:
                         self._error = item
                         break
                     raise item
-                self._buf = memoryview(cast(bytes, item))
-            take = len(self._buf) if want is None else min(want, len(self._buf))
-            out.append(bytes(self._buf[:take]))
-            self._buf = self._buf[take:]
+                self._item, self._pos = cast(bytes, item), 0
+            chunk, pos = self._item, self._pos
+            take = len(chunk) - pos if want is None else min(want, len(chunk) - pos)
+            # A reader asking for a chunk or more (the tar reader does) gets the queued bytes
+            # themselves, not a copy of them.
+            out.append(chunk if take == len(chunk) else chunk[pos : pos + take])
+            self._pos = pos + take
             if want is not None:
                 want -= take
         if not out:

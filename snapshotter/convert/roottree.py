@@ -55,7 +55,9 @@ class RootTree:
         self._mine: set[str] = set()
         for path in preserve:
             self.mark_mine(path.strip("/"))
-        self._dirs: set[str] = set()  # directories already checked to be real directories
+        # Directories already checked to be real directories, with every ancestor ("" for root): a
+        # directory is added after its parents and removed with its whole tree (`remove`).
+        self._dirs: set[str] = set()
         # Directories this layer made (empty then): a path in one exists only if this layer made it,
         # so `make_room` needs no lstat for the other names there (most of a layer's entries).
         self._fresh: set[str] = set()
@@ -83,6 +85,9 @@ class RootTree:
 
     def clean(self, name: str, what: str) -> str:
         """`name` as a normalised path relative to root ("" for root itself), or a LayerError."""
+        wrapped = f"/{name}/"
+        if "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped:
+            return name  # no empty, "." or ".." component, no leading or trailing "/": clean already
         # A leading "/" names the same path relative to the root, as containerd applies it (OCI
         # layer.md says paths are relative; docker-archive tools write absolute ones). "/.." still
         # leaves the root and fails below.
@@ -104,6 +109,8 @@ class RootTree:
         A symlink among them is always an error: nothing is ever written, removed or linked through
         one. Created parents are ``0755 0:0`` with time `mtime_ns`, as containerd's MkdirAll makes them.
         """
+        if rel.rpartition("/")[0] in self._dirs:  # (so are all its ancestors: see `_dirs`)
+            return True
         prefix = ""
         for comp in rel.split("/")[:-1]:
             parent, prefix = prefix, f"{prefix}/{comp}" if prefix else comp
@@ -135,8 +142,9 @@ class RootTree:
         return True
 
     def mark_mine(self, rel: str) -> None:
-        while rel not in self._mine:
-            self._mine.add(rel)
+        mine = self._mine
+        while rel not in mine:
+            mine.add(rel)
             rel = rel.rpartition("/")[0]
 
     def touch(self, dir_rel: str) -> None:
@@ -165,7 +173,8 @@ class RootTree:
         """Clear `rel` for a new entry; True when it is a directory that a directory entry keeps."""
         parent = rel.rpartition("/")[0]
         if parent in self._fresh and rel not in self._mine:
-            self.touch(parent)  # (recorded when it was made: no lstat)
+            # Nothing to remove in a directory this layer made, but a path it made itself; and the
+            # parent's times were recorded when it was made, so `touch` has nothing to do (no lstat).
             return False
         try:
             st = os.lstat(self.path(rel))
