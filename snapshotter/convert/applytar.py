@@ -22,8 +22,8 @@ anything else              whatever is at the path (a whole tree if a directory)
 =========================  ===========================================================================
 
 Metadata, in the order the kernel needs it: owner (``chown(2)`` clears setuid/setgid bits and
-``security.capability``, so it comes first), xattrs (`tarentries.entry_xattrs`, `entryfiles`), mode
-with setuid/setgid/sticky, then times with nanoseconds (`tarentries.entry_times`). Directory times are
+``security.capability``, so it comes first), xattrs (`entrymeta.entry_xattrs`, `entryfiles`), mode
+with setuid/setgid/sticky, then times with nanoseconds (`entrymeta.entry_times`). Directory times are
 set after the whole layer, when nothing will add children to them any more. uname/gname are ignored;
 the numeric ids win (layer.md: "secondary to uid"). Final components are never followed (``O_NOFOLLOW``,
 ``lchown``, ``lsetxattr``, ``utimensat(AT_SYMLINK_NOFOLLOW)``); parents are checked by `roottree`.
@@ -44,18 +44,10 @@ from dataclasses import dataclass
 
 from ..errors import LayerError
 from .entryfiles import drop_other_xattrs, set_xattrs, write_data, write_sparse
+from .entrymeta import EntryMetadataError, entry_times, entry_type, entry_xattrs
 from .layerstream import CHUNK, Readable
 from .roottree import RootTree
-from .tarentries import (
-    REGULAR_TYPES,
-    EntryMetadataError,
-    ForwardReader,
-    TarCorruptError,
-    entry_times,
-    entry_type,
-    entry_xattrs,
-    open_tar,
-)
+from .tarentries import REGULAR_TYPES, ForwardReader, TarCorruptError, open_tar
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
