@@ -582,7 +582,9 @@ class Ext4LayerBuilder:
                 image = base
                 if self._snap is None or self._files is None:  # expanded from blobs: look at it first
                     self._files = ext4meta.regular_files(image)
-                    self._snap = imagefile.Snapshot.take(image, self._new_file("snap"), self._files.ranges())
+                    self._snap = imagefile.Snapshot.take(
+                        image, self._new_file("snap"), imagefile.merged(self._files.extents())
+                    )
                     phase("snapshot")
                 # The seal two layers back reads files this layer may remove (their blocks are free
                 # for the next one to reuse): it must be done before anything writes to the image.
@@ -637,7 +639,9 @@ class Ext4LayerBuilder:
                 files = files if files is not None else ext4meta.FileExtents()
                 changed, freed = ext4meta.canonicalize(image, before, files)
                 phase("canonical")
-                snap = imagefile.Snapshot.take(image, self._new_file("snap"), files.ranges())
+                snap = imagefile.Snapshot.take(
+                    image, self._new_file("snap"), imagefile.merged(files.extents())
+                )
                 phase("snapshot")
                 below_snap = self._snap if base is not None else None
                 blob = self._tail.submit(self._seal_in_place, below_snap, snap, image, out_path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import ConvertError
@@ -304,16 +305,10 @@ class FileExtents:
     def drop(self, ino: int) -> None:
         self.by_inode.pop(ino, None)
 
-    def ranges(self) -> list[tuple[int, int]]:
-        """All of them, sorted, touching ones merged."""
-        out: list[tuple[int, int]] = []
-        for start, end in sorted(r for rs in self.by_inode.values() for r in rs):
-            if out and start <= out[-1][1]:
-                if end > out[-1][1]:
-                    out[-1] = (out[-1][0], end)
-            else:
-                out.append((start, end))
-        return out
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """All of them, file after file (`imagefile.merged` sorts and joins them)."""
+        for ranges in self.by_inode.values():
+            yield from ranges
 
 
 def regular_files(path: str) -> FileExtents:

@@ -28,9 +28,9 @@ from __future__ import annotations
 import bisect
 import errno
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from blockformat.chunkfile import BlobInfo
 from blockformat.extents import ZERO
@@ -69,17 +69,45 @@ def sparse_copy(src: str, dst: str) -> None:
         os.close(fin)
 
 
-def _union(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The union of two sorted extent lists, block-aligned outward, merged."""
+def merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`ranges` sorted, overlapping and touching ones joined."""
     out: list[tuple[int, int]] = []
-    for s0, e0 in sorted([*a, *b]):
-        start, end = s0 - s0 % BLOCK, e0 + -e0 % BLOCK
+    for start, end in sorted(ranges):
         if out and start <= out[-1][1]:
             if end > out[-1][1]:
                 out[-1] = (out[-1][0], end)
         else:
             out.append((start, end))
     return out
+
+
+def _union(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of two extent lists, block-aligned outward, merged."""
+    return merged((s - s % BLOCK, e + -e % BLOCK) for s, e in (*a, *b))
+
+
+def _write_changes(
+    w: LayerWriter, todo: Sequence[tuple[int, int]], new_image: _Reader, old_image: _Reader | None
+) -> int:
+    """Add to `w` the runs of blocks within `todo` where `new_image` differs from `old_image` (zeros
+    when None); return the bytes added."""
+    data = 0
+    for start, end in todo:
+        for pos in range(start, end, PIECE):
+            n = min(PIECE, end - pos)
+            new = new_image.read(pos, n)
+            old = old_image.read(pos, n) if old_image is not None else None
+            if new is None:
+                if old is None:
+                    continue
+                new = bytes(n)
+            if new == (old if old is not None else _ZERO_PIECE[:n]):
+                continue
+            view = memoryview(new)
+            for a, b in _changed_runs(new, old):
+                w.add_data(pos + a, view[a:b])
+                data += b - a
+    return data
 
 
 def _changed_runs(cur: bytes, old: bytes | None) -> Iterator[tuple[int, int]]:
@@ -110,6 +138,10 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
     if len(data) < length:  # beyond the end (cannot happen for same-size images) reads as zeros
         data += bytes(length - len(data))
     return data
+
+
+class _Reader(Protocol):
+    def read(self, offset: int, length: int) -> bytes | None: ...
 
 
 class _Sparse:
@@ -155,27 +187,13 @@ def write_diff(
 
     Returns the blob's info and the bytes of data it holds."""
     w = LayerWriter(out, vsize, codec, chunk_size, level, workers=min(4, os.cpu_count() or 1))
-    data = 0
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     bfd = os.open(base, os.O_RDONLY | os.O_CLOEXEC) if base is not None else -1
     try:
         cur_file = _Sparse(fd)
         old_file = _Sparse(bfd) if bfd >= 0 else None
-        for start, end in _union(cur_file.extents, old_file.extents if old_file is not None else []):
-            for pos in range(start, end, PIECE):
-                n = min(PIECE, end - pos)
-                cur = cur_file.read(pos, n)
-                old = old_file.read(pos, n) if old_file is not None else None
-                if cur is None:
-                    if old is None:
-                        continue
-                    cur = bytes(n)
-                if cur == (old if old is not None else _ZERO_PIECE[:n]):
-                    continue
-                view = memoryview(cur)
-                for a, b in _changed_runs(cur, old):
-                    w.add_data(pos + a, view[a:b])
-                    data += b - a
+        todo = _union(cur_file.extents, old_file.extents if old_file is not None else [])
+        data = _write_changes(w, todo, cur_file, old_file)
     finally:
         os.close(fd)
         if bfd >= 0:
@@ -329,7 +347,6 @@ def write_diff_in_place(
     ranges come from the snapshot, and the files the layer made keep their blocks until a later layer
     removes them and one after it reuses them (the builder waits for this seal before that)."""
     w = LayerWriter(out, vsize, codec, chunk_size, level, workers=min(4, os.cpu_count() or 1))
-    data = 0
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     views: list[_View] = []
     try:
@@ -341,21 +358,7 @@ def write_diff_in_place(
         todo = _union(cur.data, base.data if base is not None else [])
         if base is not None:
             todo = subtract(todo, base.files)
-        for start, end in todo:
-            for pos in range(start, end, PIECE):
-                n = min(PIECE, end - pos)
-                new = now.read(pos, n)
-                old = before.read(pos, n) if before is not None else None
-                if new is None:
-                    if old is None:
-                        continue
-                    new = bytes(n)
-                if new == (old if old is not None else _ZERO_PIECE[:n]):
-                    continue
-                view = memoryview(new)
-                for a, b in _changed_runs(new, old):
-                    w.add_data(pos + a, view[a:b])
-                    data += b - a
+        data = _write_changes(w, todo, now, before)
     finally:
         for v in views:
             v.close()
