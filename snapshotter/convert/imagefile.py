@@ -149,13 +149,17 @@ class _Sparse:
     with zero pages (the whole image's worth, for a base that is mostly holes where the new layer
     wrote), which costs more than the comparison itself."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, extents: Sequence[tuple[int, int]] | None = None) -> None:
         self.fd = fd
-        self.extents = data_extents(fd)
+        self.extents = list(extents) if extents is not None else data_extents(fd)
         self._starts = [e[0] for e in self.extents]
 
     def read(self, offset: int, length: int) -> bytes | None:
         """The bytes at offset, or None when the whole range is a hole."""
+        return self.read_over(offset, length, None)
+
+    def read_over(self, offset: int, length: int, under: bytes | None) -> bytes | None:
+        """The bytes at offset where the file has `extents`, `under`'s elsewhere (None: zeros)."""
         end = offset + length
         i = max(0, bisect.bisect_right(self._starts, offset) - 1)
         parts: list[tuple[int, int]] = []
@@ -165,10 +169,10 @@ class _Sparse:
                 parts.append((s, e))
             i += 1
         if not parts:
-            return None
+            return under
         if parts == [(offset, end)]:
             return _pread_full(self.fd, length, offset)
-        buf = bytearray(length)
+        buf = bytearray(under if under is not None else length)
         for s, e in parts:
             buf[s - offset : e - offset] = _pread_full(self.fd, e - s, s)
         return bytes(buf)
@@ -300,32 +304,14 @@ class _View:
     def __init__(self, snap: Snapshot, image_fd: int) -> None:
         self.snap_fd = os.open(snap.path, os.O_RDONLY | os.O_CLOEXEC)
         self.copied = _Sparse(self.snap_fd)
-        self.files = snap.files
-        self._starts = [r[0] for r in snap.files]
-        self.image_fd = image_fd
+        self.files = _Sparse(image_fd, snap.files)
 
     def close(self) -> None:
         os.close(self.snap_fd)
 
     def read(self, offset: int, length: int) -> bytes | None:
         """The bytes at offset, or None when the range holds no data."""
-        copied = self.copied.read(offset, length)
-        end = offset + length
-        i = max(0, bisect.bisect_right(self._starts, offset) - 1)
-        parts: list[tuple[int, int]] = []
-        while i < len(self.files) and self.files[i][0] < end:
-            s, e = max(self.files[i][0], offset), min(self.files[i][1], end)
-            if s < e:
-                parts.append((s, e))
-            i += 1
-        if not parts:
-            return copied
-        if parts == [(offset, end)]:
-            return _pread_full(self.image_fd, length, offset)
-        buf = bytearray(copied if copied is not None else length)
-        for s, e in parts:
-            buf[s - offset : e - offset] = _pread_full(self.image_fd, e - s, s)
-        return bytes(buf)
+        return self.files.read_over(offset, length, self.copied.read(offset, length))
 
 
 def write_diff_in_place(

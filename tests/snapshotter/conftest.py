@@ -9,6 +9,7 @@ cannot hide a leak.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,3 +104,11 @@ def lab(tmp_path: Path) -> Iterator[DeviceLab]:
     yield lab
     problems = lab.close()
     assert not problems, problems
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in the main thread, as Python's default handler does."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)

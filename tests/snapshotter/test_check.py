@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from p2p.registry import RegistryClient
-from scripts.demolib.procs import attached_loops, mount_points
+from scripts.demolib.procs import attached_loops, mount_points, processes_naming
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from snapshotter.convert.check import NEEDS_ROOT, Difference, compare
@@ -99,15 +99,7 @@ def assert_nothing_left(root: Path, work: Path) -> None:
     assert not [d for d, backing in attached_loops().items() if backing.startswith(str(root))]
     if work.exists():
         assert not list(work.iterdir()), "the work directory was left behind"
-    leftover = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(work).encode() in cmdline and int(pid) != os.getpid():
-                leftover.append(pid)
+    leftover = processes_naming(work)
     assert not leftover, f"processes still running under {work}: {leftover}"
 
 

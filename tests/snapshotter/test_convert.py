@@ -25,6 +25,7 @@ from blockformat.annotations import KEY_REPOSITORY, MEDIA_TYPE_LAYER, LayerAnnot
 from p2p.registry import RegistryClient
 from scripts.demolib.procs import attached_loops as _attached_loops
 from scripts.demolib.procs import mount_points as _mount_points
+from scripts.demolib.procs import processes_naming
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_ERROR, EXIT_OK
 from snapshotter.convert.converter import NEEDS_ROOT, ConvertOptions, convert
@@ -417,13 +418,5 @@ def test_sigterm_mid_conversion_leaves_no_mount_loop_daemon_or_work_dir(delay: f
     assert not [m for m in _mount_points() if m.startswith(str(tmp_path))], out
     assert not list(cache.glob("work-*")), f"the work directory was left behind: {out}"
     assert not [d for d, backing in _attached_loops().items() if backing.startswith(str(tmp_path))]
-    leftover = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(cache).encode() in cmdline:
-                leftover.append(pid)
+    leftover = processes_naming(cache)
     assert not leftover, f"processes still running under {cache}: {leftover}"

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from p2p.manifest import Manifest
 from p2p.registry import RegistryClient
-from scripts.demolib.procs import attached_loops, mount_points
+from scripts.demolib.procs import attached_loops, mount_points, processes_naming
 from snapshotter.cli import cli
 from snapshotter.cli.errors import EXIT_OK
 from snapshotter.convert.converter import ConvertOptions, convert
@@ -313,13 +313,5 @@ def test_sigterm_while_two_platforms_convert_leaves_nothing_behind(tmp_path: Pat
     assert proc.returncode != EXIT_OK, out
     assert not (tmp_path / "out").exists()
     _nothing_left(tmp_path, cache)
-    leftover = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(cache).encode() in cmdline:
-                leftover.append(pid)
+    leftover = processes_naming(cache)
     assert not leftover, f"processes still running under {cache}: {leftover}"

@@ -8,21 +8,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from snapshotter.convert.ext4layer import run_like_every_time
 
 WAIT = 10.0
-
-
-@pytest.fixture
-def sigint_raises() -> Iterator[None]:
-    """SIGINT raises KeyboardInterrupt in the main thread, as Python's default handler does."""
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, old)
 
 
 def test_the_applier_runs_pinned_to_the_cpu_asked_for() -> None:

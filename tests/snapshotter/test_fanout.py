@@ -11,21 +11,13 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from snapshotter.convert.fanout import Lane, run
 
 WAIT = 10.0
-
-
-@pytest.fixture
-def sigint_raises() -> Iterator[None]:
-    """SIGINT raises KeyboardInterrupt in the main thread, as Python's default handler does."""
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, old)
 
 
 def test_results_come_back_in_plan_order_whatever_order_they_finish_in() -> None:
