@@ -53,20 +53,26 @@ def sparse_copy(src: str, dst: str) -> None:
     """Copy `src` to a new file `dst` of the same size, holes kept, data copied inside the kernel."""
     fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fout, os.fstat(fin).st_size)
-            for start, end in data_extents(fin):
-                pos = start
-                while pos < end:
-                    n = os.copy_file_range(fin, fout, end - pos, pos, pos)
-                    if n <= 0:
-                        raise OSError(errno.EIO, f"copy_file_range stopped at {pos} of {src}")
-                    pos += n
-        finally:
-            os.close(fout)
+        _copy_ranges(fin, src, data_extents(fin), dst)
     finally:
         os.close(fin)
+
+
+def _copy_ranges(fin: int, src: str, ranges: Iterable[tuple[int, int]], dst: str) -> None:
+    """A new file `dst` the size of `fin` (the file `src`), holding its bytes in `ranges` (copied in
+    the kernel, ``copy_file_range``) and holes elsewhere."""
+    fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fout, os.fstat(fin).st_size)
+        for start, end in ranges:
+            pos = start
+            while pos < end:
+                n = os.copy_file_range(fin, fout, end - pos, pos, pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"copy_file_range stopped at {pos} of {src}")
+                pos += n
+    finally:
+        os.close(fout)
 
 
 def merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -280,18 +286,7 @@ class Snapshot:
         fin = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
         try:
             data = data_extents(fin, BLOCK)
-            fout = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(fout, os.fstat(fin).st_size)
-                for start, end in subtract(data, files):
-                    pos = start
-                    while pos < end:
-                        n = os.copy_file_range(fin, fout, end - pos, pos, pos)
-                        if n <= 0:
-                            raise OSError(errno.EIO, f"copy_file_range stopped at {pos} of {image}")
-                        pos += n
-            finally:
-                os.close(fout)
+            _copy_ranges(fin, image, subtract(data, files), path)
         finally:
             os.close(fin)
         return cls(path, data, intersect(files, data))
