@@ -73,6 +73,14 @@ def start_node(
     )
 
 
+def converged(members: list[str], *nodes: DeviceDaemon) -> None:
+    """Wait until every node counts every member up. A node started before the others finds them down
+    at its first probe and leaves them out until the next one: a read in between would take the node for
+    the only member and go to the registry itself."""
+    for node in nodes:
+        wait_for(lambda n=node: n.status()["p2p"]["members"] == sorted(members), 20, "the fleet to converge")
+
+
 def layer(status: dict[str, object], image: PushedImage) -> dict[str, object]:
     blobs = status["blobs"]
     assert isinstance(blobs, dict)
@@ -88,6 +96,7 @@ def test_a_node_reads_what_another_has_and_the_registry_serves_it_once(
     members = [f"127.0.0.1:{pa}", f"127.0.0.1:{pb}"]
     a = start_node(lab, tmp_path, "a", pa, members)
     b = start_node(lab, tmp_path, "b", pb, members)
+    converged(members, a, b)
     ref = ref_via(proxy, image)
     ma, mb = lab.mount_point("ma"), lab.mount_point("mb")
     a.cli("mount", "--plain-http", ref, str(ma))
@@ -225,6 +234,7 @@ def test_peers_talk_tls_with_the_fleet_ca(
     members = [f"127.0.0.1:{pa}", f"127.0.0.1:{pb}"]
     a = start_node(lab, tmp_path, "a", pa, members, **keys)
     b = start_node(lab, tmp_path, "b", pb, members, **keys)
+    converged(members, a, b)
     ref = ref_via(proxy, image)
     a.cli("mount", "--plain-http", ref, str(lab.mount_point("ma")))
     b.cli("mount", "--plain-http", ref, str(lab.mount_point("mb")))
