@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,3 +114,25 @@ def sigint_raises() -> Iterator[None]:
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, old)
+
+
+def convert_then_sigterm(args: list[str], delay: float) -> tuple[int, str]:
+    """Run ``damselfly convert -v ARGS``, send it SIGTERM `delay` seconds after its first layer is
+    applied (the next one is being built then), and return its exit code and output."""
+    damselfly = Path(sys.executable).with_name("damselfly")
+    proc = subprocess.Popen(
+        [str(damselfly), "convert", "-v", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "bytes of tar" in line:
+                break
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out

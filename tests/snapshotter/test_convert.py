@@ -10,11 +10,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import httpx
@@ -47,9 +45,7 @@ from tests.oci_images import (
 )
 from tests.p2p.registry_server import RegistryServer
 
-from .conftest import KernelResources
-
-DAMSELFLY = Path(sys.executable).with_name("damselfly")
+from .conftest import KernelResources, convert_then_sigterm
 
 
 def run_convert(*args: str) -> Result:
@@ -395,25 +391,10 @@ def test_sigterm_mid_conversion_leaves_no_mount_loop_daemon_or_work_dir(delay: f
     )
     src = write_layout(big, tmp_path / "src")
     cache = tmp_path / "cache"
-    proc = subprocess.Popen(
-        [str(DAMSELFLY), "convert", "-v", str(src.layout), str(tmp_path / "out"), "--cache-dir", str(cache)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    code, out = convert_then_sigterm(
+        [str(src.layout), str(tmp_path / "out"), "--cache-dir", str(cache)], delay
     )
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # the first layer is done: the second one is being built now
-            if "bytes of tar" in line:
-                break
-        time.sleep(delay)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode != EXIT_OK, out
+    assert code != EXIT_OK, out
     assert not (tmp_path / "out").exists()
     assert not [m for m in _mount_points() if m.startswith(str(tmp_path))], out
     assert not list(cache.glob("work-*")), f"the work directory was left behind: {out}"

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -44,9 +41,7 @@ from tests.oci_images import (
 )
 from tests.p2p.registry_server import RegistryServer
 
-from .conftest import KernelResources
-
-DAMSELFLY = Path(sys.executable).with_name("damselfly")
+from .conftest import KernelResources, convert_then_sigterm
 
 
 def _small_files(prefix: str, n: int, seed: int) -> tuple[Any, ...]:
@@ -289,28 +284,14 @@ def test_a_bad_layer_in_one_platform_fails_like_one_by_one_and_publishes_nothing
 def test_sigterm_while_two_platforms_convert_leaves_nothing_behind(tmp_path: Path) -> None:
     two_platform_index(tmp_path / "src", big=1500)
     cache = tmp_path / "cache"
-    proc = subprocess.Popen(
+    code, out = convert_then_sigterm(
         [
-            *(str(DAMSELFLY), "convert", "-v", f"{tmp_path / 'src'}:multi", str(tmp_path / "out")),
+            *(f"{tmp_path / 'src'}:multi", str(tmp_path / "out")),
             *("--platform", "all", "--jobs", "2", "--cache-dir", str(cache)),
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        0.1,
     )
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # a first layer is done: both platforms are building their next ones
-            if "bytes of tar" in line:
-                break
-        time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode != EXIT_OK, out
+    assert code != EXIT_OK, out
     assert not (tmp_path / "out").exists()
     _nothing_left(tmp_path, cache)
     leftover = processes_naming(cache)
