@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.demolib.procs import alive, left_below, sockets_below, sweep
+from scripts.demolib.procs import alive, left_below, mounts_below, sockets_below, sweep
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "scripts" / "demo.py"
@@ -106,7 +106,12 @@ def test_interrupt_during_conversion_leaves_nothing_behind(work: Path, image_cac
                 break
         else:
             pytest.fail("the demo ended before the conversion step:\n" + "".join(lines))
-        time.sleep(1.0)  # mid-conversion: the converter's own mounts and device daemon are up
+        # Mid-conversion: a layer's filesystem is mounted in the converter's work dir. (Waited for, not
+        # slept: the small image converts in half a second.)
+        deadline = time.monotonic() + 60
+        while not mounts_below(work / "cache" / "convert") and proc.poll() is None:
+            assert time.monotonic() < deadline, "the converter mounted nothing within 60 s"
+            time.sleep(0.005)
         assert proc.poll() is None, "".join(lines)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
